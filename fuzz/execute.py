@@ -1,0 +1,135 @@
+"""The in-rank half of the *execute* stage: one rank runs its steps.
+
+``run_rank`` assumes a process group exists and yields one ``StepOutcome``
+for setup and then one per step as each finishes, so whoever drives the rank
+learns how far it got even if a later step hangs. After a failed step the
+rank runs nothing more: FSDP's state after an exception is undefined, and a
+harness that pressed on would report noise.
+"""
+
+from __future__ import annotations
+
+import traceback
+import warnings
+from collections.abc import Iterator
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from fuzz.observations import ERROR, HANG, NOT_RUN, OK, StepOutcome, WarningRecord
+from fuzz.scenario import Scenario, Step
+from models.build import BuiltModel, build_model, freeze_untaken_alternatives, wrap_fsdp
+
+_TIMEOUT_MARKERS = ("Timed out", "timed out", "Timeout", "timeout")
+
+
+def step_input(scenario: Scenario, rank: int, step: int, forward: int) -> torch.Tensor:
+    """A batch that depends only on where it is used, never on RNG history."""
+    generator = torch.Generator().manual_seed(((scenario.seed * 1009 + rank) * 1009 + step) * 1009 + forward)
+    return torch.randn((scenario.batch_size, scenario.model.in_features), generator=generator)
+
+
+def fsdp_kwargs(scenario: Scenario, device: torch.device, group: dist.ProcessGroup) -> dict:
+    from torch.distributed.fsdp import BackwardPrefetch, ShardingStrategy
+
+    settings = scenario.fsdp
+    prefetch = settings.backward_prefetch
+    return {
+        "process_group": group,
+        "device_id": device,
+        "sharding_strategy": ShardingStrategy[settings.sharding_strategy],
+        "use_orig_params": settings.use_orig_params,
+        "forward_prefetch": settings.forward_prefetch,
+        "backward_prefetch": BackwardPrefetch[prefetch] if prefetch else None,
+        "limit_all_gathers": settings.limit_all_gathers,
+        "sync_module_states": settings.sync_module_states,
+    }
+
+
+def new_scenario_group(scenario: Scenario, timeout_s: float) -> dist.ProcessGroup:
+    """A group of its own for the scenario, so a hang there times out quickly
+    and leaves the default group usable.
+
+    The collective-checking wrapper is applied by torch to groups created
+    while the debug level is DETAIL, so the level is set for the creation only.
+    """
+    previous = dist.get_debug_level()
+    dist.set_debug_level(dist.DebugLevel.DETAIL if scenario.collective_checker else dist.DebugLevel.OFF)
+    try:
+        return dist.new_group(timeout=timedelta(seconds=timeout_s))
+    finally:
+        dist.set_debug_level(previous)
+
+
+def run_rank(scenario: Scenario, rank: int, device: torch.device, group: dist.ProcessGroup) -> Iterator[StepOutcome]:
+    """Yield setup's outcome, then each step's, for this rank."""
+    built: BuiltModel | None = None
+    with _recording() as caught:
+        try:
+            built = build_model(scenario.model, scenario.seed, freeze_untaken=scenario.freeze_untaken)
+            dist.set_debug_level(getattr(dist.DebugLevel, scenario.debug_level))
+            model = wrap_fsdp(built, **fsdp_kwargs(scenario, device, group))
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+            setup = StepOutcome(OK, warnings=_records(caught))
+        except Exception as exc:  # noqa: BLE001 - any failure is an observation
+            setup = _failure(exc, caught)
+    yield setup
+    steps = scenario.ranks[rank]
+    if setup.status != OK:
+        yield from (StepOutcome(NOT_RUN) for _ in steps)
+        return
+    for index, step in enumerate(steps):
+        outcome = _run_step(scenario, built, model, optimizer, rank, index, step, device)
+        yield outcome
+        if outcome.status != OK:
+            yield from (StepOutcome(NOT_RUN) for _ in steps[index + 1 :])
+            return
+
+
+def _run_step(scenario, built, model, optimizer, rank, index, step: Step, device) -> StepOutcome:
+    with _recording() as caught:
+        try:
+            model.train(step.training)
+            built.set_path(step.path)
+            if scenario.freeze_untaken:
+                freeze_untaken_alternatives(built, step.path)
+            with torch.set_grad_enabled(step.grad_enabled):
+                outputs = [model(step_input(scenario, rank, index, k).to(device)) for k in range(step.forwards)]
+            total = sum((output.sum() for output in outputs), torch.zeros((), device=device))
+            if step.backward:
+                total.backward()
+            if step.optimizer_step:
+                optimizer.step()
+                optimizer.zero_grad()
+            return StepOutcome(OK, warnings=_records(caught), output_sum=float(total.detach().cpu()))
+        except Exception as exc:  # noqa: BLE001 - any failure is an observation
+            return _failure(exc, caught)
+
+
+class _recording:
+    """``warnings.catch_warnings(record=True)`` that records repeats too."""
+
+    def __enter__(self) -> list[warnings.WarningMessage]:
+        self._context = warnings.catch_warnings(record=True)
+        caught = self._context.__enter__()
+        warnings.simplefilter("always")
+        return caught
+
+    def __exit__(self, *exc_info) -> None:
+        self._context.__exit__(*exc_info)
+
+
+def _records(caught: list[warnings.WarningMessage]) -> tuple[WarningRecord, ...]:
+    return tuple(WarningRecord(w.category.__name__, str(w.message)) for w in caught)
+
+
+def _failure(exc: BaseException, caught: list[warnings.WarningMessage]) -> StepOutcome:
+    message = str(exc)
+    timed_out = isinstance(exc, dist.DistError) and any(marker in message for marker in _TIMEOUT_MARKERS)
+    return StepOutcome(
+        HANG if timed_out else ERROR,
+        error_type=type(exc).__name__,
+        error_message=message if message else "".join(traceback.format_exception_only(exc)).strip(),
+        warnings=_records(caught),
+    )

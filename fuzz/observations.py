@@ -1,0 +1,97 @@
+"""Observations: what each rank did, step by step, as plain data.
+
+The *execute* stage produces them and the *judge* stage reads them; they
+round-trip through JSON so a recorded run can be judged again without
+running anything (the oracle unit tests do exactly that).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+OK = "ok"
+ERROR = "error"
+HANG = "hang"
+CRASH = "crash"
+NOT_RUN = "not_run"
+STATUSES = (OK, ERROR, HANG, CRASH, NOT_RUN)
+
+
+@dataclass(frozen=True)
+class WarningRecord:
+    category: str
+    message: str
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """One rank's step: how it ended, and every warning it raised, in order."""
+
+    status: str
+    error_type: str | None = None
+    error_message: str | None = None
+    warnings: tuple[WarningRecord, ...] = ()
+    output_sum: float | None = None
+
+    def failed(self) -> bool:
+        return self.status not in (OK, NOT_RUN)
+
+
+@dataclass(frozen=True)
+class RankObservation:
+    """``setup`` covers building the model and wrapping it in FSDP."""
+
+    setup: StepOutcome
+    steps: tuple[StepOutcome, ...]
+
+
+@dataclass(frozen=True)
+class Observations:
+    backend: str
+    device: str
+    torch_version: str
+    ranks: tuple[RankObservation, ...]
+
+
+def outcome_to_json(outcome: StepOutcome) -> dict[str, Any]:
+    encoded = asdict(outcome)
+    encoded["warnings"] = [asdict(w) for w in outcome.warnings]
+    return encoded
+
+
+def outcome_from_json(encoded: dict[str, Any]) -> StepOutcome:
+    return StepOutcome(
+        status=encoded["status"],
+        error_type=encoded.get("error_type"),
+        error_message=encoded.get("error_message"),
+        warnings=tuple(WarningRecord(**w) for w in encoded.get("warnings", ())),
+        output_sum=encoded.get("output_sum"),
+    )
+
+
+def observations_to_json(observations: Observations) -> dict[str, Any]:
+    return {
+        "backend": observations.backend,
+        "device": observations.device,
+        "torch_version": observations.torch_version,
+        "ranks": [
+            {"setup": outcome_to_json(rank.setup), "steps": [outcome_to_json(s) for s in rank.steps]}
+            for rank in observations.ranks
+        ],
+    }
+
+
+def observations_from_json(encoded: dict[str, Any]) -> Observations:
+    return Observations(
+        backend=encoded["backend"],
+        device=encoded["device"],
+        torch_version=encoded["torch_version"],
+        ranks=tuple(
+            RankObservation(
+                setup=outcome_from_json(rank["setup"]),
+                steps=tuple(outcome_from_json(s) for s in rank["steps"]),
+            )
+            for rank in encoded["ranks"]
+        ),
+    )

@@ -1,0 +1,208 @@
+"""Model specifications: the plain-data description of a multi-branch model.
+
+A spec is a tree of frozen data classes that round-trips through JSON. It
+says which submodules exist, which alternatives a branch point offers, and
+which submodules are their own FSDP unit; it says nothing about torch, so
+generators and oracles can reason about a model without building it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Union
+
+
+class SpecError(ValueError):
+    """A model spec that cannot describe a valid model."""
+
+
+@dataclass(frozen=True)
+class Linear:
+    in_features: int
+    out_features: int
+    bias: bool = True
+
+    @property
+    def numel(self) -> int:
+        return self.in_features * self.out_features + (self.out_features if self.bias else 0)
+
+
+@dataclass(frozen=True)
+class ReLU:
+    pass
+
+
+@dataclass(frozen=True)
+class Sequential:
+    """Named children run one after another; may be its own FSDP unit."""
+
+    name: str
+    children: tuple[Node, ...]
+    fsdp_unit: bool = False
+    frozen: bool = False
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A branch point: the path of each forward picks which alternatives run.
+
+    Every alternative maps ``features -> features``, so a path may run any
+    sequence of them (one, several, or none) and the model stays well-typed.
+    """
+
+    name: str
+    alternatives: tuple[Sequential, ...]
+    fsdp_unit: bool = False
+
+
+Node = Union[Linear, ReLU, Sequential, Choice]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    in_features: int
+    root: Sequential
+
+    def choices(self) -> Iterator[Choice]:
+        """Every branch point, outer before inner."""
+        yield from _choices(self.root)
+
+    def units(self) -> Iterator[Sequential | Choice]:
+        """Every submodule marked as its own FSDP unit, the root included."""
+        yield from _units(self.root)
+
+
+def numel(node: Node) -> int:
+    if isinstance(node, Linear):
+        return node.numel
+    if isinstance(node, ReLU):
+        return 0
+    if isinstance(node, Sequential):
+        return sum(numel(child) for child in node.children)
+    return sum(numel(alternative) for alternative in node.alternatives)
+
+
+def features(node: Node, in_features: int) -> int:
+    """Output width of ``node`` given its input width; raises on a mismatch."""
+    if isinstance(node, Linear):
+        if node.in_features != in_features:
+            raise SpecError(f"Linear({node.in_features}, {node.out_features}) receives {in_features} features")
+        return node.out_features
+    if isinstance(node, ReLU):
+        return in_features
+    if isinstance(node, Sequential):
+        for child in node.children:
+            in_features = features(child, in_features)
+        return in_features
+    for alternative in node.alternatives:
+        if features(alternative, in_features) != in_features:
+            raise SpecError(f"alternative {alternative.name!r} of {node.name!r} must map {in_features} features to {in_features}")
+    return in_features
+
+
+def validate(spec: ModelSpec) -> None:
+    """Raise ``SpecError`` unless the spec is a model the fuzzer can run.
+
+    Alternatives of one branch point must have equal numel: that is what lets
+    their collectives pair up silently, and so what the fuzzer is about.
+    """
+    if spec.in_features < 1:
+        raise SpecError("in_features must be positive")
+    features(spec.root, spec.in_features)
+    names = [node.name for node in _named(spec.root)]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise SpecError(f"submodule names must be unique, repeated: {duplicates}")
+    for choice in spec.choices():
+        if not 2 <= len(choice.alternatives) <= 4:
+            raise SpecError(f"branch point {choice.name!r} needs 2 to 4 alternatives")
+        sizes = {alternative.name: numel(alternative) for alternative in choice.alternatives}
+        if len(set(sizes.values())) != 1:
+            raise SpecError(f"alternatives of {choice.name!r} differ in numel: {sizes}")
+
+
+def _named(node: Node) -> Iterator[Sequential | Choice]:
+    if isinstance(node, Sequential):
+        yield node
+        for child in node.children:
+            yield from _named(child)
+    elif isinstance(node, Choice):
+        yield node
+        for alternative in node.alternatives:
+            yield from _named(alternative)
+
+
+def _choices(node: Node) -> Iterator[Choice]:
+    for named in _named(node):
+        if isinstance(named, Choice):
+            yield named
+
+
+def _units(node: Sequential) -> Iterator[Sequential | Choice]:
+    for index, named in enumerate(_named(node)):
+        if index == 0 or named.fsdp_unit:
+            yield named
+
+
+# JSON ----------------------------------------------------------------------
+
+
+def node_to_json(node: Node) -> dict[str, Any]:
+    if isinstance(node, Linear):
+        return {"linear": [node.in_features, node.out_features], "bias": node.bias}
+    if isinstance(node, ReLU):
+        return {"relu": True}
+    if isinstance(node, Sequential):
+        encoded: dict[str, Any] = {"sequential": node.name, "children": [node_to_json(c) for c in node.children]}
+        if node.fsdp_unit:
+            encoded["fsdp_unit"] = True
+        if node.frozen:
+            encoded["frozen"] = True
+        return encoded
+    encoded = {"choice": node.name, "alternatives": [node_to_json(a) for a in node.alternatives]}
+    if node.fsdp_unit:
+        encoded["fsdp_unit"] = True
+    return encoded
+
+
+def node_from_json(encoded: Any) -> Node:
+    if not isinstance(encoded, dict):
+        raise SpecError(f"a model node must be an object, got {encoded!r}")
+    try:
+        if "linear" in encoded:
+            in_features, out_features = encoded["linear"]
+            return Linear(int(in_features), int(out_features), bool(encoded.get("bias", True)))
+        if "relu" in encoded:
+            return ReLU()
+        if "sequential" in encoded:
+            return Sequential(
+                name=str(encoded["sequential"]),
+                children=tuple(node_from_json(c) for c in encoded["children"]),
+                fsdp_unit=bool(encoded.get("fsdp_unit", False)),
+                frozen=bool(encoded.get("frozen", False)),
+            )
+        if "choice" in encoded:
+            alternatives = tuple(node_from_json(a) for a in encoded["alternatives"])
+            if not all(isinstance(a, Sequential) for a in alternatives):
+                raise SpecError(f"alternatives of {encoded['choice']!r} must be sequentials")
+            return Choice(str(encoded["choice"]), alternatives, bool(encoded.get("fsdp_unit", False)))
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, SpecError):
+            raise
+        raise SpecError(f"malformed model node {encoded!r}: {exc}") from None
+    raise SpecError(f"unknown model node {encoded!r}: expected one of linear, relu, sequential, choice")
+
+
+def spec_to_json(spec: ModelSpec) -> dict[str, Any]:
+    return {"in_features": spec.in_features, "root": node_to_json(spec.root)}
+
+
+def spec_from_json(encoded: Any) -> ModelSpec:
+    if not isinstance(encoded, dict) or "root" not in encoded or "in_features" not in encoded:
+        raise SpecError("a model must be an object with 'in_features' and 'root'")
+    root = node_from_json(encoded["root"])
+    if not isinstance(root, Sequential):
+        raise SpecError("the model root must be a sequential")
+    spec = ModelSpec(int(encoded["in_features"]), root)
+    validate(spec)
+    return spec
