@@ -10,10 +10,11 @@ so a scenario can be saved, shrunk, diffed and replayed months later.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path as FilePath
 from typing import Any, Mapping
 
+from fuzz.jsonfmt import format_json
 from models.spec import ModelSpec, SpecError, spec_from_json, spec_to_json
 
 SCHEMA_VERSION = 1
@@ -120,16 +121,19 @@ def validate_scenario(scenario: Scenario) -> None:
 
 # JSON ----------------------------------------------------------------------
 
+_DEFAULT_STEP = Step()
+
 
 def step_to_json(step: Step) -> dict[str, Any]:
-    return {
+    """Mode and path always; other fields only where they differ from ``Step()``."""
+    encoded: dict[str, Any] = {
         "mode": step.mode,
         "path": {name: list(taken) for name, taken in sorted(step.path.items())},
-        "forwards": step.forwards,
-        "backward": step.backward,
-        "grad_enabled": step.grad_enabled,
-        "optimizer_step": step.optimizer_step,
     }
+    for name in ("forwards", "backward", "grad_enabled", "optimizer_step"):
+        if getattr(step, name) != getattr(_DEFAULT_STEP, name):
+            encoded[name] = getattr(step, name)
+    return encoded
 
 
 def step_from_json(encoded: Mapping[str, Any]) -> Step:
@@ -209,25 +213,24 @@ def scenario_from_json(encoded: Any) -> Scenario:
 
 
 def dumps(scenario: Scenario) -> str:
-    return json.dumps(scenario_to_json(scenario), indent=1) + "\n"
+    return format_json(scenario_to_json(scenario)) + "\n"
 
 
-def load_scenario(path: str | FilePath) -> Scenario:
-    """Read a scenario file; errors name the file and what is wrong in it."""
+def read_json(path: str | FilePath) -> Any:
+    """Parse a JSON file; errors name the file and the place in it."""
     path = FilePath(path)
     try:
-        encoded = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except OSError as exc:
         raise ScenarioError(f"{path}: cannot read: {exc.strerror}") from None
     except json.JSONDecodeError as exc:
         raise ScenarioError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
-    if isinstance(encoded, dict) and "scenario" in encoded:
-        encoded = encoded["scenario"]
+
+
+def load_scenario(path: str | FilePath) -> Scenario:
+    """Read a scenario file; errors name the file and what is wrong in it."""
     try:
-        return scenario_from_json(encoded)
+        return scenario_from_json(read_json(path))
     except ScenarioError as exc:
-        raise ScenarioError(f"{path}: {exc}") from None
-
-
-def with_description(scenario: Scenario, description: str) -> Scenario:
-    return replace(scenario, description=description)
+        message = str(exc)
+        raise ScenarioError(message if message.startswith(str(path)) else f"{path}: {message}") from None

@@ -8,17 +8,14 @@ arguments means FSDP sees exactly the call signature a user's model has.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from models.spec import Choice, Linear, ModelSpec, Node, ReLU, Sequential
-
-Path = Mapping[str, Sequence[int]]
-DEFAULT_ALTERNATIVES = (0,)
+from models.spec import Choice, Linear, ModelSpec, Node, Path, ReLU, Sequential, taken
 
 
 @dataclass
@@ -28,7 +25,7 @@ class PathState:
     path: Path = field(default_factory=dict)
 
     def alternatives(self, choice_name: str) -> Sequence[int]:
-        return self.path.get(choice_name, DEFAULT_ALTERNATIVES)
+        return taken(self.path, choice_name)
 
 
 class SequentialModule(nn.Module):
@@ -139,10 +136,10 @@ def freeze_untaken_alternatives(built: BuiltModel, path: Path) -> None:
     active = {built.spec.root.name}
     for choice in built.spec.choices():
         choice_module = built.modules_by_name[choice.name]
-        taken = set(path.get(choice.name, DEFAULT_ALTERNATIVES))
+        runs = set(taken(path, choice.name))
         reachable = _enclosing_alternative(built.spec, choice.name) in active
         for index, alternative in enumerate(choice.alternatives):
-            trainable = reachable and index in taken
+            trainable = reachable and index in runs
             if trainable:
                 active.add(alternative.name)
             for parameter in getattr(choice_module, alternative.name).parameters():

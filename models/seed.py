@@ -8,7 +8,7 @@ alternatives are FSDP units; ``layer0`` falls into the root's unit.
 
 from models.spec import Choice, Linear, ModelSpec, ReLU, Sequential
 
-SEED_CHOICE = "path"
+SEED_CHOICE = "branch"
 
 
 def seed_model() -> ModelSpec:

@@ -9,7 +9,7 @@ generators and oracles can reason about a model without building it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Mapping, Sequence, Union
 
 
 class SpecError(ValueError):
@@ -57,6 +57,16 @@ class Choice:
 
 Node = Union[Linear, ReLU, Sequential, Choice]
 
+Path = Mapping[str, Sequence[int]]
+"""Branch point name -> the alternatives one forward runs there, in order."""
+
+DEFAULT_ALTERNATIVES = (0,)
+
+
+def taken(path: Path, choice_name: str) -> Sequence[int]:
+    """A branch point the path does not mention runs its first alternative."""
+    return path.get(choice_name, DEFAULT_ALTERNATIVES)
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -70,6 +80,21 @@ class ModelSpec:
     def units(self) -> Iterator[Sequential | Choice]:
         """Every submodule marked as its own FSDP unit, the root included."""
         yield from _units(self.root)
+
+
+def unit_numel(spec: ModelSpec) -> dict[str, int]:
+    """Parameters each FSDP unit flattens: its subtree minus nested units."""
+
+    def own(node: Node, unit_root: bool) -> int:
+        if isinstance(node, (Sequential, Choice)) and node.fsdp_unit and not unit_root:
+            return 0
+        if isinstance(node, Sequential):
+            return sum(own(child, False) for child in node.children)
+        if isinstance(node, Choice):
+            return sum(own(alternative, False) for alternative in node.alternatives)
+        return numel(node)
+
+    return {unit.name: own(unit, True) for unit in spec.units()}
 
 
 def numel(node: Node) -> int:

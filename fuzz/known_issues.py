@@ -1,0 +1,64 @@
+"""Known FSDP misbehaviours: failures the fuzzer has already triaged.
+
+A failing case that matches an entry is counted and reported, not failed,
+so a campaign keeps looking for the next new finding; ``--strict-contract``
+fails them all again. Every entry has a corpus file under
+``corpus/known/`` that reproduces it, and predicates are kept narrow (a
+clause, a step range, a symptom) so that an entry never hides a different
+bug in the same scenario.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fuzz.observations import Observations
+from fuzz.oracles import CLEAN_RUN, Violation
+from fuzz.orders import eval_divergence_step
+from fuzz.scenario import Scenario
+
+Predicate = Callable[[Scenario, Observations, tuple[Violation, ...]], bool]
+
+
+@dataclass(frozen=True)
+class KnownIssue:
+    name: str
+    description: str
+    upstream: str | None
+    matches: Predicate
+
+
+def _eval_divergence_fails(scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]) -> bool:
+    start = eval_divergence_step(scenario)
+    return start is not None and all(v.clause == CLEAN_RUN and v.step is not None and v.step >= start for v in violations)
+
+
+KNOWN_ISSUES: tuple[KnownIssue, ...] = (
+    KnownIssue(
+        name="eval-order-unchecked",
+        description=(
+            "FSDP does not check the forward order in eval mode, so ranks whose eval forwards use different "
+            "units pair the all-gathers of different units without any error or warning: with equal numel "
+            "and the same sharding state the results are silently wrong; otherwise (e.g. SHARD_GRAD_OP, "
+            "where one rank's unit is still unsharded) gloo aborts the process ('Received data size doesn't "
+            "match expected size') or the ranks hang."
+        ),
+        upstream="https://github.com/pytorch/pytorch/pull/77195 (eval-mode checking removed by design; no cross-rank check replaced it)",
+        matches=_eval_divergence_fails,
+    ),
+)
+
+
+def triage(scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]) -> KnownIssue | None:
+    for issue in KNOWN_ISSUES:
+        if issue.matches(scenario, observations, violations):
+            return issue
+    return None
+
+
+def known_issue(name: str) -> KnownIssue:
+    for issue in KNOWN_ISSUES:
+        if issue.name == name:
+            return issue
+    raise KeyError(f"no known issue named {name!r}; known: {[issue.name for issue in KNOWN_ISSUES]}")

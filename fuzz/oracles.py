@@ -1,0 +1,166 @@
+"""The *judge* stage: what FSDP promised, given what the scenario did.
+
+``expectations`` states the contract from the scenario alone (see
+``fuzz.orders`` for the definitions), and ``judge`` compares it with the
+observations. Every violation names its clause, the rank and the step, so a
+failing fuzz case reads as a sentence about FSDP, not about the harness.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fuzz.observations import HANG, NOT_RUN, OK, Observations, StepOutcome, WarningRecord
+from fuzz.orders import deviates, first_iteration_divergence, iterations
+from fuzz.scenario import Scenario
+
+FIRST_ITERATION_ERROR = "Forward order differs across ranks"
+LATER_WARNING = (
+    "Forward order differs from that of the first iteration on rank {rank}. "
+    "Collectives are unchecked and may give incorrect results or hang"
+)
+ORDER_MARKER = "Forward order differs"
+
+FIRST_ITERATION = "first-iteration divergence raises"
+LATER_ITERATION = "later deviation warns once"
+EVAL_SILENCE = "eval is unchecked"
+CLEAN_RUN = "clean run"
+
+
+@dataclass(frozen=True)
+class Violation:
+    clause: str
+    rank: int
+    step: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = "setup" if self.step is None else f"step {self.step}"
+        return f"[{self.clause}] rank {self.rank}, {where}: {self.message}"
+
+
+@dataclass(frozen=True)
+class RankExpectation:
+    """What one rank is promised.
+
+    ``error_steps``: the first-iteration error must come in one of these
+    steps (empty: no error is due). ``warning_steps``: the steps of the rank's
+    first deviating iteration, the only ones where the later-order warning may
+    come and where it must come (empty: no warning is due).
+    """
+
+    error_steps: frozenset[int] = frozenset()
+    warning_steps: frozenset[int] = frozenset()
+    reason: str = ""
+
+
+def expectations(scenario: Scenario) -> tuple[RankExpectation, ...]:
+    if scenario.debug_level != "DETAIL":
+        return tuple(RankExpectation() for _ in range(scenario.world_size))
+    divergence = first_iteration_divergence(scenario)
+    if divergence is not None:
+        reason = "first-iteration orders differ at position {}: {}".format(
+            divergence.position,
+            ", ".join(f"rank {r} uses {unit or 'nothing'}" for r, unit in enumerate(divergence.units)),
+        )
+        return tuple(
+            RankExpectation(error_steps=_error_steps(scenario, rank, divergence.position), reason=reason)
+            for rank in range(scenario.world_size)
+        )
+    return tuple(_later_expectation(scenario, rank) for rank in range(scenario.world_size))
+
+
+def _error_steps(scenario: Scenario, rank: int, position: int) -> frozenset[int]:
+    first = iterations(scenario, rank)[0]
+    if position < len(first.uses):
+        return frozenset({first.uses[position].step})
+    # This rank's order ended first: it can only learn of the divergence from
+    # here to the end of its first iteration.
+    start = first.uses[-1].step if first.uses else 0
+    return frozenset(step for step in first.steps if step >= start)
+
+
+def _later_expectation(scenario: Scenario, rank: int) -> RankExpectation:
+    rank_iterations = iterations(scenario, rank)
+    if not rank_iterations or not rank_iterations[0].complete:
+        return RankExpectation()
+    first = rank_iterations[0]
+    for number, later in enumerate(rank_iterations[1:], start=1):
+        if deviates(first, later):
+            reason = f"iteration {number} uses {list(later.order)}, the first iteration used {list(first.order)}"
+            return RankExpectation(warning_steps=frozenset(later.steps), reason=reason)
+    return RankExpectation()
+
+
+def judge(scenario: Scenario, observations: Observations) -> tuple[Violation, ...]:
+    found: list[Violation] = []
+    for rank, expectation in enumerate(expectations(scenario)):
+        found.extend(_judge_rank(scenario, observations, rank, expectation))
+    return tuple(found)
+
+
+def _judge_rank(scenario: Scenario, observations: Observations, rank: int, expectation: RankExpectation) -> list[Violation]:
+    observed = observations.ranks[rank]
+    if observed.setup.status != OK:
+        return [Violation(CLEAN_RUN, rank, None, f"building or wrapping the model failed: {describe(observed.setup)}")]
+    if expectation.error_steps:
+        return _judge_first_iteration_error(observed.steps, rank, expectation)
+    found: list[Violation] = []
+    warned: list[int] = []
+    for index, (step, outcome) in enumerate(zip(scenario.ranks[rank], observed.steps)):
+        for warning in order_warnings(outcome):
+            if not step.training:
+                found.append(Violation(EVAL_SILENCE, rank, index, f"eval-mode step warned: {first_line(warning.message)}"))
+            elif not warning.message.startswith(LATER_WARNING.format(rank=rank)):
+                found.append(Violation(LATER_ITERATION, rank, index, f"warning does not match the contract's: {first_line(warning.message)}"))
+            elif index not in expectation.warning_steps:
+                why = expectation.reason or "every iteration's order equals the first iteration's"
+                found.append(Violation(LATER_ITERATION, rank, index, f"warned outside the first deviating iteration ({why}): {first_line(warning.message)}"))
+            else:
+                warned.append(index)
+        if outcome.status == NOT_RUN:
+            break
+        if outcome.status != OK:
+            clause = EVAL_SILENCE if not step.training and is_order_error(outcome) else (
+                FIRST_ITERATION if is_order_error(outcome) else CLEAN_RUN
+            )
+            found.append(Violation(clause, rank, index, f"expected success, got {describe(outcome)}"))
+            break
+    if expectation.warning_steps and not warned and not any(v.clause == CLEAN_RUN for v in found):
+        steps = sorted(expectation.warning_steps)
+        found.append(Violation(LATER_ITERATION, rank, steps[0], f"no warning in steps {steps} though {expectation.reason}"))
+    return found
+
+
+def _judge_first_iteration_error(steps: tuple[StepOutcome, ...], rank: int, expectation: RankExpectation) -> list[Violation]:
+    wanted = sorted(expectation.error_steps)
+    for index, outcome in enumerate(steps):
+        if outcome.status == OK:
+            if index > wanted[-1]:
+                break
+            continue
+        if index in expectation.error_steps and is_order_error(outcome):
+            return []
+        return [Violation(FIRST_ITERATION, rank, index, f"expected RuntimeError '{FIRST_ITERATION_ERROR}' in step(s) {wanted} ({expectation.reason}), got {describe(outcome)}")]
+    return [Violation(FIRST_ITERATION, rank, wanted[0], f"no error in step(s) {wanted} though {expectation.reason}")]
+
+
+def order_warnings(outcome: StepOutcome) -> list[WarningRecord]:
+    return [w for w in outcome.warnings if w.message.startswith(ORDER_MARKER)]
+
+
+def is_order_error(outcome: StepOutcome) -> bool:
+    return outcome.error_type == "RuntimeError" and (outcome.error_message or "").startswith(FIRST_ITERATION_ERROR)
+
+
+def first_line(text: str) -> str:
+    return text.splitlines()[0] if text else text
+
+
+def describe(outcome: StepOutcome) -> str:
+    if outcome.status == OK:
+        return "success"
+    if outcome.status == HANG:
+        return f"a hang ({first_line(outcome.error_message or '')})"
+    kind = outcome.error_type or outcome.status
+    return f"{outcome.status} {kind}: {first_line(outcome.error_message or '')}"
