@@ -21,7 +21,8 @@ from fuzz.observations import ERROR, HANG, NOT_RUN, OK, StepOutcome, WarningReco
 from fuzz.scenario import Scenario, Step
 from models.build import BuiltModel, build_model, freeze_untaken_alternatives, wrap_fsdp
 
-_TIMEOUT_MARKERS = ("Timed out", "timed out", "Timeout", "timeout")
+# How gloo and NCCL word a collective that outlived the group's timeout.
+_TIMEOUT_MARKERS = ("Timed out", "timed out", "Watchdog caught collective operation timeout")
 
 
 def step_input(scenario: Scenario, rank: int, step: int, forward: int) -> torch.Tensor:
@@ -126,7 +127,7 @@ def _records(caught: list[warnings.WarningMessage]) -> tuple[WarningRecord, ...]
 
 def _failure(exc: BaseException, caught: list[warnings.WarningMessage]) -> StepOutcome:
     message = str(exc)
-    timed_out = isinstance(exc, dist.DistError) and any(marker in message for marker in _TIMEOUT_MARKERS)
+    timed_out = any(marker in message for marker in _TIMEOUT_MARKERS)
     return StepOutcome(
         HANG if timed_out else ERROR,
         error_type=type(exc).__name__,

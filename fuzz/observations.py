@@ -55,9 +55,10 @@ class Observations:
 
 
 def outcome_to_json(outcome: StepOutcome) -> dict[str, Any]:
+    """Status always; the other fields only when they say something."""
     encoded = asdict(outcome)
     encoded["warnings"] = [asdict(w) for w in outcome.warnings]
-    return encoded
+    return {key: value for key, value in encoded.items() if key == "status" or value not in (None, [])}
 
 
 def outcome_from_json(encoded: dict[str, Any]) -> StepOutcome:

@@ -120,8 +120,12 @@ def features(node: Node, in_features: int) -> int:
             in_features = features(child, in_features)
         return in_features
     for alternative in node.alternatives:
-        if features(alternative, in_features) != in_features:
-            raise SpecError(f"alternative {alternative.name!r} of {node.name!r} must map {in_features} features to {in_features}")
+        out_features = features(alternative, in_features)
+        if out_features != in_features:
+            raise SpecError(
+                f"alternative {alternative.name!r} of {node.name!r} maps {in_features} features to {out_features}; "
+                f"alternatives must keep the width ({in_features})"
+            )
     return in_features
 
 

@@ -1,0 +1,91 @@
+"""The spawner on real processes and real gloo groups: every kind of ending
+is recorded as such, and nothing is left behind."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from fuzz.observations import CRASH, ERROR, HANG, OK
+from fuzz.scenario import Step
+from fuzz.seed_family import _scenario, invalid_first_iter_order, train_eval
+from fuzz.spawn import DeviceError, Placement, run_scenario
+from models.seed import SEED_CHOICE
+
+
+def statuses(observations):
+    return [[step.status for step in rank.steps] for rank in observations.ranks]
+
+
+def test_clean_scenario_is_ok_on_every_rank_with_identical_losses():
+    observations = run_scenario(train_eval("FULL_SHARD", iterations=2, epochs=1))
+    assert statuses(observations) == [[OK] * 4] * 2
+    assert observations.backend == "gloo" and observations.torch_version == torch.__version__
+    sums = [[step.output_sum for step in rank.steps] for rank in observations.ranks]
+    assert all(value is not None for rank in sums for value in rank)
+
+
+def test_raising_scenario_records_type_and_message():
+    observations = run_scenario(invalid_first_iter_order("SHARD_GRAD_OP"))
+    for rank in observations.ranks:
+        (step,) = rank.steps
+        assert (step.status, step.error_type) == (ERROR, "RuntimeError")
+        assert step.error_message.startswith("Forward order differs across ranks")
+
+
+def hang_scenario():
+    """Rank 1 skips the branch point, so rank 0's order check for layer1
+    waits for a peer that never comes."""
+    return _scenario(
+        "FULL_SHARD",
+        [[Step(path={SEED_CHOICE: (0,)}, backward=False)], [Step(path={SEED_CHOICE: ()}, backward=False)]],
+        "hang",
+    )
+
+
+def test_hanging_rank_is_recorded_at_its_step_within_the_group_timeout():
+    started = time.monotonic()
+    observations = run_scenario(hang_scenario(), group_timeout_s=2)
+    assert statuses(observations) == [[HANG], [OK]]
+    assert "Timed out" in observations.ranks[0].steps[0].error_message
+    assert time.monotonic() - started < 60
+
+
+def test_killed_ranks_are_crashes():
+    results = []
+    runner = threading.Thread(target=lambda: results.append(run_scenario(hang_scenario(), group_timeout_s=60)))
+    runner.start()
+    deadline = time.monotonic() + 60
+    while len(multiprocessing.active_children()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1)
+    for child in multiprocessing.active_children():
+        os.kill(child.pid, signal.SIGKILL)
+    runner.join(timeout=120)
+    (observations,) = results
+    for rank in observations.ranks:
+        assert CRASH in {rank.setup.status} | {step.status for step in rank.steps}
+
+
+def test_two_runs_at_once_do_not_collide():
+    results = []
+    scenario = train_eval("SHARD_GRAD_OP", iterations=1, epochs=1)
+    threads = [threading.Thread(target=lambda: results.append(run_scenario(scenario))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [statuses(r) for r in results] == [[[OK, OK]] * 2] * 2
+    assert results[0] == results[1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() >= 2, reason="this machine has the GPUs")
+def test_too_few_gpus_is_refused_with_the_shortfall():
+    with pytest.raises(DeviceError, match=r"needs 2 ranks .* GPU\(s\) are visible"):
+        Placement("cuda").check(2)
