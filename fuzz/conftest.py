@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import settings
 
-from fuzz.profiles import PROFILES, profile_from_environment, register_profiles, unknown_profile_message
 from fuzz.known_issues import known_issue
+from fuzz.profiles import PROFILES, profile_from_environment, register_profiles, unknown_profile_message
 from fuzz.spawn import DeviceError, Placement
 from fuzz.verdict import ContractCheck
 
@@ -15,9 +15,16 @@ register_profiles()
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("fsdp-fuzz")
-    group.addoption("--fuzz-device", default="cpu", choices=("cpu", "cuda"), help="run ranks on CPU with gloo (default) or one GPU per rank with NCCL")
+    group.addoption(
+        "--fuzz-device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="run ranks on CPU with gloo (default) or one GPU per rank with NCCL",
+    )
     group.addoption("--strict-contract", action="store_true", help="fail on known issues too, instead of counting them")
-    group.addoption("--corpus", default=None, help="directory of saved scenarios to replay (default: corpus/ under the rootdir)")
+    group.addoption(
+        "--corpus", default=None, help="directory of saved scenarios to replay (default: corpus/ under the rootdir)"
+    )
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -56,9 +63,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     if check is None:
         return
     terminalreporter.section("fsdp fuzz summary")
-    terminalreporter.write_line(f"profile {settings.get_current_profile_name()}, {check.runs} scenario run(s) judged by the fuzz targets")
+    terminalreporter.write_line(
+        f"profile {settings.get_current_profile_name()}, {check.runs} scenario run(s) judged by the fuzz targets"
+    )
     if not check.known_hits:
         terminalreporter.write_line("known issues matched: none")
     for name, count in check.known_hits.most_common():
         issue = known_issue(name)
-        terminalreporter.write_line(f"known issue {name}: {count} run(s) (not failed; --strict-contract to fail) upstream: {issue.upstream}")
+        terminalreporter.write_line(
+            f"known issue {name}: {count} run(s) (not failed; --strict-contract to fail) upstream: {issue.upstream}"
+        )

@@ -31,7 +31,9 @@ class KnownIssue:
 
 def _eval_divergence_fails(scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]) -> bool:
     start = eval_divergence_step(scenario)
-    return start is not None and all(v.clause == CLEAN_RUN and v.step is not None and v.step >= start for v in violations)
+    return start is not None and all(
+        v.clause == CLEAN_RUN and v.step is not None and v.step >= start for v in violations
+    )
 
 
 KNOWN_ISSUES: tuple[KnownIssue, ...] = (
@@ -44,7 +46,7 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
             "where one rank's unit is still unsharded) gloo aborts the process ('Received data size doesn't "
             "match expected size') or the ranks hang."
         ),
-        upstream="https://github.com/pytorch/pytorch/pull/77195 (eval-mode checking removed by design; no cross-rank check replaced it)",
+        upstream="https://github.com/pytorch/pytorch/pull/77195 (eval checking removed by design, nothing replaced it)",
         matches=_eval_divergence_fails,
     ),
 )

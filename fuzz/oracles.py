@@ -99,7 +99,9 @@ def judge(scenario: Scenario, observations: Observations) -> tuple[Violation, ..
     return tuple(found)
 
 
-def _judge_rank(scenario: Scenario, observations: Observations, rank: int, expectation: RankExpectation) -> list[Violation]:
+def _judge_rank(
+    scenario: Scenario, observations: Observations, rank: int, expectation: RankExpectation
+) -> list[Violation]:
     observed = observations.ranks[rank]
     if observed.setup.status != OK:
         return [Violation(CLEAN_RUN, rank, None, f"building or wrapping the model failed: {describe(observed.setup)}")]
@@ -107,32 +109,54 @@ def _judge_rank(scenario: Scenario, observations: Observations, rank: int, expec
         return _judge_first_iteration_error(observed.steps, rank, expectation)
     found: list[Violation] = []
     warned: list[int] = []
-    for index, (step, outcome) in enumerate(zip(scenario.ranks[rank], observed.steps)):
+    for index, (step, outcome) in enumerate(zip(scenario.ranks[rank], observed.steps, strict=True)):
         for warning in order_warnings(outcome):
             if not step.training:
-                found.append(Violation(EVAL_SILENCE, rank, index, f"eval-mode step warned: {first_line(warning.message)}"))
+                found.append(
+                    Violation(EVAL_SILENCE, rank, index, f"eval-mode step warned: {first_line(warning.message)}")
+                )
             elif not warning.message.startswith(LATER_WARNING.format(rank=rank)):
-                found.append(Violation(LATER_ITERATION, rank, index, f"warning does not match the contract's: {first_line(warning.message)}"))
+                found.append(
+                    Violation(
+                        LATER_ITERATION,
+                        rank,
+                        index,
+                        f"warning does not match the contract's: {first_line(warning.message)}",
+                    )
+                )
             elif index not in expectation.warning_steps:
                 why = expectation.reason or "every iteration's order equals the first iteration's"
-                found.append(Violation(LATER_ITERATION, rank, index, f"warned outside the first deviating iteration ({why}): {first_line(warning.message)}"))
+                found.append(
+                    Violation(
+                        LATER_ITERATION,
+                        rank,
+                        index,
+                        f"warned outside the first deviating iteration ({why}): {first_line(warning.message)}",
+                    )
+                )
             else:
                 warned.append(index)
         if outcome.status == NOT_RUN:
             break
         if outcome.status != OK:
-            clause = EVAL_SILENCE if not step.training and is_order_error(outcome) else (
-                FIRST_ITERATION if is_order_error(outcome) else CLEAN_RUN
+            clause = (
+                EVAL_SILENCE
+                if not step.training and is_order_error(outcome)
+                else (FIRST_ITERATION if is_order_error(outcome) else CLEAN_RUN)
             )
             found.append(Violation(clause, rank, index, f"expected success, got {describe(outcome)}"))
             break
     if expectation.warning_steps and not warned and not any(v.clause == CLEAN_RUN for v in found):
         steps = sorted(expectation.warning_steps)
-        found.append(Violation(LATER_ITERATION, rank, steps[0], f"no warning in steps {steps} though {expectation.reason}"))
+        found.append(
+            Violation(LATER_ITERATION, rank, steps[0], f"no warning in steps {steps} though {expectation.reason}")
+        )
     return found
 
 
-def _judge_first_iteration_error(steps: tuple[StepOutcome, ...], rank: int, expectation: RankExpectation) -> list[Violation]:
+def _judge_first_iteration_error(
+    steps: tuple[StepOutcome, ...], rank: int, expectation: RankExpectation
+) -> list[Violation]:
     wanted = sorted(expectation.error_steps)
     for index, outcome in enumerate(steps):
         if outcome.status == OK:
@@ -141,7 +165,15 @@ def _judge_first_iteration_error(steps: tuple[StepOutcome, ...], rank: int, expe
             continue
         if index in expectation.error_steps and is_order_error(outcome):
             return []
-        return [Violation(FIRST_ITERATION, rank, index, f"expected RuntimeError '{FIRST_ITERATION_ERROR}' in step(s) {wanted} ({expectation.reason}), got {describe(outcome)}")]
+        return [
+            Violation(
+                FIRST_ITERATION,
+                rank,
+                index,
+                f"expected RuntimeError '{FIRST_ITERATION_ERROR}' in step(s) {wanted} "
+                f"({expectation.reason}), got {describe(outcome)}",
+            )
+        ]
     return [Violation(FIRST_ITERATION, rank, wanted[0], f"no error in step(s) {wanted} though {expectation.reason}")]
 
 

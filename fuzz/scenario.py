@@ -10,9 +10,10 @@ so a scenario can be saved, shrunk, diffed and replayed months later.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path as FilePath
-from typing import Any, Mapping
+from typing import Any
 
 from fuzz.jsonfmt import format_json
 from models.spec import ModelSpec, SpecError, spec_from_json, spec_to_json
@@ -97,7 +98,9 @@ def validate_scenario(scenario: Scenario) -> None:
     if scenario.debug_level not in DEBUG_LEVELS:
         raise ScenarioError(f"debug_level {scenario.debug_level!r} is not one of {DEBUG_LEVELS}")
     if scenario.fsdp.sharding_strategy not in SHARDING_STRATEGIES:
-        raise ScenarioError(f"sharding_strategy {scenario.fsdp.sharding_strategy!r} is not one of {SHARDING_STRATEGIES}")
+        raise ScenarioError(
+            f"sharding_strategy {scenario.fsdp.sharding_strategy!r} is not one of {SHARDING_STRATEGIES}"
+        )
     if scenario.fsdp.backward_prefetch not in BACKWARD_PREFETCH:
         raise ScenarioError(f"backward_prefetch {scenario.fsdp.backward_prefetch!r} is not one of {BACKWARD_PREFETCH}")
     if scenario.batch_size < 1:
@@ -116,7 +119,10 @@ def validate_scenario(scenario: Scenario) -> None:
                 if name not in alternatives:
                     raise ScenarioError(f"{where}: path names unknown branch point {name!r}")
                 if any(not 0 <= index < alternatives[name] for index in taken):
-                    raise ScenarioError(f"{where}: branch point {name!r} has {alternatives[name]} alternatives, path asks for {list(taken)}")
+                    raise ScenarioError(
+                        f"{where}: branch point {name!r} has {alternatives[name]} alternatives, "
+                        f"path asks for {list(taken)}"
+                    )
 
 
 # JSON ----------------------------------------------------------------------

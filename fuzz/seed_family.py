@@ -88,7 +88,7 @@ def seed_family_scenarios(draw: st.DrawFn, max_steps: int = 6) -> Scenario:
     for _ in range(WORLD_SIZE):
         flips = draw(st.lists(st.booleans(), min_size=len(modes), max_size=len(modes)))
         alternative, steps = 0, []
-        for mode, flip in zip(modes, flips):
+        for mode, flip in zip(modes, flips, strict=True):
             alternative ^= flip
             steps.append(seed_step(alternative, mode=mode, backward=mode == "train"))
         ranks.append(steps)
@@ -96,7 +96,10 @@ def seed_family_scenarios(draw: st.DrawFn, max_steps: int = 6) -> Scenario:
 
 
 def write_seed_corpus(directory: str) -> None:
-    """(Re)write ``corpus/seed``: ``python -c "from fuzz.seed_family import write_seed_corpus; write_seed_corpus('corpus/seed')"``."""
+    """(Re)write ``corpus/seed`` from the definitions above.
+
+    ``python -c "from fuzz.seed_family import write_seed_corpus as w; w('corpus/seed')"``
+    """
     from pathlib import Path
 
     from fuzz.scenario import dumps

@@ -22,7 +22,16 @@ from datetime import timedelta
 import torch
 import torch.multiprocessing as mp
 
-from fuzz.observations import CRASH, HANG, NOT_RUN, Observations, RankObservation, StepOutcome, outcome_from_json, outcome_to_json
+from fuzz.observations import (
+    CRASH,
+    HANG,
+    NOT_RUN,
+    Observations,
+    RankObservation,
+    StepOutcome,
+    outcome_from_json,
+    outcome_to_json,
+)
 from fuzz.scenario import Scenario, scenario_from_json, scenario_to_json
 
 DEFAULT_GROUP_TIMEOUT_S = 5.0
@@ -117,11 +126,15 @@ def _collect(scenario: Scenario, processes, reports, group_timeout_s: float) -> 
         except queue.Empty:
             for rank, process in enumerate(processes):
                 if rank not in done and not process.is_alive():
-                    outcomes[rank].append(StepOutcome(CRASH, error_message=f"rank {rank} exited with code {process.exitcode}"))
+                    outcomes[rank].append(
+                        StepOutcome(CRASH, error_message=f"rank {rank} exited with code {process.exitcode}")
+                    )
                     done.add(rank)
             if time.monotonic() - anchor > limit:
                 for rank in set(range(len(processes))) - done:
-                    outcomes[rank].append(StepOutcome(HANG, error_message=f"no report from rank {rank} for {limit:.0f} s"))
+                    outcomes[rank].append(
+                        StepOutcome(HANG, error_message=f"no report from rank {rank} for {limit:.0f} s")
+                    )
                 break
             continue
         last_progress = time.monotonic()

@@ -35,7 +35,9 @@ class ContractCheck:
         return known
 
 
-def explain(scenario: Scenario, observations: Observations, violations: tuple[Violation, ...], known: KnownIssue | None = None) -> str:
+def explain(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...], known: KnownIssue | None = None
+) -> str:
     """Violations first, then what each rank did, then the scenario to save."""
     lines = [f"{len(violations)} contract violation(s):"]
     lines += [f"  {violation}" for violation in violations]
@@ -47,7 +49,9 @@ def explain(scenario: Scenario, observations: Observations, violations: tuple[Vi
         for index, outcome in enumerate(observed.steps):
             step = scenario.ranks[rank][index]
             warned = f" +{len(order_warnings(outcome))} order warning(s)" if order_warnings(outcome) else ""
-            cells.append(f"{index}:{step.mode}{json.dumps(dict(step.path), separators=(',', ':'))} {describe(outcome)}{warned}")
+            cells.append(
+                f"{index}:{step.mode}{json.dumps(dict(step.path), separators=(',', ':'))} {describe(outcome)}{warned}"
+            )
         lines.append(f"  rank {rank}: " + " | ".join(cells))
     lines.append("scenario:")
     lines.append(dumps(scenario))

@@ -8,8 +8,9 @@ generators and oracles can reason about a model without building it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence, Union
+from typing import Any
 
 
 class SpecError(ValueError):
@@ -55,7 +56,7 @@ class Choice:
     fsdp_unit: bool = False
 
 
-Node = Union[Linear, ReLU, Sequential, Choice]
+Node = Linear | ReLU | Sequential | Choice
 
 Path = Mapping[str, Sequence[int]]
 """Branch point name -> the alternatives one forward runs there, in order."""

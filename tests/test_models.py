@@ -21,7 +21,7 @@ def test_seed_units_own_the_seed_parameters():
 
 def test_same_seed_gives_identical_parameters_and_another_seed_does_not():
     first, second, other = (build_model(seed_model(), seed).module for seed in (7, 7, 8))
-    for a, b, c in zip(first.parameters(), second.parameters(), other.parameters()):
+    for a, b, c in zip(first.parameters(), second.parameters(), other.parameters(), strict=True):
         assert torch.equal(a, b)
         assert not torch.equal(a, c)
 

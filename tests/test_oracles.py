@@ -94,7 +94,9 @@ def test_an_eval_warning_is_a_violation(recorded):
     scenario, observations = recorded("train_eval-full_shard")
     eval_step = 4
     assert scenario.ranks[0][eval_step].mode == "eval"
-    warned = with_step(observations, 0, eval_step, replace(observations.ranks[0].steps[eval_step], warnings=(later_warning(0),)))
+    warned = with_step(
+        observations, 0, eval_step, replace(observations.ranks[0].steps[eval_step], warnings=(later_warning(0),))
+    )
     assert [(v.clause, v.rank, v.step) for v in judge(scenario, warned)] == [(EVAL_SILENCE, 0, eval_step)]
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fuzz.orders import eval_divergence_step, first_iteration_divergence, forward_units, iterations
-from fuzz.seed_family import invalid_first_iter_order, invalid_later_iter_order, seed_step, train_eval, _scenario
+from fuzz.seed_family import _scenario, invalid_first_iter_order, invalid_later_iter_order, seed_step, train_eval
 from models.seed import SEED_CHOICE, seed_model
 
 
@@ -31,6 +31,10 @@ def test_first_iteration_divergence_names_the_position_and_units():
 
 
 def test_eval_divergence_step():
-    diverging = _scenario("FULL_SHARD", [[seed_step(0, "eval", False)] * 2, [seed_step(0, "eval", False), seed_step(1, "eval", False)]], "")
+    diverging = _scenario(
+        "FULL_SHARD",
+        [[seed_step(0, "eval", False)] * 2, [seed_step(0, "eval", False), seed_step(1, "eval", False)]],
+        "",
+    )
     assert eval_divergence_step(diverging) == 1
     assert eval_divergence_step(train_eval("FULL_SHARD")) is None

@@ -22,7 +22,12 @@ def test_steps_write_only_fields_that_differ_from_the_default():
     from fuzz.scenario import step_to_json
 
     assert step_to_json(Step(path={"b": (1,)})) == {"mode": "train", "path": {"b": [1]}}
-    assert step_to_json(Step(mode="eval", backward=False, forwards=2)) == {"mode": "eval", "path": {}, "forwards": 2, "backward": False}
+    assert step_to_json(Step(mode="eval", backward=False, forwards=2)) == {
+        "mode": "eval",
+        "path": {},
+        "forwards": 2,
+        "backward": False,
+    }
 
 
 def _seed_json():
@@ -44,8 +49,14 @@ def _seed_json():
         (lambda d: d["fsdp"].update(sharding_strategy="ZERO9"), "ZERO9"),
         (lambda d: d["fsdp"].update(colour="blue"), "colour"),
         (lambda d: d.update(debug_level="LOUD"), "LOUD"),
-        (lambda d: d["model"]["root"]["children"][1]["alternatives"][0]["children"][0].update(bias=True), "differ in numel"),
-        (lambda d: d["model"]["root"]["children"][1]["alternatives"][0]["children"][0].update(linear=[6, 7]), "maps 6 features to 7"),
+        (
+            lambda d: d["model"]["root"]["children"][1]["alternatives"][0]["children"][0].update(bias=True),
+            "differ in numel",
+        ),
+        (
+            lambda d: d["model"]["root"]["children"][1]["alternatives"][0]["children"][0].update(linear=[6, 7]),
+            "maps 6 features to 7",
+        ),
     ],
 )
 def test_malformed_scenarios_are_rejected_with_the_reason(mutate, problem):
