@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fuzz.observations import Observations
-from fuzz.oracles import CLEAN_RUN, Violation
+from fuzz.oracles import CLEAN_RUN, Violation, expectations
 from fuzz.orders import eval_divergence_step
 from fuzz.scenario import Scenario
 
@@ -36,6 +36,15 @@ def _eval_divergence_fails(scenario: Scenario, observations: Observations, viola
     )
 
 
+def _failures_from(start: int | None, violations: tuple[Violation, ...]) -> bool:
+    return start is not None and all(v.clause == CLEAN_RUN and v.step is not None and v.step >= start for v in violations)
+
+
+def _fails_after_deviation_warning(scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]) -> bool:
+    warned_from = [min(e.warning_steps) for e in expectations(scenario) if e.warning_steps]
+    return _failures_from(min(warned_from, default=None), violations)
+
+
 KNOWN_ISSUES: tuple[KnownIssue, ...] = (
     KnownIssue(
         name="eval-order-unchecked",
@@ -48,6 +57,18 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
         ),
         upstream="https://github.com/pytorch/pytorch/pull/77195 (eval checking removed by design, nothing replaced it)",
         matches=_eval_divergence_fails,
+    ),
+    KnownIssue(
+        name="unchecked-after-deviation",
+        description=(
+            "Once a rank's forward order deviates from its first iteration, FSDP warns that rank and checks "
+            "nothing more: ranks whose later orders differ pair the collectives of different units, silently "
+            "when numel and sharding state agree, and hang otherwise (seen when an eval step precedes the "
+            "diverging training step, with FULL_SHARD and SHARD_GRAD_OP). The warning says collectives 'may "
+            "give incorrect results or hang'; no rank gets an error."
+        ),
+        upstream="https://github.com/pytorch/pytorch/issues/75373 (later iterations only warned about, by design)",
+        matches=_fails_after_deviation_warning,
     ),
 )
 

@@ -120,3 +120,12 @@ def test_the_recorded_eval_divergence_crash_matches_its_known_issue(recorded):
     assert violations and all(v.clause == CLEAN_RUN and v.step == 1 for v in violations)
     assert triage(scenario, observations, violations).name == "eval-order-unchecked"
     assert triage(scenario, observations, violations + (replace(violations[0], clause=LATER_ITERATION),)) is None
+
+
+def test_the_recorded_hang_after_a_deviation_warning_matches_its_known_issue(recorded):
+    scenario, observations = recorded("unchecked-after-deviation-full_shard")
+    violations = judge(scenario, observations)
+    assert {(v.clause, v.step) for v in violations} == {(CLEAN_RUN, 2)}
+    assert triage(scenario, observations, violations).name == "unchecked-after-deviation"
+    earlier = tuple(replace(v, step=1) for v in violations)
+    assert triage(scenario, observations, earlier) is None
