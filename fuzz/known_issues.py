@@ -37,10 +37,14 @@ def _eval_divergence_fails(scenario: Scenario, observations: Observations, viola
 
 
 def _failures_from(start: int | None, violations: tuple[Violation, ...]) -> bool:
-    return start is not None and all(v.clause == CLEAN_RUN and v.step is not None and v.step >= start for v in violations)
+    return start is not None and all(
+        v.clause == CLEAN_RUN and v.step is not None and v.step >= start for v in violations
+    )
 
 
-def _fails_after_deviation_warning(scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]) -> bool:
+def _fails_after_deviation_warning(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
     warned_from = [min(e.warning_steps) for e in expectations(scenario) if e.warning_steps]
     return _failures_from(min(warned_from, default=None), violations)
 
