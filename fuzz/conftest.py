@@ -7,7 +7,7 @@ from hypothesis import settings
 
 from fuzz.known_issues import known_issue
 from fuzz.profiles import PROFILES, profile_from_environment, register_profiles, unknown_profile_message
-from fuzz.spawn import DeviceError, Placement
+from fuzz.ranks import DeviceError, Placement
 from fuzz.verdict import ContractCheck
 
 register_profiles()

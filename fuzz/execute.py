@@ -133,4 +133,20 @@ def _failure(exc: BaseException, caught: list[warnings.WarningMessage]) -> StepO
         error_type=type(exc).__name__,
         error_message=message if message else "".join(traceback.format_exception_only(exc)).strip(),
         warnings=_records(caught),
+        stack=_stack(exc) if timed_out else None,
     )
+
+
+def _stack(exc: BaseException, depth: int = 12) -> str:
+    """The innermost frames of the exception, as paths relative to their package."""
+    frames = traceback.extract_tb(exc.__traceback__)[-depth:]
+    return "".join(
+        f"{_short(frame.filename)}:{frame.lineno} in {frame.name}: {frame.line}\n" for frame in frames
+    )
+
+
+def _short(filename: str) -> str:
+    for package in ("/torch/", "/fuzz/", "/models/"):
+        if package in filename:
+            return package.strip("/") + "/" + filename.split(package, 1)[1]
+    return filename

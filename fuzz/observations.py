@@ -33,6 +33,8 @@ class StepOutcome:
     error_message: str | None = None
     warnings: tuple[WarningRecord, ...] = ()
     output_sum: float | None = None
+    stack: str | None = None
+    """For a hang: where the rank was when its group timed out (innermost frames last)."""
 
     def failed(self) -> bool:
         return self.status not in (OK, NOT_RUN)
@@ -68,6 +70,7 @@ def outcome_from_json(encoded: dict[str, Any]) -> StepOutcome:
         error_message=encoded.get("error_message"),
         warnings=tuple(WarningRecord(**w) for w in encoded.get("warnings", ())),
         output_sum=encoded.get("output_sum"),
+        stack=encoded.get("stack"),
     )
 
 
