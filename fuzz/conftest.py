@@ -6,6 +6,7 @@ import pytest
 from hypothesis import settings
 
 from fuzz.known_issues import known_issue
+from fuzz.pool import DEFAULT_GROUP_TIMEOUT_S, PoolSet
 from fuzz.profiles import PROFILES, profile_from_environment, register_profiles, unknown_profile_message
 from fuzz.ranks import DeviceError, Placement
 from fuzz.verdict import ContractCheck
@@ -20,6 +21,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="cpu",
         choices=("cpu", "cuda"),
         help="run ranks on CPU with gloo (default) or one GPU per rank with NCCL",
+    )
+    group.addoption(
+        "--group-timeout",
+        type=float,
+        default=DEFAULT_GROUP_TIMEOUT_S,
+        help="seconds a scenario's collective may wait before it counts as a hang (default %(default)s)",
     )
     group.addoption("--strict-contract", action="store_true", help="fail on known issues too, instead of counting them")
     group.addoption(
@@ -39,13 +46,15 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(scope="session")
-def placement(pytestconfig: pytest.Config) -> Placement:
-    chosen = Placement(pytestconfig.getoption("--fuzz-device"))
+def pools(pytestconfig: pytest.Config):
+    """The campaign's ranks: spawned on first use, closed at the end of the session."""
+    placement = Placement(pytestconfig.getoption("--fuzz-device"))
     try:
-        chosen.check(2)
+        placement.check(2)
     except DeviceError as exc:
         pytest.exit(str(exc), returncode=4)
-    return chosen
+    with PoolSet(placement, pytestconfig.getoption("--group-timeout")) as campaign:
+        yield campaign
 
 
 _CONTRACT = pytest.StashKey[ContractCheck]()

@@ -9,6 +9,7 @@ harness that pressed on would report noise.
 
 from __future__ import annotations
 
+import time
 import traceback
 import warnings
 from collections.abc import Iterator
@@ -63,14 +64,29 @@ def new_scenario_group(scenario: Scenario, timeout_s: float) -> dist.ProcessGrou
         dist.set_debug_level(previous)
 
 
-def run_rank(scenario: Scenario, rank: int, device: torch.device, group: dist.ProcessGroup) -> Iterator[StepOutcome]:
-    """Yield setup's outcome, then each step's, for this rank."""
+def run_rank(
+    scenario: Scenario,
+    rank: int,
+    device: torch.device,
+    group: dist.ProcessGroup,
+    timings: dict[str, float] | None = None,
+) -> Iterator[StepOutcome]:
+    """Yield setup's outcome, then each step's, for this rank.
+
+    ``timings``, when given, receives seconds spent building, wrapping and
+    stepping; they stay out of the outcomes, which must not vary run to run.
+    """
+    timings = {} if timings is None else timings
     built: BuiltModel | None = None
     with _recording() as caught:
         try:
+            started = time.perf_counter()
             built = build_model(scenario.model, scenario.seed, freeze_untaken=scenario.freeze_untaken)
+            timings["build"] = time.perf_counter() - started
             dist.set_debug_level(getattr(dist.DebugLevel, scenario.debug_level))
+            started = time.perf_counter()
             model = wrap_fsdp(built, **fsdp_kwargs(scenario, device, group))
+            timings["wrap"] = time.perf_counter() - started
             optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
             setup = StepOutcome(OK, warnings=_records(caught))
         except Exception as exc:  # noqa: BLE001 - any failure is an observation
@@ -80,8 +96,10 @@ def run_rank(scenario: Scenario, rank: int, device: torch.device, group: dist.Pr
     if setup.status != OK:
         yield from (StepOutcome(NOT_RUN) for _ in steps)
         return
+    started = time.perf_counter()
     for index, step in enumerate(steps):
         outcome = _run_step(scenario, built, model, optimizer, rank, index, step, device)
+        timings["steps"] = time.perf_counter() - started
         yield outcome
         if outcome.status != OK:
             yield from (StepOutcome(NOT_RUN) for _ in steps[index + 1 :])
@@ -140,9 +158,7 @@ def _failure(exc: BaseException, caught: list[warnings.WarningMessage]) -> StepO
 def _stack(exc: BaseException, depth: int = 12) -> str:
     """The innermost frames of the exception, as paths relative to their package."""
     frames = traceback.extract_tb(exc.__traceback__)[-depth:]
-    return "".join(
-        f"{_short(frame.filename)}:{frame.lineno} in {frame.name}: {frame.line}\n" for frame in frames
-    )
+    return "".join(f"{_short(frame.filename)}:{frame.lineno} in {frame.name}: {frame.line}\n" for frame in frames)
 
 
 def _short(filename: str) -> str:

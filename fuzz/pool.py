@@ -22,13 +22,13 @@ import shutil
 import signal
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import torch.multiprocessing as mp
 
-from fuzz.observations import Observations
-from fuzz.ranks import STARTUP_TIMEOUT_S, Placement, collect_outcomes, observations_of, serve_scenario
+from fuzz.observations import HANG, Observations
+from fuzz.ranks import CPU, STARTUP_TIMEOUT_S, Placement, collect_outcomes, observations_of, serve_scenario
 from fuzz.scenario import Scenario, scenario_to_json
 
 DEFAULT_GROUP_TIMEOUT_S = 2.0
@@ -39,7 +39,9 @@ class PoolStats:
     scenarios: int = 0
     respawns: int = 0
     hangs: int = 0
+    """Scenarios in which some rank hung."""
     crashes: int = 0
+    """Scenarios in which some rank died."""
 
 
 class RankPool:
@@ -48,7 +50,7 @@ class RankPool:
     def __init__(
         self,
         world_size: int,
-        placement: Placement = Placement(),
+        placement: Placement = CPU,
         group_timeout_s: float = DEFAULT_GROUP_TIMEOUT_S,
     ) -> None:
         placement.check(world_size)
@@ -62,6 +64,7 @@ class RankPool:
         self._reports = None
         self._workdir: str | None = None
         self._next_id = 1
+        self.last_timings: list[dict[str, float]] = []
 
     def __enter__(self) -> RankPool:
         return self
@@ -88,12 +91,14 @@ class RankPool:
             progress_s=2 * self.group_timeout_s,
         )
         self.stats.scenarios += 1
-        if collected.silent:
+        self.last_timings = collected.timings
+        if any(outcome.status == HANG for outcomes in collected.outcomes for outcome in outcomes):
             self.stats.hangs += 1
+        if collected.silent:
             stacks = self._dump_stacks(collected.silent)
             for rank in collected.silent:
                 last = collected.outcomes[rank][-1]
-                collected.outcomes[rank][-1] = type(last)(last.status, error_message=last.error_message, stack=stacks[rank])
+                collected.outcomes[rank][-1] = replace(last, stack=stacks[rank])
         if collected.crashed:
             self.stats.crashes += 1
         if collected.silent or collected.crashed:
@@ -162,7 +167,7 @@ class RankPool:
 class PoolSet:
     """One pool per world size, started on first use."""
 
-    def __init__(self, placement: Placement = Placement(), group_timeout_s: float = DEFAULT_GROUP_TIMEOUT_S) -> None:
+    def __init__(self, placement: Placement = CPU, group_timeout_s: float = DEFAULT_GROUP_TIMEOUT_S) -> None:
         self.placement = placement
         self.group_timeout_s = group_timeout_s
         self.pools: dict[int, RankPool] = {}

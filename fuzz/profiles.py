@@ -1,8 +1,8 @@
 """Hypothesis profiles: ``dev`` (the default), ``ci`` and ``nightly``.
 
-Every example spawns real ranks, so example counts are small next to a
-typical Hypothesis suite and deadlines are off: a scenario's wall time is
-dominated by process start-up, not by the code under test.
+Every example runs on real ranks of a persistent pool: tens of milliseconds,
+or a group timeout (2 s) when ranks hang, so deadlines are off and example
+counts are modest next to a typical Hypothesis suite.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ DEFAULT_PROFILE = "dev"
 _COMMON = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
 
 PROFILES = {
-    "dev": settings(max_examples=15, **_COMMON),
-    "ci": settings(max_examples=6, derandomize=True, database=None, **_COMMON),
-    "nightly": settings(max_examples=300, **_COMMON),
+    "dev": settings(max_examples=100, **_COMMON),
+    "ci": settings(max_examples=30, derandomize=True, database=None, **_COMMON),
+    "nightly": settings(max_examples=2000, **_COMMON),
 }
 
 

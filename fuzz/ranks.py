@@ -60,10 +60,14 @@ class Placement:
             )
 
     def rank_device(self, rank: int) -> torch.device:
+        """The rank's device, made current for it (NCCL needs that)."""
         if self.device == "cuda":
             torch.cuda.set_device(rank)
             return torch.device("cuda", rank)
         return torch.device("cpu")
+
+
+CPU = Placement()
 
 
 def serve_scenario(encoded: str, scenario_id: int, rank: int, placement: Placement, group_timeout_s: float, reports):
@@ -73,13 +77,15 @@ def serve_scenario(encoded: str, scenario_id: int, rank: int, placement: Placeme
     from fuzz.execute import new_scenario_group, run_rank
 
     scenario = scenario_from_json(json.loads(encoded))
+    started = time.perf_counter()
     group = new_scenario_group(scenario, group_timeout_s)
+    timings = {"group": time.perf_counter() - started}
     try:
-        for outcome in run_rank(scenario, rank, placement.rank_device(rank), group):
+        for outcome in run_rank(scenario, rank, placement.rank_device(rank), group, timings):
             reports.put(("outcome", rank, scenario_id, outcome_to_json(outcome)))
     finally:
         dist.destroy_process_group(group)
-    reports.put(("done", rank, scenario_id, None))
+    reports.put(("done", rank, scenario_id, timings))
 
 
 @dataclass
@@ -88,6 +94,8 @@ class Collected:
     silent: set[int]
     """Ranks that stopped reporting without dying: stuck outside any collective timeout."""
     crashed: set[int]
+    timings: list[dict[str, float]]
+    """Per rank, seconds spent per phase (group, build, wrap, steps), where reported."""
 
 
 def collect_outcomes(
@@ -105,7 +113,7 @@ def collect_outcomes(
     group's timeout and reports a hang itself; one silent for ``progress_s``
     is stuck elsewhere and is recorded as hung at the step it was in.
     """
-    collected = Collected([[] for _ in range(world_size)], set(), set())
+    collected = Collected([[] for _ in range(world_size)], set(), set(), [{} for _ in range(world_size)])
     done: set[int] = set()
     anchor, limit = time.monotonic(), first_report_s
     while len(done) < world_size:
@@ -131,6 +139,7 @@ def collect_outcomes(
         if kind == "outcome":
             collected.outcomes[rank].append(outcome_from_json(payload))
         elif kind == "done":
+            collected.timings[rank] = payload
             done.add(rank)
     return collected
 

@@ -23,17 +23,17 @@ from datetime import timedelta
 import torch.multiprocessing as mp
 
 from fuzz.observations import Observations
-from fuzz.ranks import STARTUP_TIMEOUT_S, DeviceError, Placement, collect_outcomes, observations_of, serve_scenario
+from fuzz.ranks import CPU, STARTUP_TIMEOUT_S, DeviceError, Placement, collect_outcomes, observations_of, serve_scenario
 from fuzz.scenario import Scenario, scenario_to_json
 
-__all__ = ["DEFAULT_GROUP_TIMEOUT_S", "DeviceError", "Placement", "run_scenario"]
+__all__ = ["DEFAULT_GROUP_TIMEOUT_S", "CPU", "DeviceError", "Placement", "run_scenario"]
 
 DEFAULT_GROUP_TIMEOUT_S = 5.0
 
 
 def run_scenario(
     scenario: Scenario,
-    placement: Placement = Placement(),
+    placement: Placement = CPU,
     group_timeout_s: float = DEFAULT_GROUP_TIMEOUT_S,
 ) -> Observations:
     """Run ``scenario`` on ``world_size`` freshly spawned ranks and observe it."""

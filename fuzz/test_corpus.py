@@ -7,8 +7,8 @@ import pytest
 from fuzz.corpus import corpus_files, corpus_root, load_entry
 from fuzz.known_issues import triage
 from fuzz.oracles import judge
+from fuzz.pool import PoolSet
 from fuzz.scenario import ScenarioError
-from fuzz.spawn import Placement, run_scenario
 from fuzz.verdict import ContractCheck, explain
 
 
@@ -19,12 +19,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("corpus_file", files, ids=[str(f.relative_to(root)) for f in files])
 
 
-def test_replay(corpus_file, placement: Placement) -> None:
+def test_replay(corpus_file, pools: PoolSet) -> None:
     try:
         entry = load_entry(corpus_file)
     except ScenarioError as exc:
         pytest.fail(str(exc), pytrace=False)
-    observations = run_scenario(entry.scenario, placement)
+    observations = pools.run(entry.scenario)
     if entry.known_issue is None:
         ContractCheck(strict=True)(entry.scenario, observations)
         return

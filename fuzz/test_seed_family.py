@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from hypothesis import given
 
+from fuzz.pool import PoolSet
 from fuzz.seed_family import seed_family_scenarios
-from fuzz.spawn import Placement, run_scenario
 from fuzz.verdict import ContractCheck
 
 
 @given(scenario=seed_family_scenarios())
-def test_seed_family_keeps_the_contract(scenario, placement: Placement, contract: ContractCheck) -> None:
-    contract(scenario, run_scenario(scenario, placement))
+def test_seed_family_keeps_the_contract(scenario, pools: PoolSet, contract: ContractCheck) -> None:
+    contract(scenario, pools.run(scenario))

@@ -1,0 +1,131 @@
+"""The persistent pool on real processes and real gloo groups: hangs,
+crashes and errors are recorded and followed by clean scenarios, results
+match fresh processes, and nothing outlives the pool."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fuzz.observations import CRASH, ERROR, HANG, OK
+from fuzz.pool import RankPool
+from fuzz.scenario import Step
+from fuzz.seed_family import _scenario, invalid_first_iter_order, invalid_later_iter_order, train_eval
+from fuzz.spawn import run_scenario
+from models.seed import SEED_CHOICE
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 2.0
+
+
+def statuses(observations):
+    return [[step.status for step in rank.steps] for rank in observations.ranks]
+
+
+def hang_scenario():
+    """Rank 1 skips the branch point, so rank 0's order check for layer1
+    waits for a peer that never comes."""
+    return _scenario(
+        "FULL_SHARD",
+        [[Step(path={SEED_CHOICE: (0,)}, backward=False)], [Step(path={SEED_CHOICE: ()}, backward=False)]],
+        "hang",
+    )
+
+
+CLEAN = train_eval("SHARD_GRAD_OP", iterations=2, epochs=1)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with RankPool(2, group_timeout_s=TIMEOUT_S) as running:
+        yield running
+
+
+def test_hang_is_recorded_with_its_stack_and_costs_at_most_two_timeouts(pool):
+    pool.run(CLEAN)
+    started = time.monotonic()
+    observations = pool.run(hang_scenario())
+    elapsed = time.monotonic() - started
+    assert statuses(observations) == [[HANG], [OK]]
+    assert "all_gather" in observations.ranks[0].steps[0].stack
+    assert elapsed <= 2 * TIMEOUT_S, f"a hang cost {elapsed:.2f} s"
+    assert statuses(pool.run(CLEAN)) == [[OK] * 4] * 2
+
+
+def test_raising_scenario_then_clean(pool):
+    observations = pool.run(invalid_first_iter_order("FULL_SHARD"))
+    assert statuses(observations) == [[ERROR], [ERROR]]
+    assert statuses(pool.run(CLEAN)) == [[OK] * 4] * 2
+
+
+def test_same_scenario_same_observation_as_fresh_processes(pool):
+    scenario = invalid_later_iter_order("SHARD_GRAD_OP", 1)
+    first = pool.run(scenario)
+    assert pool.run(scenario) == first
+    assert run_scenario(scenario, group_timeout_s=TIMEOUT_S) == first
+
+
+def test_killed_worker_is_a_crash_and_the_pool_respawns():
+    with RankPool(2, group_timeout_s=30) as pool:
+        pool.run(CLEAN)
+        victim = pool.pids()[0]
+        killer = threading.Timer(1.0, os.kill, (victim, signal.SIGKILL))
+        killer.start()
+        observations = pool.run(hang_scenario())
+        killer.join()
+        assert observations.ranks[0].steps[0].status == CRASH
+        assert "died" in observations.ranks[0].steps[0].error_message
+        assert statuses(pool.run(CLEAN)) == [[OK] * 4] * 2
+        assert (pool.stats.crashes, pool.stats.respawns) == (1, 1)
+        assert victim not in pool.pids()
+
+
+def test_closing_leaves_no_process_or_directory():
+    pool = RankPool(2, group_timeout_s=TIMEOUT_S)
+    pool.run(CLEAN)
+    pids, workdir = pool.pids(), pool._workdir
+    pool.close()
+    assert not any(alive(pid) for pid in pids)
+    assert not Path(workdir).exists()
+
+
+def test_workers_die_with_a_killed_campaign():
+    program = textwrap.dedent(
+        """
+        import sys, time
+        from fuzz.pool import RankPool
+        from fuzz.seed_family import train_eval
+        if __name__ == "__main__":
+            pool = RankPool(2)
+            pool.run(train_eval("FULL_SHARD", iterations=1, epochs=1))
+            print(*pool.pids(), flush=True)
+            time.sleep(600)
+        """
+    )
+    campaign = subprocess.Popen([sys.executable, "-c", program], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(pid) for pid in campaign.stdout.readline().split()]
+        assert len(pids) == 2
+    finally:
+        campaign.kill()
+        campaign.wait()
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in pids)
