@@ -1,0 +1,75 @@
+"""Scenarios per second: the persistent pool against fresh processes per scenario.
+
+    python benchmarks/pool_vs_spawn.py [--rounds N]
+
+Both run the same scenarios (the seed corpus: two ranks, CPU, gloo), one
+after the other in this process. The last line printed is a JSON object with
+``pool_per_s``, ``spawn_per_s``, ``speedup``, and the cost of one pooled
+scenario split into group creation, model build, FSDP wrap and steps (mean
+seconds, slowest rank of each scenario).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fuzz.pool import RankPool  # noqa: E402
+from fuzz.seed_family import seed_scenarios  # noqa: E402
+from fuzz.spawn import run_scenario  # noqa: E402
+
+PHASES = ("group", "build", "wrap", "steps")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10, help="passes of the pool over the scenarios (default 10)")
+    parser.add_argument("--spawn-rounds", type=int, default=1, help="passes with fresh processes (default 1)")
+    arguments = parser.parse_args()
+    scenarios = list(seed_scenarios().values())
+
+    started = time.perf_counter()
+    for _ in range(arguments.spawn_rounds):
+        for scenario in scenarios:
+            run_scenario(scenario)
+    spawn_s = time.perf_counter() - started
+    spawn_count = arguments.spawn_rounds * len(scenarios)
+    print(f"spawn: {spawn_count} scenarios in {spawn_s:.2f} s", flush=True)
+
+    split: dict[str, list[float]] = {phase: [] for phase in PHASES}
+    with RankPool(2) as pool:
+        started = time.perf_counter()
+        pool.run(scenarios[0])
+        pool_start_s = time.perf_counter() - started
+        started = time.perf_counter()
+        for _ in range(arguments.rounds):
+            for scenario in scenarios:
+                pool.run(scenario)
+                for phase in PHASES:
+                    split[phase].append(max(timings.get(phase, 0.0) for timings in pool.last_timings))
+        pool_s = time.perf_counter() - started
+    pool_count = arguments.rounds * len(scenarios)
+    print(f"pool: started in {pool_start_s:.2f} s, then {pool_count} scenarios in {pool_s:.2f} s", flush=True)
+
+    pool_per_s = pool_count / pool_s
+    spawn_per_s = spawn_count / spawn_s
+    result = {
+        "world_size": 2,
+        "scenarios": len(scenarios),
+        "pool_per_s": round(pool_per_s, 2),
+        "spawn_per_s": round(spawn_per_s, 3),
+        "speedup": round(pool_per_s / spawn_per_s, 1),
+        "pool_start_s": round(pool_start_s, 2),
+        "split_s": {phase: round(statistics.mean(values), 4) for phase, values in split.items()},
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
