@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from fuzz.observations import ERROR, HANG, NOT_RUN, OK, StepOutcome, WarningRecord
 from fuzz.scenario import Scenario, Step
+from fuzz.trace import CollectiveTrace, tracing
 from models.build import BuiltModel, build_model, freeze_untaken_alternatives, wrap_fsdp
 
 # How gloo and NCCL word a collective that outlived the group's timeout.
@@ -78,7 +79,9 @@ def run_rank(
     """
     timings = {} if timings is None else timings
     built: BuiltModel | None = None
-    with _recording() as caught:
+    unit_names: dict[int, str] = {}
+    trace = CollectiveTrace(lambda handle: unit_names.get(id(handle)))
+    with _recording() as caught, tracing(trace):
         try:
             started = time.perf_counter()
             built = build_model(scenario.model, scenario.seed, freeze_untaken=scenario.freeze_untaken)
@@ -87,10 +90,11 @@ def run_rank(
             started = time.perf_counter()
             model = wrap_fsdp(built, **fsdp_kwargs(scenario, device, group))
             timings["wrap"] = time.perf_counter() - started
+            unit_names.update(_unit_names(built))
             optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-            setup = StepOutcome(OK, warnings=_records(caught))
+            setup = StepOutcome(OK, warnings=_records(caught), collectives=trace.take())
         except Exception as exc:  # noqa: BLE001 - any failure is an observation
-            setup = _failure(exc, caught)
+            setup = _failure(exc, caught, trace)
     yield setup
     steps = scenario.ranks[rank]
     if setup.status != OK:
@@ -98,7 +102,7 @@ def run_rank(
         return
     started = time.perf_counter()
     for index, step in enumerate(steps):
-        outcome = _run_step(scenario, built, model, optimizer, rank, index, step, device)
+        outcome = _run_step(scenario, built, model, optimizer, rank, index, step, device, trace)
         timings["steps"] = time.perf_counter() - started
         yield outcome
         if outcome.status != OK:
@@ -106,8 +110,18 @@ def run_rank(
             return
 
 
-def _run_step(scenario, built, model, optimizer, rank, index, step: Step, device) -> StepOutcome:
-    with _recording() as caught:
+def _unit_names(built: BuiltModel) -> dict[int, str]:
+    """id of each unit's flat-parameter handle -> the unit's spec name."""
+    names = {}
+    for name, unit in built.fsdp_units.items():
+        handle = getattr(unit, "_handle", None)
+        if handle is not None:
+            names[id(handle)] = name
+    return names
+
+
+def _run_step(scenario, built, model, optimizer, rank, index, step: Step, device, trace) -> StepOutcome:
+    with _recording() as caught, tracing(trace):
         try:
             model.train(step.training)
             built.set_path(step.path)
@@ -116,14 +130,23 @@ def _run_step(scenario, built, model, optimizer, rank, index, step: Step, device
             with torch.set_grad_enabled(step.grad_enabled):
                 outputs = [model(step_input(scenario, rank, index, k).to(device)) for k in range(step.forwards)]
             total = sum((output.sum() for output in outputs), torch.zeros((), device=device))
+            grad_sum = None
             if step.backward:
                 total.backward()
+                grads = [p.grad.sum() for p in model.parameters() if p.grad is not None]
+                grad_sum = float(sum(grads, torch.zeros((), device=device)).cpu())
             if step.optimizer_step:
                 optimizer.step()
                 optimizer.zero_grad()
-            return StepOutcome(OK, warnings=_records(caught), output_sum=float(total.detach().cpu()))
+            return StepOutcome(
+                OK,
+                warnings=_records(caught),
+                output_sum=float(total.detach().cpu()),
+                grad_sum=grad_sum,
+                collectives=trace.take(),
+            )
         except Exception as exc:  # noqa: BLE001 - any failure is an observation
-            return _failure(exc, caught)
+            return _failure(exc, caught, trace)
 
 
 class _recording:
@@ -143,7 +166,7 @@ def _records(caught: list[warnings.WarningMessage]) -> tuple[WarningRecord, ...]
     return tuple(WarningRecord(w.category.__name__, str(w.message)) for w in caught)
 
 
-def _failure(exc: BaseException, caught: list[warnings.WarningMessage]) -> StepOutcome:
+def _failure(exc: BaseException, caught: list[warnings.WarningMessage], trace: CollectiveTrace) -> StepOutcome:
     message = str(exc)
     timed_out = any(marker in message for marker in _TIMEOUT_MARKERS)
     return StepOutcome(
@@ -151,6 +174,7 @@ def _failure(exc: BaseException, caught: list[warnings.WarningMessage]) -> StepO
         error_type=type(exc).__name__,
         error_message=message if message else "".join(traceback.format_exception_only(exc)).strip(),
         warnings=_records(caught),
+        collectives=trace.take(),
         stack=_stack(exc) if timed_out else None,
     )
 

@@ -49,6 +49,27 @@ def _fails_after_deviation_warning(
     return _failures_from(min(warned_from, default=None), violations)
 
 
+HOOK_STATE_ASSERT = "Invalid: ``_post_backward_hook_state``"
+
+
+def _hook_state_assert_after_refreeze(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    if not scenario.freeze_untaken:
+        return False
+    return all(
+        v.clause == CLEAN_RUN
+        and v.step is not None
+        and _failed_with(observations, v, "AssertionError", HOOK_STATE_ASSERT)
+        for v in violations
+    )
+
+
+def _failed_with(observations: Observations, violation: Violation, error_type: str, prefix: str) -> bool:
+    outcome = observations.ranks[violation.rank].steps[violation.step]
+    return outcome.error_type == error_type and (outcome.error_message or "").startswith(prefix)
+
+
 KNOWN_ISSUES: tuple[KnownIssue, ...] = (
     KnownIssue(
         name="eval-order-unchecked",
@@ -73,6 +94,21 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
         ),
         upstream="https://github.com/pytorch/pytorch/issues/75373 (later iterations only warned about, by design)",
         matches=_fails_after_deviation_warning,
+    ),
+    KnownIssue(
+        name="refreeze-after-forward-without-backward",
+        description=(
+            "A forward with grad enabled registers a post-backward hook on each trainable unit. If no backward "
+            "follows (an eval forward, as in the seed's train/eval test) and the user then freezes that unit "
+            "(requires_grad=False, as the seed's flip_path does) before the next backward, FSDP's "
+            "_finalize_params asserts 'Invalid: ``_post_backward_hook_state``' on every rank. No divergence "
+            "is involved: all ranks run the same schedule."
+        ),
+        upstream=(
+            "none found; related: https://github.com/pytorch/pytorch/issues/104148 (re-registering hooks "
+            "when parameters thaw) and https://github.com/pytorch/pytorch/issues/105369"
+        ),
+        matches=_hook_state_assert_after_refreeze,
     ),
 )
 

@@ -25,6 +25,19 @@ class WarningRecord:
 
 
 @dataclass(frozen=True)
+class CollectiveRecord:
+    """One collective a rank issued: what, how big, and for which FSDP unit."""
+
+    op: str
+    dtype: str
+    numel: int
+    unit: str | None
+    """The spec name of the FSDP unit served, ``None`` when not on a unit's behalf."""
+    purpose: str | None
+    """``unshard``, ``reduce_grad`` or ``order_check``."""
+
+
+@dataclass(frozen=True)
 class StepOutcome:
     """One rank's step: how it ended, and every warning it raised, in order."""
 
@@ -33,6 +46,9 @@ class StepOutcome:
     error_message: str | None = None
     warnings: tuple[WarningRecord, ...] = ()
     output_sum: float | None = None
+    grad_sum: float | None = None
+    """Sum of this rank's local gradients after the step's backward."""
+    collectives: tuple[CollectiveRecord, ...] = ()
     stack: str | None = None
     """For a hang: where the rank was when its group timed out (innermost frames last)."""
 
@@ -60,6 +76,7 @@ def outcome_to_json(outcome: StepOutcome) -> dict[str, Any]:
     """Status always; the other fields only when they say something."""
     encoded = asdict(outcome)
     encoded["warnings"] = [asdict(w) for w in outcome.warnings]
+    encoded["collectives"] = [list(asdict(c).values()) for c in outcome.collectives]
     return {key: value for key, value in encoded.items() if key == "status" or value not in (None, [])}
 
 
@@ -70,6 +87,8 @@ def outcome_from_json(encoded: dict[str, Any]) -> StepOutcome:
         error_message=encoded.get("error_message"),
         warnings=tuple(WarningRecord(**w) for w in encoded.get("warnings", ())),
         output_sum=encoded.get("output_sum"),
+        grad_sum=encoded.get("grad_sum"),
+        collectives=tuple(CollectiveRecord(*c) for c in encoded.get("collectives", ())),
         stack=encoded.get("stack"),
     )
 

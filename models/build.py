@@ -76,6 +76,8 @@ class BuiltModel:
     module: nn.Module
     state: PathState
     modules_by_name: dict[str, nn.Module]
+    fsdp_units: dict[str, nn.Module] = field(default_factory=dict)
+    """Spec name -> its FSDP wrapper, once ``wrap_fsdp`` ran."""
 
     def set_path(self, path: Path) -> None:
         self.state.path = path
@@ -182,7 +184,9 @@ def wrap_fsdp(built: BuiltModel, **fsdp_kwargs: Any) -> nn.Module:
             child_module = getattr(module, child.name)
             wrap_children(child, child_module)
             if child.fsdp_unit:
-                setattr(module, child.name, FSDP(child_module, **fsdp_kwargs))
+                wrapped = built.fsdp_units[child.name] = FSDP(child_module, **fsdp_kwargs)
+                setattr(module, child.name, wrapped)
 
     wrap_children(built.spec.root, built.module)
-    return FSDP(built.module, **fsdp_kwargs)
+    root = built.fsdp_units[built.spec.root.name] = FSDP(built.module, **fsdp_kwargs)
+    return root

@@ -129,3 +129,11 @@ def test_the_recorded_hang_after_a_deviation_warning_matches_its_known_issue(rec
     assert triage(scenario, observations, violations).name == "unchecked-after-deviation"
     earlier = tuple(replace(v, step=1) for v in violations)
     assert triage(scenario, observations, earlier) is None
+
+
+def test_the_recorded_hook_state_assert_matches_its_known_issue(recorded):
+    scenario, observations = recorded("refreeze-after-forward-without-backward-full_shard")
+    violations = judge(scenario, observations)
+    assert {(v.clause, v.step) for v in violations} == {(CLEAN_RUN, 1)}
+    assert triage(scenario, observations, violations).name == "refreeze-after-forward-without-backward"
+    assert triage(replace(scenario, freeze_untaken=False), observations, violations) is None
