@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fuzz.observations import Observations
-from fuzz.oracles import CLEAN_RUN, Violation, expectations
+from fuzz.oracles import CLEAN_RUN, SILENT_MISMATCH, Violation, expectations
 from fuzz.orders import eval_divergence_step
 from fuzz.scenario import Scenario
 
@@ -37,9 +37,10 @@ def _eval_divergence_fails(scenario: Scenario, observations: Observations, viola
 
 
 def _failures_from(start: int | None, violations: tuple[Violation, ...]) -> bool:
-    return start is not None and all(
-        v.clause == CLEAN_RUN and v.step is not None and v.step >= start for v in violations
-    )
+    """Every violation is a failed step or a silent mismatch at or after ``start``."""
+    if start is None:
+        return False
+    return all(v.clause in (CLEAN_RUN, SILENT_MISMATCH) and v.step is not None and v.step >= start for v in violations)
 
 
 def _fails_after_deviation_warning(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from fuzz.observations import HANG, NOT_RUN, OK, Observations, StepOutcome, WarningRecord
 from fuzz.orders import deviates, first_iteration_divergence, iterations
 from fuzz.scenario import Scenario
+from fuzz.trace import ORDER_CHECK
 
 FIRST_ITERATION_ERROR = "Forward order differs across ranks"
 LATER_WARNING = (
@@ -25,6 +26,7 @@ FIRST_ITERATION = "first-iteration divergence raises"
 LATER_ITERATION = "later deviation warns once"
 EVAL_SILENCE = "eval is unchecked"
 CLEAN_RUN = "clean run"
+SILENT_MISMATCH = "no silent mismatch"
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,55 @@ def judge(scenario: Scenario, observations: Observations) -> tuple[Violation, ..
     found: list[Violation] = []
     for rank, expectation in enumerate(expectations(scenario)):
         found.extend(_judge_rank(scenario, observations, rank, expectation))
+    mismatch = silent_mismatch(observations)
+    if mismatch is not None:
+        found.append(mismatch)
     return tuple(found)
+
+
+def silent_mismatch(observations: Observations) -> Violation | None:
+    """The first collective where ranks served different units, unless FSDP
+    had already raised or warned about the order by then.
+
+    The k-th collective of every rank meets the k-th of the others on the
+    scenario's group; the trace says which unit each one served, so this
+    holds at every debug level. Pairs of order checks are left out: telling
+    them apart is the order check's own job (clause 1).
+    """
+    traces = [
+        [(index, record) for index, step in enumerate(rank.steps) for record in step.collectives]
+        for rank in observations.ranks
+    ]
+    for position in range(min(len(trace) for trace in traces)):
+        paired = [trace[position] for trace in traces]
+        served = [(record.unit, record.purpose) for _, record in paired]
+        if len(set(served)) == 1 or all(purpose == ORDER_CHECK for _, purpose in served):
+            continue
+        latest = max(index for index, _ in paired)
+        if _announced(observations, latest):
+            return None
+        rank = next(r for r, pair in enumerate(served) if pair != served[0])
+        step = paired[rank][0]
+        described = ", ".join(
+            f"rank {r} {record.op}({record.numel}) for {record.unit or 'no unit'} ({record.purpose or 'other'})"
+            for r, (_, record) in enumerate(paired)
+        )
+        return Violation(
+            SILENT_MISMATCH,
+            rank,
+            step,
+            f"collective #{position} paired different units without error or warning: {described}",
+        )
+    return None
+
+
+def _announced(observations: Observations, up_to_step: int) -> bool:
+    """FSDP raised or warned about the forward order on some rank by this step."""
+    return any(
+        order_warnings(outcome) or is_order_error(outcome)
+        for rank in observations.ranks
+        for outcome in rank.steps[: up_to_step + 1]
+    )
 
 
 def _judge_rank(

@@ -9,7 +9,17 @@ import pytest
 
 from fuzz.known_issues import triage
 from fuzz.observations import ERROR, HANG, NOT_RUN, OK, Observations, StepOutcome, WarningRecord
-from fuzz.oracles import CLEAN_RUN, EVAL_SILENCE, FIRST_ITERATION, LATER_ITERATION, LATER_WARNING, expectations, judge
+from fuzz.oracles import (
+    CLEAN_RUN,
+    EVAL_SILENCE,
+    FIRST_ITERATION,
+    LATER_ITERATION,
+    LATER_WARNING,
+    SILENT_MISMATCH,
+    expectations,
+    judge,
+    silent_mismatch,
+)
 
 SEED_FILES = [
     "invalid_first_iter_order-full_shard",
@@ -68,7 +78,11 @@ def test_later_warning_is_expected_on_the_flipped_rank_only(recorded):
 def test_missing_later_warning_is_a_violation(recorded):
     scenario, observations = recorded("invalid_later_iter_order-full_shard-iters1")
     silenced = with_step(observations, 1, 1, replace(observations.ranks[1].steps[1], warnings=()))
-    assert [(v.clause, v.rank, v.step) for v in judge(scenario, silenced)] == [(LATER_ITERATION, 1, 1)]
+    # Unwarned, the pairing of layer1 with layer2 in that step is silent too.
+    assert [(v.clause, v.rank, v.step) for v in judge(scenario, silenced)] == [
+        (LATER_ITERATION, 1, 1),
+        (SILENT_MISMATCH, 1, 1),
+    ]
 
 
 def test_a_second_warning_on_the_next_iteration_is_a_violation(recorded):
@@ -103,7 +117,8 @@ def test_an_eval_warning_is_a_violation(recorded):
 def test_an_unexpected_error_is_a_clean_run_violation_naming_the_step(recorded):
     scenario, observations = recorded("train_eval-shard_grad_op")
     failed = with_step(observations, 1, 2, StepOutcome(ERROR, error_type="ValueError", error_message="boom"))
-    failed = with_step(failed, 1, 3, StepOutcome(NOT_RUN))
+    for later in range(3, scenario.num_steps):
+        failed = with_step(failed, 1, later, StepOutcome(NOT_RUN))
     violations = judge(scenario, failed)
     assert [(v.clause, v.rank, v.step) for v in violations] == [(CLEAN_RUN, 1, 2)]
     assert "ValueError: boom" in str(violations[0])
@@ -137,3 +152,18 @@ def test_the_recorded_hook_state_assert_matches_its_known_issue(recorded):
     assert {(v.clause, v.step) for v in violations} == {(CLEAN_RUN, 1)}
     assert triage(scenario, observations, violations).name == "refreeze-after-forward-without-backward"
     assert triage(replace(scenario, freeze_untaken=False), observations, violations) is None
+
+
+def test_the_recorded_seed_runs_pair_the_same_units_until_warned(recorded):
+    scenario, observations = recorded("invalid_later_iter_order-full_shard-iters3")
+    assert silent_mismatch(observations) is None
+    first = [record.unit for record in observations.ranks[1].steps[3].collectives]
+    assert "layer2" in first, "the flipped rank all-gathers layer2 after its warning"
+
+
+def test_a_mismatch_before_any_warning_is_a_violation(recorded):
+    scenario, observations = recorded("invalid_later_iter_order-shard_grad_op-iters1")
+    unwarned = replace(observations.ranks[1].steps[1], warnings=())
+    mismatch = silent_mismatch(with_step(observations, 1, 1, unwarned))
+    assert (mismatch.clause, mismatch.rank, mismatch.step) == (SILENT_MISMATCH, 1, 1)
+    assert "layer1" in mismatch.message and "layer2" in mismatch.message
