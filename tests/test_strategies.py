@@ -1,0 +1,255 @@
+"""The scenario strategies: everything they generate is valid, round-trips,
+builds on every rank, wraps in real FSDP, and the space they cover reaches
+every dimension a statistics run reports."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import fields
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis.statistics import collector
+
+from fuzz.observations import OK
+from fuzz.scenario import Scenario, dumps, scenario_from_json, validate_scenario
+from fuzz.seed_family import seed_scenarios
+from fuzz.spawn import run_scenario
+from fuzz.strategies import Deviation, scenario_features, scenarios
+from models.build import BuiltModel, build_model, freeze_untaken_alternatives
+from models.seed import seed_model
+from models.spec import Choice, Linear, ModelSpec, Node, Sequential, features, numel, validate
+from models.strategies import MAX_WIDTH, MIN_WIDTH, STEM_NAME, first_stacks, stacks_by_numel
+
+GENERATE = settings(deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+
+
+def parameter_shapes(node: Node) -> tuple[tuple[int, ...], ...]:
+    """Shapes of the parameters FSDP flattens, in module order."""
+    if isinstance(node, Linear):
+        return ((node.out_features, node.in_features),) + (((node.out_features,),) if node.bias else ())
+    if isinstance(node, Sequential):
+        return tuple(shape for child in node.children for shape in parameter_shapes(child))
+    if isinstance(node, Choice):
+        return tuple(shape for alternative in node.alternatives for shape in parameter_shapes(alternative))
+    return ()
+
+
+@settings(GENERATE, max_examples=80)
+@given(scenarios())
+def test_every_scenario_is_valid_with_equal_numel_alternatives_of_different_shapes(scenario: Scenario):
+    validate_scenario(scenario)
+    validate(scenario.model)
+    for choice in scenario.model.choices():
+        assert len({numel(alternative) for alternative in choice.alternatives}) == 1
+        shapes = [parameter_shapes(alternative) for alternative in choice.alternatives]
+        assert len(set(shapes)) == len(shapes), f"{choice.name}: alternatives share a shape"
+        assert numel(choice.alternatives[0]) > 0
+
+
+@settings(GENERATE, max_examples=80)
+@given(scenarios())
+def test_json_round_trip_is_the_identity(scenario: Scenario):
+    assert scenario_from_json(json.loads(dumps(scenario))) == scenario
+
+
+def generated(count: int, **kwargs) -> list[Scenario]:
+    found: list[Scenario] = []
+
+    @settings(GENERATE, max_examples=count)
+    @given(scenarios(**kwargs))
+    def collect(scenario: Scenario) -> None:
+        found.append(scenario)
+
+    collect()
+    return found
+
+
+def test_the_same_choices_give_the_same_scenarios():
+    first, second = generated(25), generated(25)
+    assert len(first) == 25
+    assert first == second
+
+
+def unit_modules(built: BuiltModel) -> dict[str, torch.nn.Module]:
+    return {unit.name: built.modules_by_name[unit.name] for unit in built.spec.units()}
+
+
+def assert_flat_parameters_uniform(built: BuiltModel) -> None:
+    """What FSDP checks with ``use_orig_params=False``: the parameters a unit
+    flattens (its own, not its nested units') agree on ``requires_grad``."""
+    units = unit_modules(built)
+    owned = {name: {id(p): p for p in module.parameters()} for name, module in units.items()}
+    for name, module in units.items():
+        own = dict(owned[name])
+        for other, other_module in units.items():
+            if other != name and any(m is other_module for m in module.modules()):
+                for key in owned[other]:
+                    own.pop(key, None)
+        assert len({p.requires_grad for p in own.values()}) <= 1, f"unit {name} mixes requires_grad"
+
+
+@settings(GENERATE, max_examples=40)
+@given(scenarios())
+def test_every_scenario_builds_identically_and_runs_on_every_rank_without_fsdp(scenario: Scenario):
+    model = scenario.model
+    width = features(model.root, model.in_features)
+    reference = None
+    for rank, steps in enumerate(scenario.ranks):
+        built = build_model(model, scenario.seed, freeze_untaken=scenario.freeze_untaken)
+        state = {key: value.detach().clone() for key, value in built.module.state_dict().items()}
+        if reference is None:
+            reference = state
+        assert state.keys() == reference.keys()
+        assert all(torch.equal(state[key], reference[key]) for key in state)
+        optimizer = torch.optim.SGD(built.module.parameters(), lr=0.01)
+        for index, step in enumerate(steps):
+            built.module.train(step.training)
+            built.set_path(step.path)
+            if scenario.freeze_untaken:
+                freeze_untaken_alternatives(built, step.path)
+            if not scenario.fsdp.use_orig_params:
+                assert_flat_parameters_uniform(built)
+            generator = torch.Generator().manual_seed(rank * 1000 + index)
+            with torch.set_grad_enabled(step.grad_enabled):
+                outputs = [
+                    built.module(torch.randn(scenario.batch_size, model.in_features, generator=generator))
+                    for _ in range(step.forwards)
+                ]
+            assert all(output.shape == (scenario.batch_size, width) for output in outputs)
+            if step.backward:
+                torch.stack([output.sum() for output in outputs]).sum().backward()
+            if step.optimizer_step:
+                optimizer.step()
+                optimizer.zero_grad()
+
+
+# Spawns real ranks: a few seconds per scenario ---------------------------------
+
+SETUP_FEATURES = (
+    "sharding FULL_SHARD",
+    "sharding SHARD_GRAD_OP",
+    "sharding NO_SHARD",
+    "use_orig_params True",
+    "use_orig_params False",
+    "freeze_untaken True",
+    "frozen block",
+    "nested branch point",
+    "branch point is a unit",
+    "unit without parameters of its own",
+    "forward_prefetch True",
+    "backward_prefetch BACKWARD_POST",
+    "backward_prefetch None",
+    "limit_all_gathers False",
+    "collective checker True",
+)
+
+
+def covering(pool: list[Scenario], wanted: tuple[str, ...], count: int) -> list[Scenario]:
+    """Greedily the ``count`` scenarios of ``pool`` that cover most of ``wanted``."""
+    chosen: list[Scenario] = []
+    missing = set(wanted)
+    for _ in range(count):
+        best = max(pool, key=lambda scenario: len(missing & scenario_features(scenario)))
+        chosen.append(best)
+        missing -= scenario_features(best)
+    return chosen
+
+
+def test_spawned__generated_scenarios_wrap_in_fsdp_on_every_rank():
+    """Three generated scenarios, chosen to cover the settings that change how
+    FSDP wraps, run on two real ranks: setup (build and wrap) succeeds on
+    every rank. Only scenarios whose ranks agree, so that no step waits out a
+    hang; steps are the oracles' business, not this test's."""
+    pool = [s for s in generated(60, max_world_size=2, max_steps=2) if "ranks identical" in scenario_features(s)]
+    for scenario in covering(pool, SETUP_FEATURES, 3):
+        observations = run_scenario(scenario)
+        setups = [rank.setup for rank in observations.ranks]
+        assert all(setup.status == OK for setup in setups), (dumps(scenario), setups)
+
+
+# Statistics --------------------------------------------------------------------
+
+BOTH = (True, False)
+EXPECTED_FEATURES = (
+    *(f"world size {n}" for n in (2, 3, 4)),
+    *(f"sharding {s}" for s in ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")),
+    *(f"{name} {value}" for name in ("use_orig_params", "forward_prefetch", "limit_all_gathers") for value in BOTH),
+    *(f"backward_prefetch {p}" for p in (None, "BACKWARD_PRE", "BACKWARD_POST")),
+    *(f"debug level {level}" for level in ("DETAIL", "INFO", "OFF")),
+    *(f"{name} {value}" for name in ("collective checker", "freeze_untaken") for value in BOTH),
+    *(f"{n} alternatives" for n in (2, 3, 4)),
+    "nested branch point",
+    "branch point is a unit",
+    "alternative is a unit",
+    "alternative is not a unit",
+    "unit without parameters of its own",
+    "frozen block",
+    "mode train",
+    "mode eval",
+    "grad disabled",
+    "zero forwards",
+    "several forwards",
+    "backward",
+    "backward in eval",
+    "optimizer step",
+    "branch point skipped",
+    "repeated alternative",
+    "ranks identical",
+    "ranks differ, then agree again",
+)
+
+
+def test_statistics_every_dimension_is_exercised_and_nothing_is_filtered():
+    seen: Counter[str] = Counter()
+    runs = []
+
+    @settings(GENERATE, max_examples=300)
+    @given(scenarios())
+    def count(scenario: Scenario) -> None:
+        seen.update(scenario_features(scenario))
+
+    with collector.with_value(runs.append):
+        count()
+    assert not [feature for feature in EXPECTED_FEATURES if not seen[feature]]
+    assert len([feature for feature in seen if feature.startswith("ranks differ from step")]) >= 4
+    (statistics,) = runs
+    statuses = Counter(case["status"] for case in statistics["generate-phase"]["test-cases"])
+    # "invalid" is a filter or assume rejecting; the strategies have none.
+    # "overrun" is Hypothesis capping the size of some of its own attempts.
+    assert statuses["invalid"] == 0
+    assert statuses["overrun"] < 0.1 * sum(statuses.values())
+
+
+# The seed ----------------------------------------------------------------------
+
+
+def test_the_seed_model_lies_within_the_model_space_up_to_names():
+    """Each construction step of ``model_specs`` can produce the seed's part:
+    the stem, a branch point whose stacks share one numel group, a bare ReLU."""
+    spec: ModelSpec = seed_model()
+    stem, branch, relu = spec.root.children
+    assert MIN_WIDTH <= spec.in_features <= MAX_WIDTH
+    assert [type(layer) for layer in stem.children] == [Linear, type(relu)] and not stem.frozen
+    width = stem.children[0].out_features
+    stacks = [tuple(layer for layer in alt.children if isinstance(layer, Linear)) for alt in branch.alternatives]
+    assert stacks[0] in first_stacks(width, len(stacks), MIN_WIDTH, MAX_WIDTH)[1]
+    assert all(stack in stacks_by_numel(width)[36] for stack in stacks)
+    assert all(alternative.fsdp_unit for alternative in branch.alternatives)
+    assert STEM_NAME != stem.name, "names are the one difference: the strategy names nodes itself"
+
+
+@pytest.mark.parametrize("name", sorted(seed_scenarios()))
+def test_the_seed_schedules_are_shared_steps_plus_deviations(name: str):
+    scenario = seed_scenarios()[name]
+    shared = scenario.ranks[0]
+    for steps in scenario.ranks:
+        for base, step in zip(shared, steps, strict=True):
+            changes = {
+                field.name: getattr(step, field.name)
+                for field in fields(Deviation)
+                if getattr(step, field.name) != getattr(base, field.name)
+            }
+            assert Deviation(**changes).apply(base) == step
