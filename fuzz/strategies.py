@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from hypothesis import event
 from hypothesis import strategies as st
 
-from fuzz.scenario import BACKWARD_PREFETCH, DEBUG_LEVELS, MODES, FsdpSettings, Scenario, Step
+from fuzz.scenario import BACKWARD_PREFETCH, MODES, FsdpSettings, Scenario, Step
 from models.spec import Choice, ModelSpec, Node, Sequential, taken, unit_numel
 from models.strategies import UnitRules, model_specs
 
@@ -36,7 +36,6 @@ _DEFAULTS = FsdpSettings()
 # Defaults first: shrinking moves toward the front.
 _DEBUG_LEVELS = ("DETAIL", "INFO", "OFF")
 _PREFETCH = (_DEFAULTS.backward_prefetch, *(p for p in BACKWARD_PREFETCH if p != _DEFAULTS.backward_prefetch))
-assert set(_DEBUG_LEVELS) == set(DEBUG_LEVELS) and set(_PREFETCH) == set(BACKWARD_PREFETCH)
 
 
 def _chance(times: int, out_of: int) -> st.SearchStrategy[bool]:
@@ -102,7 +101,7 @@ def steps(draw: st.DrawFn, model: ModelSpec) -> Step:
     backward = (mode == "train") != draw(_chance(1, 4))
     return Step(
         mode=mode,
-        path=draw(paths(model, named=(3, 4))),
+        path=draw(paths(model)),
         forwards=forwards,
         backward=backward and forwards > 0 and grad_enabled,
         grad_enabled=grad_enabled,
@@ -194,6 +193,8 @@ def scenarios(
     Records each scenario's ``scenario_features`` as Hypothesis events, so
     ``--hypothesis-show-statistics`` shows which dimensions a run exercised.
     """
+    if max_world_size < 2 or max_steps < 1:
+        raise ValueError("need max_world_size >= 2 and max_steps >= 1")
     world_size = draw(st.integers(2, max_world_size))
     fsdp = draw(fsdp_settings(world_size, device=device, hybrid=hybrid))
     debug_level = draw(st.sampled_from(_DEBUG_LEVELS))

@@ -12,11 +12,12 @@ filtering either.
 The stem maps the input to the model width and is never frozen and never
 inside a branch point, so every forward runs a trainable parameter and a
 backward always has something to differentiate, whatever the path skips.
+Every model has at least one branch point: without one there is no path to
+diverge.
 
-Everything shrinks toward the simple: fewer stages, plain stages instead of
-branch points, two alternatives, one linear per stack, narrow widths, no
-bias, no ReLUs, no nesting, no units beyond those a rule requires, nothing
-frozen.
+Everything shrinks toward the simple: one stage, a branch point of two
+single-linear alternatives, narrow widths, no bias, no ReLUs, no nesting, no
+units beyond those a rule requires, nothing frozen.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ ROOT_NAME = "model"
 STEM_NAME = "stem"
 
 Stack = tuple[Linear, ...]
-"""Linears applied in turn, before ReLUs are placed between them."""
+"""Linears applied in turn, before ReLUs are placed after some of them."""
 
-# Repeats weight the draw; shrinking moves toward the front.
+# Shrinking moves toward the front.
 _STAGE_KINDS = ("relu", "linear", "block", "branch")
 
 
@@ -140,15 +141,18 @@ def model_specs(
     max_width: int = MAX_WIDTH,
     rules: UnitRules = UnitRules(),
 ) -> ModelSpec:
-    """Valid specs: ``model`` = stem, then up to ``max_stages`` stages.
+    """Valid specs: ``model`` = stem, then 1 to ``max_stages`` stages.
 
     A stage is a bare ReLU or Linear, a plain block, or a branch point of 2 to
-    ``max_alternatives`` alternatives; branch points nest up to ``max_depth``
-    levels. Every Sequential and Choice may be a unit, any block below the stem
-    may be frozen, both within ``rules``.
+    ``max_alternatives`` alternatives, one stage at least a branch point;
+    branch points nest up to ``max_depth`` levels. Every Sequential and Choice
+    may be a unit, any block below the stem may be frozen, both within
+    ``rules``.
     """
     if not 2 <= max_alternatives <= 4:
         raise ValueError("max_alternatives must be 2 to 4 (what models.spec.validate accepts)")
+    if max_stages < 1 or max_depth < 1 or not 1 <= min_width <= max_width:
+        raise ValueError("need max_stages >= 1, max_depth >= 1 and 1 <= min_width <= max_width")
     bounds = _Bounds(max_stages, max_depth, max_alternatives, min_width, max_width, rules)
     names = _Names()
     in_features = draw(st.integers(min_width, max_width))
@@ -229,18 +233,17 @@ def _branch(
     fixes the alternatives' stacks (a nested branch point whose numel its
     siblings' fillers already match)."""
     name = names("branch")
+    most = min(bounds.max_alternatives, most_alternatives(width, bounds.min_width, bounds.max_width))
     if stacks is None:
-        most = min(bounds.max_alternatives, most_alternatives(width, bounds.min_width, bounds.max_width))
         stacks = _alternative_stacks(draw, width, draw(st.integers(2, most)), bounds)
-    nested = None
+    inner = None
     if depth < bounds.max_depth and draw(_chance(1, 3)):
-        most = min(bounds.max_alternatives, most_alternatives(width, bounds.min_width, bounds.max_width))
-        nested = _alternative_stacks(draw, width, draw(st.integers(2, most)), bounds)
+        inner = _alternative_stacks(draw, width, draw(st.integers(2, most)), bounds)
     alternatives = []
     for index, stack in enumerate(stacks):
         parts = [_segment(draw, names, stack, bounds.rules)]
-        if nested is not None:
-            parts.append(_balance(draw, names, width, depth, bounds, nested))
+        if inner is not None:
+            parts.append(_balance(draw, names, width, depth, bounds, inner))
             if draw(st.booleans()):
                 parts.reverse()
         children = tuple(node for part in parts for node in part)
@@ -249,12 +252,13 @@ def _branch(
 
 
 def _balance(
-    draw: st.DrawFn, names: _Names, width: int, depth: int, bounds: _Bounds, nested: tuple[Stack, ...]
+    draw: st.DrawFn, names: _Names, width: int, depth: int, bounds: _Bounds, inner: tuple[Stack, ...]
 ) -> tuple[Node, ...]:
-    """Numel ``numel(stacks) * len(nested)``: a nested branch point over stacks
-    of ``nested``'s group, or as many of those stacks in a row."""
-    group = stacks_by_numel(width, bounds.min_width, bounds.max_width)[stack_numel(nested[0])]
-    count = len(nested)
+    """The part of one alternative that holds ``len(inner)`` stacks of
+    ``inner``'s numel: a nested branch point over that many stacks of the
+    group, or that many of them in a row, the same numel with no branch."""
+    group = stacks_by_numel(width, bounds.min_width, bounds.max_width)[stack_numel(inner[0])]
+    count = len(inner)
     if draw(st.booleans()):
         stacks = draw(st.lists(st.sampled_from(group), min_size=count, max_size=count, unique=True))
         return (_branch(draw, names, width, depth + 1, bounds, tuple(stacks)),)

@@ -14,10 +14,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.statistics import collector
 
 from fuzz.observations import OK
-from fuzz.scenario import Scenario, dumps, scenario_from_json, validate_scenario
+from fuzz.scenario import FsdpSettings, Scenario, dumps, scenario_from_json, validate_scenario
 from fuzz.seed_family import seed_scenarios
 from fuzz.spawn import run_scenario
-from fuzz.strategies import Deviation, scenario_features, scenarios
+from fuzz.strategies import (
+    HYBRID_STRATEGIES,
+    PLAIN_STRATEGIES,
+    Deviation,
+    fsdp_settings,
+    scenario_features,
+    scenarios,
+)
 from models.build import BuiltModel, build_model, freeze_untaken_alternatives
 from models.seed import seed_model
 from models.spec import Choice, Linear, ModelSpec, Node, Sequential, features, numel, validate
@@ -71,6 +78,29 @@ def test_the_same_choices_give_the_same_scenarios():
     first, second = generated(25), generated(25)
     assert len(first) == 25
     assert first == second
+
+
+def drawn_settings(world_size: int, **kwargs) -> set[FsdpSettings]:
+    found: set[FsdpSettings] = set()
+
+    @settings(GENERATE, max_examples=100)
+    @given(fsdp_settings(world_size, **kwargs))
+    def collect(fsdp: FsdpSettings) -> None:
+        found.add(fsdp)
+
+    collect()
+    return found
+
+
+def test_hybrid_sharding_and_sync_module_states_only_where_asked_and_possible():
+    def strategies(found: set[FsdpSettings]) -> set[str]:
+        return {fsdp.sharding_strategy for fsdp in found}
+
+    assert strategies(drawn_settings(4, hybrid=True)) == set(PLAIN_STRATEGIES + HYBRID_STRATEGIES)
+    assert strategies(drawn_settings(3, hybrid=True)) == set(PLAIN_STRATEGIES)
+    assert strategies(drawn_settings(4)) == set(PLAIN_STRATEGIES)
+    assert not any(fsdp.sync_module_states for fsdp in drawn_settings(2))
+    assert any(fsdp.sync_module_states for fsdp in drawn_settings(2, device="cuda"))
 
 
 def unit_modules(built: BuiltModel) -> dict[str, torch.nn.Module]:
@@ -163,7 +193,7 @@ def test_spawned__generated_scenarios_wrap_in_fsdp_on_every_rank():
     FSDP wraps, run on two real ranks: setup (build and wrap) succeeds on
     every rank. Only scenarios whose ranks agree, so that no step waits out a
     hang; steps are the oracles' business, not this test's."""
-    pool = [s for s in generated(60, max_world_size=2, max_steps=2) if "ranks identical" in scenario_features(s)]
+    pool = [s for s in generated(100, max_world_size=2, max_steps=2) if "ranks identical" in scenario_features(s)]
     for scenario in covering(pool, SETUP_FEATURES, 3):
         observations = run_scenario(scenario)
         setups = [rank.setup for rank in observations.ranks]
