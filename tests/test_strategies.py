@@ -28,7 +28,7 @@ from fuzz.strategies import (
 from models.build import BuiltModel, build_model, freeze_untaken_alternatives
 from models.seed import seed_model
 from models.spec import Choice, Linear, ModelSpec, Node, Sequential, features, numel, validate
-from models.strategies import MAX_WIDTH, MIN_WIDTH, STEM_NAME, first_stacks, stacks_by_numel
+from models.strategies import MAX_WIDTH, MIN_WIDTH, first_stacks, stacks_by_numel
 
 GENERATE = settings(deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
@@ -258,7 +258,10 @@ def test_statistics_every_dimension_is_exercised_and_nothing_is_filtered():
 
 def test_the_seed_model_lies_within_the_model_space_up_to_names():
     """Each construction step of ``model_specs`` can produce the seed's part:
-    the stem, a branch point whose stacks share one numel group, a bare ReLU."""
+    the stem, a branch point whose first stack can be drawn first and whose
+    stacks share one numel group, alternatives that are units (as the rules
+    force with ``freeze_untaken``), a bare ReLU. Only the names differ: the
+    strategy names nodes itself (``stem``, ``branch0``, ``branch0_1``)."""
     spec: ModelSpec = seed_model()
     stem, branch, relu = spec.root.children
     assert MIN_WIDTH <= spec.in_features <= MAX_WIDTH
@@ -266,9 +269,8 @@ def test_the_seed_model_lies_within_the_model_space_up_to_names():
     width = stem.children[0].out_features
     stacks = [tuple(layer for layer in alt.children if isinstance(layer, Linear)) for alt in branch.alternatives]
     assert stacks[0] in first_stacks(width, len(stacks), MIN_WIDTH, MAX_WIDTH)[1]
-    assert all(stack in stacks_by_numel(width)[36] for stack in stacks)
+    assert all(stack in stacks_by_numel(width)[numel(branch.alternatives[0])] for stack in stacks)
     assert all(alternative.fsdp_unit for alternative in branch.alternatives)
-    assert STEM_NAME != stem.name, "names are the one difference: the strategy names nodes itself"
 
 
 @pytest.mark.parametrize("name", sorted(seed_scenarios()))
