@@ -13,13 +13,14 @@ import time
 import traceback
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from fuzz.observations import ERROR, HANG, NOT_RUN, OK, StepOutcome, WarningRecord
-from fuzz.scenario import Scenario, Step
+from fuzz.scenario import HYBRID_NODE_SIZE, HYBRID_STRATEGIES, Scenario, Step
 from fuzz.trace import CollectiveTrace, tracing
 from models.build import BuiltModel, build_model, freeze_untaken_alternatives, wrap_fsdp
 
@@ -50,17 +51,42 @@ def fsdp_kwargs(scenario: Scenario, device: torch.device, group: dist.ProcessGro
     }
 
 
-def new_scenario_group(scenario: Scenario, timeout_s: float) -> dist.ProcessGroup:
-    """A group of its own for the scenario, so a hang there times out quickly
-    and leaves the default group usable.
+@dataclass
+class ScenarioGroups:
+    """The scenario's own groups, so a hang there times out quickly and
+    leaves the pool's default group usable.
+
+    ``for_fsdp`` is what FSDP's ``process_group`` gets: one group, or for
+    hybrid sharding the (intra-node, inter-node) pair of this rank.
+    """
+
+    for_fsdp: dist.ProcessGroup | tuple[dist.ProcessGroup, dist.ProcessGroup]
+    created: list[dist.ProcessGroup]
+
+    def destroy(self) -> None:
+        for group in self.created:
+            dist.destroy_process_group(group)
+
+
+def new_scenario_groups(scenario: Scenario, rank: int, timeout_s: float) -> ScenarioGroups:
+    """Every rank creates every group, in the same order, as ``new_group`` needs.
 
     The collective-checking wrapper is applied by torch to groups created
     while the debug level is DETAIL, so the level is set for the creation only.
     """
     previous = dist.get_debug_level()
     dist.set_debug_level(dist.DebugLevel.DETAIL if scenario.collective_checker else dist.DebugLevel.OFF)
+    timeout = timedelta(seconds=timeout_s)
     try:
-        return dist.new_group(timeout=timedelta(seconds=timeout_s))
+        if scenario.fsdp.sharding_strategy not in HYBRID_STRATEGIES:
+            group = dist.new_group(timeout=timeout)
+            return ScenarioGroups(group, [group])
+        nodes = range(scenario.world_size // HYBRID_NODE_SIZE)
+        local = range(HYBRID_NODE_SIZE)
+        intra = [dist.new_group([n * HYBRID_NODE_SIZE + i for i in local], timeout=timeout) for n in nodes]
+        inter = [dist.new_group([n * HYBRID_NODE_SIZE + i for n in nodes], timeout=timeout) for i in local]
+        mine = (intra[rank // HYBRID_NODE_SIZE], inter[rank % HYBRID_NODE_SIZE])
+        return ScenarioGroups(mine, list(mine))
     finally:
         dist.set_debug_level(previous)
 
@@ -69,7 +95,7 @@ def run_rank(
     scenario: Scenario,
     rank: int,
     device: torch.device,
-    group: dist.ProcessGroup,
+    group: dist.ProcessGroup | tuple[dist.ProcessGroup, dist.ProcessGroup],
     timings: dict[str, float] | None = None,
 ) -> Iterator[StepOutcome]:
     """Yield setup's outcome, then each step's, for this rank.

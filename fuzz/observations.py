@@ -35,6 +35,8 @@ class CollectiveRecord:
     """The spec name of the FSDP unit served, ``None`` when not on a unit's behalf."""
     purpose: str | None
     """``unshard``, ``reduce_grad`` or ``order_check``."""
+    group: tuple[int, ...] = ()
+    """Global ranks of the group it ran on: collectives pair up within a group."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ def outcome_from_json(encoded: dict[str, Any]) -> StepOutcome:
         warnings=tuple(WarningRecord(**w) for w in encoded.get("warnings", ())),
         output_sum=encoded.get("output_sum"),
         grad_sum=encoded.get("grad_sum"),
-        collectives=tuple(CollectiveRecord(*c) for c in encoded.get("collectives", ())),
+        collectives=tuple(_collective_from_json(c) for c in encoded.get("collectives", ())),
         stack=encoded.get("stack"),
     )
 
@@ -118,3 +120,8 @@ def observations_from_json(encoded: dict[str, Any]) -> Observations:
             for rank in encoded["ranks"]
         ),
     )
+
+
+def _collective_from_json(encoded: list) -> CollectiveRecord:
+    *fields, group = encoded
+    return CollectiveRecord(*fields, group=tuple(group))

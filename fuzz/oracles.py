@@ -108,35 +108,45 @@ def silent_mismatch(observations: Observations) -> Violation | None:
     """The first collective where ranks served different units, unless FSDP
     had already raised or warned about the order by then.
 
-    The k-th collective of every rank meets the k-th of the others on the
-    scenario's group; the trace says which unit each one served, so this
-    holds at every debug level. Pairs of order checks are left out: telling
-    them apart is the order check's own job (clause 1).
+    Within a group, the k-th collective of every member meets the k-th of the
+    others; the trace says which unit each one served, so this holds at every
+    debug level. Pairs of order checks are left out: telling them apart is the
+    order check's own job (clause 1).
     """
+    groups = sorted({record.group for rank in observations.ranks for step in rank.steps for record in step.collectives})
+    found = [mismatch for group in groups if (mismatch := _first_mismatch(observations, group)) is not None]
+    unannounced = [(latest, violation) for latest, violation in found if not _announced(observations, latest)]
+    if not unannounced:
+        return None
+    return min(unannounced, key=lambda mismatch: (mismatch[0], mismatch[1].rank))[1]
+
+
+def _first_mismatch(observations: Observations, group: tuple[int, ...]) -> tuple[int, Violation] | None:
+    """The group's first position where its members served different units,
+    with the latest step any of them was in by then."""
+    members = group or tuple(range(len(observations.ranks)))
     traces = [
-        [(index, record) for index, step in enumerate(rank.steps) for record in step.collectives]
-        for rank in observations.ranks
+        [
+            (index, record)
+            for index, step in enumerate(observations.ranks[rank].steps)
+            for record in step.collectives
+            if record.group == group
+        ]
+        for rank in members
     ]
     for position in range(min(len(trace) for trace in traces)):
         paired = [trace[position] for trace in traces]
         served = [(record.unit, record.purpose) for _, record in paired]
         if len(set(served)) == 1 or all(purpose == ORDER_CHECK for _, purpose in served):
             continue
-        latest = max(index for index, _ in paired)
-        if _announced(observations, latest):
-            return None
-        rank = next(r for r, pair in enumerate(served) if pair != served[0])
-        step = paired[rank][0]
+        at = next(i for i, pair in enumerate(served) if pair != served[0])
         described = ", ".join(
-            f"rank {r} {record.op}({record.numel}) for {record.unit or 'no unit'} ({record.purpose or 'other'})"
-            for r, (_, record) in enumerate(paired)
+            f"rank {rank} {record.op}({record.numel}) for {record.unit or 'no unit'} ({record.purpose or 'other'})"
+            for rank, (_, record) in zip(members, paired, strict=True)
         )
-        return Violation(
-            SILENT_MISMATCH,
-            rank,
-            step,
-            f"collective #{position} paired different units without error or warning: {described}",
-        )
+        message = f"collective #{position} on ranks {list(members)} paired different units without error or warning: "
+        violation = Violation(SILENT_MISMATCH, members[at], paired[at][0], message + described)
+        return max(index for index, _ in paired), violation
     return None
 
 

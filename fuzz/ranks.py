@@ -71,20 +71,18 @@ CPU = Placement()
 
 
 def serve_scenario(encoded: str, scenario_id: int, rank: int, placement: Placement, group_timeout_s: float, reports):
-    """In a rank: run one scenario on a group of its own and report each outcome."""
-    import torch.distributed as dist
-
-    from fuzz.execute import new_scenario_group, run_rank
+    """In a rank: run one scenario on groups of its own and report each outcome."""
+    from fuzz.execute import new_scenario_groups, run_rank
 
     scenario = scenario_from_json(json.loads(encoded))
     started = time.perf_counter()
-    group = new_scenario_group(scenario, group_timeout_s)
+    groups = new_scenario_groups(scenario, rank, group_timeout_s)
     timings = {"group": time.perf_counter() - started}
     try:
-        for outcome in run_rank(scenario, rank, placement.rank_device(rank), group, timings):
+        for outcome in run_rank(scenario, rank, placement.rank_device(rank), groups.for_fsdp, timings):
             reports.put(("outcome", rank, scenario_id, outcome_to_json(outcome)))
     finally:
-        dist.destroy_process_group(group)
+        groups.destroy()
     reports.put(("done", rank, scenario_id, timings))
 
 

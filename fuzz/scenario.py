@@ -22,6 +22,9 @@ SCHEMA_VERSION = 1
 
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
 BACKWARD_PREFETCH = (None, "BACKWARD_PRE", "BACKWARD_POST")
+HYBRID_STRATEGIES = ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
+HYBRID_NODE_SIZE = 2
+"""Ranks per simulated node for hybrid sharding: nodes are consecutive ranks."""
 DEBUG_LEVELS = ("OFF", "INFO", "DETAIL")
 MODES = ("train", "eval")
 
@@ -103,6 +106,8 @@ def validate_scenario(scenario: Scenario) -> None:
         )
     if scenario.fsdp.backward_prefetch not in BACKWARD_PREFETCH:
         raise ScenarioError(f"backward_prefetch {scenario.fsdp.backward_prefetch!r} is not one of {BACKWARD_PREFETCH}")
+    if scenario.fsdp.sharding_strategy in HYBRID_STRATEGIES and scenario.world_size % HYBRID_NODE_SIZE:
+        raise ScenarioError(f"hybrid sharding simulates nodes of {HYBRID_NODE_SIZE} ranks: the world size must be even")
     if scenario.batch_size < 1:
         raise ScenarioError("batch_size must be positive")
     alternatives = {choice.name: len(choice.alternatives) for choice in scenario.model.choices()}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -25,15 +26,15 @@ import torch.distributed as dist
 
 from fuzz.observations import CollectiveRecord
 
-# op name -> position and keyword of the tensor whose numel the trace records
+# op name -> (position of the tensor whose numel the trace records, position of ``group``)
 _TRACED_OPS = {
-    "all_gather": (1, "tensor"),
-    "all_gather_single": (1, "input"),
-    "all_gather_into_tensor": (1, "input_tensor"),
-    "reduce_scatter_single": (1, "input"),
-    "reduce_scatter_tensor": (1, "input"),
-    "all_reduce": (0, "tensor"),
-    "broadcast": (0, "tensor"),
+    "all_gather": (1, 2),
+    "all_gather_single": (1, 2),
+    "all_gather_into_tensor": (1, 2),
+    "reduce_scatter_single": (1, 3),
+    "reduce_scatter_tensor": (1, 3),
+    "all_reduce": (0, 2),
+    "broadcast": (0, 2),
 }
 
 UNSHARD = "unshard"
@@ -77,9 +78,9 @@ def install() -> None:
     if _installed:
         return
     _installed = True
-    for name, (position, keyword) in _TRACED_OPS.items():
+    for name, (tensor_at, group_at) in _TRACED_OPS.items():
         if hasattr(dist, name):
-            setattr(dist, name, _recording_op(name, getattr(dist, name), position, keyword))
+            setattr(dist, name, _recording_op(name, getattr(dist, name), tensor_at, group_at))
     from torch.distributed.fsdp import _exec_order_utils, _flat_param, _runtime_utils
 
     _wrap_unit_method(_flat_param.FlatParamHandle, "_all_gather_flat_param", UNSHARD, handle_position=0)
@@ -88,12 +89,18 @@ def install() -> None:
         _wrap_unit_method(_runtime_utils, name, REDUCE_GRAD, handle_position=1)
 
 
-def _recording_op(name: str, op: Callable, position: int, keyword: str) -> Callable:
+def _recording_op(name: str, op: Callable, tensor_at: int, group_at: int) -> Callable:
+    parameters = list(inspect.signature(op).parameters)
+
+    def argument(args, kwargs, position):
+        return args[position] if len(args) > position else kwargs.get(parameters[position])
+
     @functools.wraps(op)
     def traced(*args, **kwargs):
         trace = _active
         if trace is not None:
-            tensor = args[position] if len(args) > position else kwargs.get(keyword)
+            tensor = argument(args, kwargs, tensor_at)
+            group = argument(args, kwargs, group_at)
             serving = _serving.get()
             handle, purpose = serving if serving else (None, None)
             trace.records.append(
@@ -103,6 +110,7 @@ def _recording_op(name: str, op: Callable, position: int, keyword: str) -> Calla
                     numel=tensor.numel() if isinstance(tensor, torch.Tensor) else -1,
                     unit=trace.unit_of(handle) if handle is not None else None,
                     purpose=purpose,
+                    group=tuple(dist.get_process_group_ranks(group)) if group is not None else (),
                 )
             )
         return op(*args, **kwargs)

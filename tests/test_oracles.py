@@ -168,3 +168,14 @@ def test_a_mismatch_before_any_warning_is_a_violation(recorded):
     mismatch = silent_mismatch(with_step(observations, 1, 1, unwarned))
     assert (mismatch.clause, mismatch.rank, mismatch.step) == (SILENT_MISMATCH, 1, 1)
     assert "layer1" in mismatch.message and "layer2" in mismatch.message
+
+
+def test_the_recorded_hybrid_cross_node_divergence_matches_its_known_issue(recorded):
+    scenario, observations = recorded("hybrid-order-check-intra-node-only")
+    violations = judge(scenario, observations)
+    assert {v.clause for v in violations} == {FIRST_ITERATION, SILENT_MISMATCH}
+    mismatch = silent_mismatch(observations)
+    assert mismatch.message.startswith("collective #0 on ranks [0, 2]") and "all_reduce" in mismatch.message
+    assert triage(scenario, observations, violations).name == "hybrid-order-check-intra-node-only"
+    within_a_node = replace(scenario, ranks=(scenario.ranks[0], scenario.ranks[2], scenario.ranks[1], scenario.ranks[3]))
+    assert triage(within_a_node, observations, violations) is None
