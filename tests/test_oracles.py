@@ -177,5 +177,6 @@ def test_the_recorded_hybrid_cross_node_divergence_matches_its_known_issue(recor
     mismatch = silent_mismatch(observations)
     assert mismatch.message.startswith("collective #0 on ranks [0, 2]") and "all_reduce" in mismatch.message
     assert triage(scenario, observations, violations).name == "hybrid-order-check-intra-node-only"
-    within_a_node = replace(scenario, ranks=(scenario.ranks[0], scenario.ranks[2], scenario.ranks[1], scenario.ranks[3]))
+    ranks = scenario.ranks
+    within_a_node = replace(scenario, ranks=(ranks[0], ranks[2], ranks[1], ranks[3]))
     assert triage(within_a_node, observations, violations) is None

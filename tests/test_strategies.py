@@ -98,7 +98,7 @@ def test_hybrid_sharding_and_sync_module_states_only_where_asked_and_possible():
 
     assert strategies(drawn_settings(4, hybrid=True)) == set(PLAIN_STRATEGIES + HYBRID_STRATEGIES)
     assert strategies(drawn_settings(3, hybrid=True)) == set(PLAIN_STRATEGIES)
-    assert strategies(drawn_settings(4)) == set(PLAIN_STRATEGIES)
+    assert strategies(drawn_settings(4, hybrid=False)) == set(PLAIN_STRATEGIES)
     assert not any(fsdp.sync_module_states for fsdp in drawn_settings(2))
     assert any(fsdp.sync_module_states for fsdp in drawn_settings(2, device="cuda"))
 
