@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
 import pytest
 from hypothesis import settings
 
@@ -28,6 +33,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=DEFAULT_GROUP_TIMEOUT_S,
         help="seconds a scenario's collective may wait before it counts as a hang (default %(default)s)",
     )
+    group.addoption("--fuzz-report", default=None, metavar="PATH", help="write the campaign report as JSON to PATH")
     group.addoption("--strict-contract", action="store_true", help="fail on known issues too, instead of counting them")
     group.addoption(
         "--corpus", default=None, help="directory of saved scenarios to replay (default: corpus/ under the rootdir)"
@@ -62,23 +68,52 @@ _CONTRACT = pytest.StashKey[ContractCheck]()
 
 @pytest.fixture(scope="session")
 def contract(pytestconfig: pytest.Config) -> ContractCheck:
-    check = ContractCheck(strict=pytestconfig.getoption("--strict-contract"))
-    pytestconfig.stash[_CONTRACT] = check
-    return check
+    return _contract_check(pytestconfig)
+
+
+def _contract_check(config: pytest.Config) -> ContractCheck:
+    if _CONTRACT not in config.stash:
+        config.stash[_CONTRACT] = ContractCheck(strict=config.getoption("--strict-contract"))
+    return config.stash[_CONTRACT]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """Time each fuzz target and tell the contract check which one is running."""
+    if "contract" not in getattr(item, "fixturenames", ()):
+        return (yield)
+    check = _contract_check(item.config)
+    check.target = item.nodeid
+    started = time.monotonic()
+    try:
+        return (yield)
+    finally:
+        check.report.tally(item.nodeid).wall_s += time.monotonic() - started
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     check = config.stash.get(_CONTRACT, None)
     if check is None:
         return
+    profile = settings.get_current_profile_name()
+    write = terminalreporter.write_line
     terminalreporter.section("fsdp fuzz summary")
-    terminalreporter.write_line(
-        f"profile {settings.get_current_profile_name()}, {check.runs} scenario run(s) judged by the fuzz targets"
-    )
-    if not check.known_hits:
-        terminalreporter.write_line("known issues matched: none")
-    for name, count in check.known_hits.most_common():
-        issue = known_issue(name)
-        terminalreporter.write_line(
-            f"known issue {name}: {count} run(s) (not failed; --strict-contract to fail) upstream: {issue.upstream}"
+    for name, tally in check.report.targets.items():
+        outcomes = ", ".join(f"{count} {status}" for status, count in sorted(tally.outcomes.items()))
+        write(
+            f"{name}: {tally.examples} scenarios in {tally.wall_s:.1f} s (profile {profile}); step outcomes: {outcomes}"
         )
+        if tally.finding is not None:
+            write(f"  FINDING: {'; '.join(tally.finding['violations'])}")
+    hits = sum((tally.known_issues for tally in check.report.targets.values()), Counter())
+    if not hits:
+        write("known issues matched: none")
+    for name, count in hits.most_common():
+        issue = known_issue(name)
+        write(f"known issue {name}: {count} run(s) (not failed; --strict-contract to fail) upstream: {issue.upstream}")
+    path = config.getoption("--fuzz-report")
+    if path:
+        backend = Placement(config.getoption("--fuzz-device")).backend
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(check.report.to_json(profile, backend), indent=1) + "\n")
+        write(f"report written to {path}")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 from dataclasses import dataclass, field
 
 from fuzz.known_issues import KnownIssue, triage
 from fuzz.observations import Observations
 from fuzz.oracles import Violation, describe, judge, order_warnings
+from fuzz.report import CampaignReport
 from fuzz.scenario import Scenario, dumps
 
 
@@ -20,18 +20,17 @@ class ContractCheck:
     """
 
     strict: bool = False
-    runs: int = 0
-    known_hits: Counter = field(default_factory=Counter)
+    report: CampaignReport = field(default_factory=CampaignReport)
+    target: str = "(no target)"
+    """The fuzz target being run; set by the pytest hooks."""
 
     def __call__(self, scenario: Scenario, observations: Observations) -> KnownIssue | None:
-        self.runs += 1
         violations = judge(scenario, observations)
-        if not violations:
-            return None
-        known = triage(scenario, observations, violations)
-        if known is None or self.strict:
+        known = triage(scenario, observations, violations) if violations else None
+        failed = bool(violations) and (known is None or self.strict)
+        self.report.record(self.target, scenario, observations, violations, known, failed)
+        if failed:
             raise AssertionError(explain(scenario, observations, violations, known))
-        self.known_hits[known.name] += 1
         return known
 
 
