@@ -14,8 +14,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fuzz.observations import Observations
-from fuzz.oracles import CLEAN_RUN, EVAL_SILENCE, FIRST_ITERATION, SILENT_MISMATCH, Violation, expectations
-from fuzz.orders import eval_divergence_step, iterations
+from fuzz.oracles import (
+    CLEAN_RUN,
+    EVAL_SILENCE,
+    FIRST_ITERATION,
+    LATER_ITERATION,
+    SILENT_MISMATCH,
+    Violation,
+    expectations,
+)
+from fuzz.orders import deviates, eval_divergence_step, first_iteration_divergence, iterations
 from fuzz.scenario import HYBRID_NODE_SIZE, HYBRID_STRATEGIES, Scenario
 
 Predicate = Callable[[Scenario, Observations, tuple[Violation, ...]], bool]
@@ -90,6 +98,73 @@ def _hybrid_divergence_across_nodes_only(
     return all(v.clause in (FIRST_ITERATION, SILENT_MISMATCH) for v in violations)
 
 
+def _later_check_ignores_repeats(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    """Only later-iteration verdicts, and only on ranks whose iterations use a unit more than once."""
+
+    def repeats(rank: int) -> bool:
+        return any(len(set(it.order)) < len(it.order) for it in iterations(scenario, rank))
+
+    return all(v.clause == LATER_ITERATION and repeats(v.rank) for v in violations)
+
+
+def _later_check_misses_dropped_units(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    """Missing warnings only, each on a rank whose first deviating order is a
+    strict prefix of its first order."""
+
+    def dropped_only(rank: int) -> bool:
+        first, *later = iterations(scenario, rank)
+        deviating = next((it for it in later if deviates(first, it)), None)
+        return (
+            deviating is not None
+            and len(deviating.order) < len(first.order)
+            and first.order[: len(deviating.order)] == deviating.order
+        )
+
+    return all(
+        v.clause == LATER_ITERATION and v.message.startswith("no warning") and dropped_only(v.rank) for v in violations
+    )
+
+
+def _first_iteration_order_ends_early(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    if scenario.debug_level != "DETAIL":
+        return False
+    divergence = first_iteration_divergence(scenario)
+    if divergence is None or None not in divergence.units:
+        return False
+    return all(v.clause in (FIRST_ITERATION, CLEAN_RUN, SILENT_MISMATCH) for v in violations)
+
+
+NON_LEAF_REQUIRES_GRAD = "you can only change requires_grad flags of leaf variables"
+
+
+def _refreeze_hits_unsharded_views(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    if not (scenario.freeze_untaken and scenario.fsdp.use_orig_params):
+        return False
+    return all(
+        v.clause == CLEAN_RUN
+        and v.step is not None
+        and _failed_with(observations, v, "RuntimeError", NON_LEAF_REQUIRES_GRAD)
+        for v in violations
+    )
+
+
+def _unchecked_below_detail(scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]) -> bool:
+    ranks_differ = any(steps != scenario.ranks[0] for steps in scenario.ranks)
+    return (
+        scenario.debug_level != "DETAIL"
+        and ranks_differ
+        and all(v.clause in (CLEAN_RUN, SILENT_MISMATCH) for v in violations)
+    )
+
+
 KNOWN_ISSUES: tuple[KnownIssue, ...] = (
     KnownIssue(
         name="eval-order-unchecked",
@@ -143,6 +218,66 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
             "replicas run over the intra-node group only)"
         ),
         matches=_hybrid_divergence_across_nodes_only,
+    ),
+    KnownIssue(
+        name="later-check-ignores-repeats",
+        description=(
+            "FSDP records each unit's first use only in the first iteration and then compares every later "
+            "pre-forward against that list. When a unit runs more than once per iteration (several forwards "
+            "before a backward, or a branch repeated in one forward), an unchanged schedule is warned about "
+            "('Expected to not all-gather any more parameters'), and a change in how often units repeat "
+            "(two forwards, then one) is not warned about."
+        ),
+        upstream=(
+            "none found; by construction in _ExecOrderData.record_pre_forward ('only record the first usage "
+            "of a handles key'), see https://github.com/pytorch/pytorch/pull/110138 for a related fix there"
+        ),
+        matches=_later_check_ignores_repeats,
+    ),
+    KnownIssue(
+        name="later-check-misses-dropped-units",
+        description=(
+            "After the first iteration FSDP compares each pre-forward with the recorded order and warns about "
+            "a different or an extra unit, but never notices units that a later iteration leaves out at the "
+            "end: a rank whose order becomes a strict prefix of its first order (a skipped branch, or a branch "
+            "whose alternative is not a unit of its own) gets no warning."
+        ),
+        upstream="none found; _ExecOrderData._check_order has no end-of-iteration check",
+        matches=_later_check_misses_dropped_units,
+    ),
+    KnownIssue(
+        name="first-iteration-order-ends-early",
+        description=(
+            "The first-iteration check is a pair of all-gathers per unit a rank uses; a rank whose order has "
+            "ended (it skipped a branch, or its alternative is no unit of its own) issues none and moves on, "
+            "so the other ranks' checks meet its backward's reduce-scatters or its next step's collectives: "
+            "a crash (gloo size mismatch), a hang, or a silent pairing instead of the promised error."
+        ),
+        upstream=(
+            "none found; the check only compares ranks that reach it (see the TODO on 'number of valid "
+            "indices' in _ExecOrderData._check_order)"
+        ),
+        matches=_first_iteration_order_ends_early,
+    ),
+    KnownIssue(
+        name="refreeze-hits-unsharded-views",
+        description=(
+            "With use_orig_params=True and a strategy that keeps parameters unsharded after an eval forward "
+            "(SHARD_GRAD_OP), the module's parameters are views of the unsharded flat parameter until the next "
+            "training step, so the seed's flip_path pattern (setting requires_grad on them) raises 'you can only "
+            "change requires_grad flags of leaf variables' on every rank. No divergence is involved."
+        ),
+        upstream="not yet searched upstream",
+        matches=_refreeze_hits_unsharded_views,
+    ),
+    KnownIssue(
+        name="order-unchecked-below-detail",
+        description=(
+            "Below debug level DETAIL FSDP checks no forward order at all: ranks whose forwards diverge pair "
+            "the collectives of different units silently when numel agree, and crash or hang otherwise."
+        ),
+        upstream="https://github.com/pytorch/pytorch/pull/79584 (checking made opt-in through DETAIL, by design)",
+        matches=_unchecked_below_detail,
     ),
 )
 
