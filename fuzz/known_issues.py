@@ -165,6 +165,17 @@ def _unchecked_below_detail(scenario: Scenario, observations: Observations, viol
     )
 
 
+def _order_error_raises_key_error(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    if not scenario.fsdp.use_orig_params:
+        return False
+    return all(
+        v.clause == FIRST_ITERATION and v.step is not None and _failed_with(observations, v, "KeyError", "Parameter")
+        for v in violations
+    )
+
+
 KNOWN_ISSUES: tuple[KnownIssue, ...] = (
     KnownIssue(
         name="eval-order-unchecked",
@@ -278,6 +289,17 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
         ),
         upstream="https://github.com/pytorch/pytorch/pull/79584 (checking made opt-in through DETAIL, by design)",
         matches=_unchecked_below_detail,
+    ),
+    KnownIssue(
+        name="order-error-key-error-with-orig-params",
+        description=(
+            "With use_orig_params=True, a first-iteration divergence raises KeyError(<the FlatParameter>) "
+            "instead of 'Forward order differs across ranks': building the message looks the flat parameter "
+            "up in param_to_fqn (_ExecOrderData._get_names_from_handle_indices), which maps only the original "
+            "parameters. The divergence is still stopped, but with an error that names nothing."
+        ),
+        upstream="none found",
+        matches=_order_error_raises_key_error,
     ),
 )
 

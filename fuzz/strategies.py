@@ -16,8 +16,10 @@ flags makes every rank run the shared schedule.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
+from functools import cache
 
 from hypothesis import event
 from hypothesis import strategies as st
@@ -37,6 +39,7 @@ _DEBUG_LEVELS = ("DETAIL", "INFO", "OFF")
 _PREFETCH = (_DEFAULTS.backward_prefetch, *(p for p in BACKWARD_PREFETCH if p != _DEFAULTS.backward_prefetch))
 
 
+@cache
 def _chance(times: int, out_of: int) -> st.SearchStrategy[bool]:
     """True about ``times`` in ``out_of`` draws; shrinks to False."""
     return st.integers(1, out_of).map(lambda drawn: drawn > out_of - times)
@@ -65,27 +68,36 @@ def fsdp_settings(draw: st.DrawFn, world_size: int, *, device: str = "cpu", hybr
     )
 
 
-def _alternatives(count: int) -> st.SearchStrategy[tuple[int, ...]]:
-    """One alternative mostly; sometimes none, several, or repeats."""
-    return st.one_of(
-        st.integers(0, count - 1).map(lambda index: (index,)),
-        st.lists(st.integers(0, count - 1), max_size=MAX_REPEATS).map(tuple),
+@cache
+def _path_entries(count: int, named: tuple[int, int]) -> st.SearchStrategy[tuple[int, ...] | None]:
+    """What a path says about a branch point of ``count`` alternatives, in one
+    choice: nothing (``None``) but about ``named[0]`` in ``named[1]`` times;
+    then one alternative half the time, none a sixth, else several or repeats.
+    Shrinks to ``None``, then to single alternatives."""
+    several = tuple(
+        taken for length in range(2, MAX_REPEATS + 1) for taken in itertools.product(range(count), repeat=length)
     )
+    singles = tuple((index,) for index in range(count)) * -(-3 * len(several) // (2 * count))
+    mentioned = singles + ((),) * -(-len(several) // 2) + several
+    times, out_of = named
+    return st.sampled_from((None,) * round(len(mentioned) * (out_of - times) / times) + mentioned)
 
 
 @st.composite
 def paths(draw: st.DrawFn, model: ModelSpec, named: tuple[int, int] = (1, 2)) -> dict[str, tuple[int, ...]]:
     """About ``named[0]`` in ``named[1]`` branch points named with the
-    alternatives to run; shrinks to ``{}`` (alternative 0 everywhere)."""
+    alternatives to run; shrinks to ``{}`` (alternative 0 everywhere).
+    One choice per branch point, whatever it names (see ``schedules``)."""
     found = {}
     for choice in model.choices():
-        if draw(_chance(*named)):
-            found[choice.name] = draw(_alternatives(len(choice.alternatives)))
+        entry = draw(_path_entries(len(choice.alternatives), named))
+        if entry is not None:
+            found[choice.name] = entry
     return found
 
 
-def _forwards() -> st.SearchStrategy[int]:
-    return st.one_of(st.just(1), st.sampled_from(tuple(n for n in range(MAX_FORWARDS + 1) if n != 1)))
+# One forward mostly; shrinks to one.
+_FORWARDS = (1, 1, 1, *(n for n in range(MAX_FORWARDS + 1) if n != 1))
 
 
 @st.composite
@@ -94,7 +106,7 @@ def steps(draw: st.DrawFn, model: ModelSpec) -> Step:
     and its backward."""
     mode = "eval" if draw(_chance(1, 3)) else "train"
     grad_enabled = not draw(_chance(1, 4))
-    forwards = draw(_forwards())
+    forwards = draw(st.sampled_from(_FORWARDS))
     backward = (mode == "train") != draw(_chance(1, 4))
     return Step(
         mode=mode,
@@ -132,9 +144,11 @@ class Deviation:
         return replace(step, backward=step.backward and step.forwards > 0 and step.grad_enabled)
 
 
-def _sometimes(strategy: st.SearchStrategy, one_in: int) -> st.SearchStrategy:
-    """A value about once in ``one_in`` draws, else ``None``; shrinks to ``None``."""
-    return _chance(1, one_in).flatmap(lambda drawn: strategy if drawn else st.none())
+@cache
+def _sometimes(values: tuple, one_in: int) -> st.SearchStrategy:
+    """One of ``values`` about once in ``one_in`` draws, else ``None``; one
+    choice either way; shrinks to ``None``."""
+    return st.sampled_from((None,) * (len(values) * (one_in - 1)) + values)
 
 
 @st.composite
@@ -143,34 +157,60 @@ def deviations(draw: st.DrawFn, model: ModelSpec) -> Deviation:
     grad, backward or optimizer step."""
     return Deviation(
         path=draw(paths(model, named=(3, 4))),
-        mode=draw(_sometimes(st.sampled_from(MODES), 8)),
-        forwards=draw(_sometimes(_forwards(), 10)),
-        grad_enabled=draw(_sometimes(st.booleans(), 10)),
-        backward=draw(_sometimes(st.booleans(), 10)),
-        optimizer_step=draw(_sometimes(st.booleans(), 6)),
+        mode=draw(_sometimes(MODES, 8)),
+        forwards=draw(_sometimes(_FORWARDS, 10)),
+        grad_enabled=draw(_sometimes((True, False), 10)),
+        backward=draw(_sometimes((True, False), 10)),
+        optimizer_step=draw(_sometimes((True, False), 6)),
     )
+
+
+MAX_CHANGES = 2
+"""Changes a deviating rank makes after its first deviation, at most."""
+
+# What a later change does; shrinks to "hold" (no change).
+_CHANGES = ("hold", "back in line", "deviate")
+
+
+@st.composite
+def _deviating_steps(draw: st.DrawFn, model: ModelSpec, shared: tuple[Step, ...]) -> tuple[Step, ...]:
+    """One rank's steps: the shared ones up to a start step, then a deviation
+    held until a change (back in line, or a new deviation) at a later step."""
+    count = len(shared)
+    start = draw(st.integers(0, count - 1))
+    changes = {start: draw(deviations(model))}
+    at = start
+    for _ in range(MAX_CHANGES):
+        at += draw(st.integers(1, max(1, count - 1)))
+        kind = draw(st.sampled_from(_CHANGES))
+        deviation = draw(deviations(model))
+        if kind != "hold" and at < count:
+            changes[at] = Deviation() if kind == "back in line" else deviation
+    own = []
+    current = Deviation()
+    for index, step in enumerate(shared):
+        current = changes.get(index, current)
+        own.append(current.apply(step))
+    return tuple(own)
 
 
 @st.composite
 def schedules(draw: st.DrawFn, model: ModelSpec, world_size: int, max_steps: int = 6) -> tuple[tuple[Step, ...], ...]:
-    """Every rank's steps, equally many; shrinks to one shared step, no deviations."""
-    shared = draw(st.lists(steps(model), min_size=1, max_size=max_steps))
-    ranks = []
-    for _ in range(world_size):
-        if not draw(_chance(2, 3)):
-            ranks.append(tuple(shared))
-            continue
-        start = draw(st.integers(0, len(shared) - 1))
-        current: Deviation | None = None
-        own = []
-        for index, step in enumerate(shared):
-            if index == start:
-                current = draw(deviations(model))
-            elif index > start:
-                current = draw(_sometimes(st.one_of(st.just(Deviation()), deviations(model)), 2)) or current
-            own.append(step if current is None else current.apply(step))
-        ranks.append(tuple(own))
-    return tuple(ranks)
+    """Every rank's steps, equally many; shrinks to one shared step, no deviations.
+
+    Hypothesis mutates an example by copying a part of it over another part
+    drawn by the same strategy, and discards the result (an overrun) when the
+    copy makes the rest draw more choices than the example holds. So the
+    decisions that set how much is drawn are each drawn once, from a
+    strategy of their own (the number of steps, which ranks deviate), and
+    everything drawn per step, per branch point or per change draws as many
+    choices whatever it decides.
+    """
+    shared = tuple(draw(steps(model)) for _ in range(draw(st.sampled_from(range(1, max_steps + 1)))))
+    deviating = draw(st.sampled_from(range(2**world_size)))
+    return tuple(
+        draw(_deviating_steps(model, shared)) if deviating >> rank & 1 else shared for rank in range(world_size)
+    )
 
 
 @st.composite
@@ -192,7 +232,7 @@ def scenarios(
     """
     if max_world_size < 2 or max_steps < 1:
         raise ValueError("need max_world_size >= 2 and max_steps >= 1")
-    world_size = draw(st.integers(2, max_world_size))
+    world_size = draw(st.sampled_from(range(2, max_world_size + 1)))
     fsdp = draw(fsdp_settings(world_size, device=device, hybrid=hybrid))
     debug_level = draw(st.sampled_from(_DEBUG_LEVELS))
     collective_checker = draw(st.booleans())
