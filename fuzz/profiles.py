@@ -18,7 +18,7 @@ _COMMON = dict(deadline=None, print_blob=True, suppress_health_check=[HealthChec
 PROFILES = {
     "dev": settings(max_examples=100, **_COMMON),
     "ci": settings(max_examples=30, derandomize=True, database=None, **_COMMON),
-    "nightly": settings(max_examples=2000, **_COMMON),
+    "nightly": settings(max_examples=1500, **_COMMON),
 }
 
 
