@@ -9,9 +9,13 @@ per-alternative freezing sharing a flat parameter with trainable ones when
 ``use_orig_params`` is off (``models.strategies.UnitRules``).
 
 A schedule is one shared step per step index plus, for each rank that
-deviates, changes that start at some step and hold until the next change;
-an empty change is the rank falling back in line. Shrinking the deviation
-flags makes every rank run the shared schedule.
+deviates, a deviation that starts at some step and holds until a later
+change: back in line (an empty deviation) or a new deviation, at most
+``MAX_CHANGES`` of them. Shrinking the choice of deviating ranks makes every
+rank run the shared schedule.
+
+Few examples are discarded because few decisions change how many choices the
+rest of an example draws (see ``schedules`` and ``models.strategies``).
 """
 
 from __future__ import annotations

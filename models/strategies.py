@@ -4,10 +4,11 @@ branch points whose alternatives have exactly equal numel and different shapes.
 Equal numel is constructed, never searched for: ``stacks_by_numel`` lists
 every small width-preserving stack of linears grouped by numel, and a branch
 point takes distinct stacks from one group. Filtering random alternatives for
-equal numel would throw away nearly every example. A nested branch point
-inside one alternative is balanced in the others by a filler of the same
-numel (stacks from the nested branch point's own group), so nesting costs no
-filtering either.
+equal numel would throw away nearly every example. Nesting keeps it: every
+alternative of a branch point gets a nested part of one numel, in each either
+a branch point over distinct stacks of one group or the same alternatives in
+a row (a branch point's numel is that of all its alternatives), so nesting
+costs no filtering either.
 
 The stem maps the input to the model width and is never frozen and never
 inside a branch point, so every forward runs a trainable parameter and a
@@ -18,6 +19,16 @@ diverge.
 Everything shrinks toward the simple: one stage, a branch point of two
 single-linear alternatives, narrow widths, no bias, no ReLUs, no nesting, no
 units beyond those a rule requires, nothing frozen.
+
+Hypothesis mutates an example by copying a part of it over another part drawn
+by the same strategy; when the copy makes the rest of the example draw more
+choices than it holds, the attempt is discarded as an overrun. So what
+decides how much is drawn is drawn as few times as possible (the stages'
+kinds once per model, a branch point's shape once per outer branch point),
+and everything else draws as many choices whatever it decides: a stack is
+one choice among all stacks of its length, its ReLUs one choice, a nested
+branch point and the row that may stand in for it draw alike, and the flags
+of a block that may not be used are drawn anyway.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 from hypothesis import strategies as st
@@ -61,10 +72,15 @@ class UnitRules:
 def width_preserving_stacks(width: int, min_hidden: int = MIN_WIDTH, max_hidden: int = MAX_WIDTH) -> Iterator[Stack]:
     """Every stack of 1 to ``MAX_LINEARS`` linears mapping ``width`` to ``width``."""
     for count in range(1, MAX_LINEARS + 1):
-        for hidden in itertools.product(range(min_hidden, max_hidden + 1), repeat=count - 1):
-            sizes = (width, *hidden, width)
-            for biases in itertools.product((False, True), repeat=count):
-                yield tuple(Linear(a, b, bias) for (a, b), bias in zip(itertools.pairwise(sizes), biases, strict=True))
+        yield from stacks_of(count, width, width, min_hidden, max_hidden)
+
+
+def stacks_of(count: int, width_in: int, width_out: int, min_hidden: int, max_hidden: int) -> Iterator[Stack]:
+    """Every stack of ``count`` linears mapping ``width_in`` to ``width_out``."""
+    for hidden in itertools.product(range(min_hidden, max_hidden + 1), repeat=count - 1):
+        sizes = (width_in, *hidden, width_out)
+        for biases in itertools.product((False, True), repeat=count):
+            yield tuple(Linear(a, b, bias) for (a, b), bias in zip(itertools.pairwise(sizes), biases, strict=True))
 
 
 @cache
@@ -125,9 +141,48 @@ class _Names:
         return f"{kind}{number}"
 
 
+@cache
 def _chance(times: int, out_of: int) -> st.SearchStrategy[bool]:
     """True about ``times`` in ``out_of`` draws; shrinks to False."""
     return st.integers(1, out_of).map(lambda drawn: drawn > out_of - times)
+
+
+@cache
+def _layouts(count: int) -> st.SearchStrategy[tuple[str, ...]]:
+    """``count`` stage kinds: a branch point at some stage, any kind at the
+    others; shrinks to the branch point first, then bare ReLUs."""
+    return st.sampled_from(
+        [
+            (*others[:anchor], "branch", *others[anchor:])
+            for others in itertools.product(_STAGE_KINDS, repeat=count - 1)
+            for anchor in range(count)
+        ]
+    )
+
+
+@cache
+def _free_stacks(
+    width_in: int, width_out: int, count: int, min_hidden: int, max_hidden: int
+) -> st.SearchStrategy[Stack]:
+    """One of every stack of ``count`` linears from ``width_in`` to ``width_out``, simplest first."""
+    return st.sampled_from(sorted(stacks_of(count, width_in, width_out, min_hidden, max_hidden), key=_simplicity))
+
+
+@cache
+def _relu_patterns(count: int) -> st.SearchStrategy[tuple[bool, ...]]:
+    """Which of ``count`` linears a ReLU follows; shrinks to none."""
+    return st.sampled_from(tuple(itertools.product((False, True), repeat=count)))
+
+
+@cache
+def _branch_shapes(most: int, nestable: bool) -> st.SearchStrategy[tuple[int, int | None]]:
+    """A branch point's shape in one choice: its number of alternatives, and
+    that of a branch point nested in them or ``None``; two in three not
+    nested where nesting is allowed; shrinks to two alternatives, no nesting."""
+    counts = range(2, most + 1)
+    flat = tuple((count, None) for count in counts)
+    nested = tuple((count, inner) for count in counts for inner in counts)
+    return st.sampled_from(flat * (2 * len(counts)) + nested if nestable else flat)
 
 
 @st.composite
@@ -161,16 +216,16 @@ def model_specs(
         STEM_NAME, _layers(draw, _free_stack(draw, in_features, width, bounds)), fsdp_unit=draw(st.booleans())
     )
     children: list[Node] = [stem]
-    count = draw(st.integers(1, max_stages))
-    anchor = draw(st.integers(0, count - 1))
-    for index in range(count):
-        kind = "branch" if index == anchor else draw(st.sampled_from(_STAGE_KINDS))
+    layout = draw(_layouts(draw(st.sampled_from(range(1, max_stages + 1)))))
+    for kind in layout:
         if kind == "relu":
             children.append(ReLU())
         elif kind == "branch":
             children.append(_branch(draw, names, width, 1, bounds))
         else:
-            out = draw(st.one_of(st.just(width), st.integers(min_width, max_width)))
+            changes_width = draw(st.booleans())
+            other = draw(st.integers(min_width, max_width))
+            out = other if changes_width else width
             if kind == "linear":
                 children.append(Linear(width, out, draw(st.booleans())))
             else:
@@ -182,36 +237,41 @@ def model_specs(
 
 def _free_stack(draw: st.DrawFn, width_in: int, width_out: int, bounds: _Bounds) -> Stack:
     count = draw(st.integers(1, MAX_LINEARS))
-    hidden = [draw(st.integers(bounds.min_width, bounds.max_width)) for _ in range(count - 1)]
-    sizes = (width_in, *hidden, width_out)
-    return tuple(Linear(a, b, draw(st.booleans())) for a, b in itertools.pairwise(sizes))
+    return draw(_free_stacks(width_in, width_out, count, bounds.min_width, bounds.max_width))
 
 
 def _layers(draw: st.DrawFn, stack: Stack) -> tuple[Linear | ReLU, ...]:
     """The stack's linears, each maybe followed by a ReLU."""
-    layers: list[Linear | ReLU] = []
-    for linear in stack:
-        layers.append(linear)
-        if draw(st.booleans()):
-            layers.append(ReLU())
-    return tuple(layers)
+    relus = draw(_relu_patterns(len(stack)))
+    return tuple(
+        layer for linear, relu in zip(stack, relus, strict=True) for layer in ((linear, ReLU()) if relu else (linear,))
+    )
 
 
 def _block(
     draw: st.DrawFn, name: str, children: tuple[Node, ...], rules: UnitRules, alternative: bool = False
 ) -> Sequential:
     frozen = draw(_chance(1, 4))
+    unit = draw(st.booleans())
     forced = (frozen and rules.frozen_are_units) or (alternative and rules.alternatives_are_units)
-    return Sequential(name, children, fsdp_unit=forced or draw(st.booleans()), frozen=frozen)
+    return Sequential(name, children, fsdp_unit=forced or unit, frozen=frozen)
 
 
 def _segment(draw: st.DrawFn, names: _Names, stack: Stack, rules: UnitRules) -> tuple[Node, ...]:
     """A stack inside an alternative: its layers inline, or wrapped in a block
     of its own that may be a unit or frozen."""
     layers = _layers(draw, stack)
-    if draw(_chance(1, 3)):
-        return (_block(draw, names("block"), layers, rules),)
+    wrapped = draw(_chance(1, 3))
+    block = _block(draw, "", layers, rules)
+    if wrapped:
+        return (replace(block, name=names("block")),)
     return layers
+
+
+def _distinct(draw: st.DrawFn, group: tuple[Stack, ...], count: int) -> tuple[Stack, ...]:
+    """``count`` distinct stacks of ``group``, in drawn order."""
+    left = list(group)
+    return tuple(left.pop(draw(st.integers(0, len(left) - 1))) for _ in range(count))
 
 
 def _alternative_stacks(draw: st.DrawFn, width: int, count: int, bounds: _Bounds) -> tuple[Stack, ...]:
@@ -221,46 +281,96 @@ def _alternative_stacks(draw: st.DrawFn, width: int, count: int, bounds: _Bounds
     by_linears = first_stacks(width, count, bounds.min_width, bounds.max_width)
     first = draw(st.sampled_from(by_linears[draw(st.sampled_from(tuple(by_linears)))]))
     group = stacks_by_numel(width, bounds.min_width, bounds.max_width)[stack_numel(first)]
-    others = tuple(stack for stack in group if stack != first)
-    rest = draw(st.lists(st.sampled_from(others), min_size=count - 1, max_size=count - 1, unique=True))
-    return (first, *rest)
+    return (first, *_distinct(draw, tuple(stack for stack in group if stack != first), count - 1))
+
+
+@dataclass(frozen=True)
+class _Nesting:
+    """What the nested part of every alternative of a branch point holds: as
+    many stacks as ``stacks`` of their numel, each alternative of which may
+    hold a nested part of its own, ``deeper``. Fixed per branch point, so its
+    alternatives keep equal numel."""
+
+    stacks: tuple[Stack, ...]
+    deeper: _Nesting | None
+
+
+def _nesting(draw: st.DrawFn, width: int, depth: int, count: int, bounds: _Bounds) -> _Nesting:
+    """The nested part of the alternatives of a branch point at ``depth``."""
+    stacks = _alternative_stacks(draw, width, count, bounds)
+    deeper = None
+    if depth + 1 < bounds.max_depth:
+        most = min(bounds.max_alternatives, most_alternatives(width, bounds.min_width, bounds.max_width))
+        _, inner_count = draw(_branch_shapes(most, nestable=True))
+        if inner_count is not None:
+            deeper = _nesting(draw, width, depth + 1, inner_count, bounds)
+    return _Nesting(stacks, deeper)
 
 
 def _branch(
-    draw: st.DrawFn, names: _Names, width: int, depth: int, bounds: _Bounds, stacks: tuple[Stack, ...] | None = None
+    draw: st.DrawFn,
+    names: _Names,
+    width: int,
+    depth: int,
+    bounds: _Bounds,
+    stacks: tuple[Stack, ...] | None = None,
+    nesting: _Nesting | None = None,
 ) -> Choice:
     """A branch point at nesting level ``depth`` (1 = outermost). ``stacks``
-    fixes the alternatives' stacks (a nested branch point whose numel its
-    siblings' fillers already match)."""
+    and ``nesting`` fix the alternatives' stacks and nested parts (a nested
+    branch point whose numel its siblings' rows already match)."""
     name = names("branch")
-    most = min(bounds.max_alternatives, most_alternatives(width, bounds.min_width, bounds.max_width))
     if stacks is None:
-        stacks = _alternative_stacks(draw, width, draw(st.integers(2, most)), bounds)
-    inner = None
-    if depth < bounds.max_depth and draw(_chance(1, 3)):
-        inner = _alternative_stacks(draw, width, draw(st.integers(2, most)), bounds)
+        most = min(bounds.max_alternatives, most_alternatives(width, bounds.min_width, bounds.max_width))
+        count, inner_count = draw(_branch_shapes(most, depth < bounds.max_depth))
+        stacks = _alternative_stacks(draw, width, count, bounds)
+        if inner_count is not None:
+            nesting = _nesting(draw, width, depth, inner_count, bounds)
+    alternatives = _alternatives(draw, names, width, depth, bounds, stacks, nesting, name)
+    return Choice(name, alternatives, fsdp_unit=draw(st.booleans()))
+
+
+def _alternatives(
+    draw: st.DrawFn,
+    names: _Names,
+    width: int,
+    depth: int,
+    bounds: _Bounds,
+    stacks: tuple[Stack, ...],
+    nesting: _Nesting | None,
+    branch: str | None,
+) -> tuple[Sequential, ...]:
+    """The alternatives of branch point ``branch`` at nesting level ``depth``,
+    one per stack, or with ``branch=None`` the same blocks for a row that
+    stands in for a nested branch point."""
+    # The nested part goes on the same side in every alternative: then two
+    # alternatives could only share a shape by sharing their own stack.
+    nested_first = nesting is not None and draw(st.booleans())
     alternatives = []
     for index, stack in enumerate(stacks):
         parts = [_segment(draw, names, stack, bounds.rules)]
-        if inner is not None:
-            parts.append(_balance(draw, names, width, depth, bounds, inner))
-            if draw(st.booleans()):
+        if nesting is not None:
+            parts.append(_balance(draw, names, width, depth, bounds, nesting))
+            if nested_first:
                 parts.reverse()
         children = tuple(node for part in parts for node in part)
-        alternatives.append(_block(draw, f"{name}_{index}", children, bounds.rules, alternative=True))
-    return Choice(name, tuple(alternatives), fsdp_unit=draw(st.booleans()))
+        name = names("block") if branch is None else f"{branch}_{index}"
+        alternatives.append(_block(draw, name, children, bounds.rules, alternative=branch is not None))
+    return tuple(alternatives)
 
 
 def _balance(
-    draw: st.DrawFn, names: _Names, width: int, depth: int, bounds: _Bounds, inner: tuple[Stack, ...]
+    draw: st.DrawFn, names: _Names, width: int, depth: int, bounds: _Bounds, nesting: _Nesting
 ) -> tuple[Node, ...]:
-    """The part of one alternative that holds ``len(inner)`` stacks of
-    ``inner``'s numel: a nested branch point over that many stacks of the
-    group, or that many of them in a row, the same numel with no branch."""
-    group = stacks_by_numel(width, bounds.min_width, bounds.max_width)[stack_numel(inner[0])]
-    count = len(inner)
-    if draw(st.booleans()):
-        stacks = draw(st.lists(st.sampled_from(group), min_size=count, max_size=count, unique=True))
-        return (_branch(draw, names, width, depth + 1, bounds, tuple(stacks)),)
-    fillers = draw(st.lists(st.sampled_from(group), min_size=count, max_size=count))
-    return tuple(node for stack in fillers for node in _segment(draw, names, stack, bounds.rules))
+    """The nested part of one alternative of a branch point at ``depth``: a
+    branch point over as many distinct stacks of ``nesting``'s numel as it
+    says, or the same alternatives in a row, the same numel with no branch
+    point. Both draw the same choices (the row ignores a unit flag)."""
+    group = stacks_by_numel(width, bounds.min_width, bounds.max_width)[stack_numel(nesting.stacks[0])]
+    nested = draw(st.booleans())
+    stacks = _distinct(draw, group, len(nesting.stacks))
+    if nested:
+        return (_branch(draw, names, width, depth + 1, bounds, stacks, nesting.deeper),)
+    row = _alternatives(draw, names, width, depth + 1, bounds, stacks, nesting.deeper, None)
+    draw(st.booleans())  # the unit flag of the branch point the row stands in for
+    return row
