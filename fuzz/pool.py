@@ -23,12 +23,19 @@ import signal
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from datetime import timedelta
 
 import torch.multiprocessing as mp
 
 from fuzz.observations import HANG, Observations
-from fuzz.ranks import CPU, STARTUP_TIMEOUT_S, Placement, collect_outcomes, observations_of, serve_scenario
+from fuzz.ranks import (
+    CPU,
+    STARTUP_TIMEOUT_S,
+    Placement,
+    collect_outcomes,
+    join_default_group,
+    observations_of,
+    serve_scenario,
+)
 from fuzz.scenario import Scenario, scenario_to_json
 
 DEFAULT_GROUP_TIMEOUT_S = 2.0
@@ -201,19 +208,10 @@ def _die_with_parent() -> None:
 def _worker_main(rank, world_size, store_path, workdir, placement, group_timeout_s, *, commands, reports) -> None:
     import faulthandler
 
-    import torch.distributed as dist
-
     _die_with_parent()
     stack_file = open(os.path.join(workdir, f"stack-{rank}.txt"), "w")  # noqa: SIM115 - lives as long as the worker
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
-    dist.set_debug_level(dist.DebugLevel.OFF)
-    dist.init_process_group(
-        placement.backend,
-        init_method=f"file://{store_path}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=STARTUP_TIMEOUT_S),
-    )
+    join_default_group(rank, world_size, store_path, placement)
     while (command := commands.get()) is not None:
         scenario_id, encoded = command
         serve_scenario(encoded, scenario_id, rank, placement, group_timeout_s, reports)

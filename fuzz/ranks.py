@@ -14,6 +14,7 @@ import queue
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -68,6 +69,24 @@ class Placement:
 
 
 CPU = Placement()
+
+
+def join_default_group(rank: int, world_size: int, store_path: str, placement: Placement) -> None:
+    """In a rank: the long-lived group that only creates each scenario's own.
+
+    Created below DETAIL whatever the environment says, so it never carries
+    the collective-checking wrapper: that is the scenario's choice.
+    """
+    import torch.distributed as dist
+
+    dist.set_debug_level(dist.DebugLevel.OFF)
+    dist.init_process_group(
+        placement.backend,
+        init_method=f"file://{store_path}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=STARTUP_TIMEOUT_S),
+    )
 
 
 def serve_scenario(encoded: str, scenario_id: int, rank: int, placement: Placement, group_timeout_s: float, reports):

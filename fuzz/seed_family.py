@@ -64,6 +64,16 @@ def train_eval(strategy: str, iterations: int = 3, epochs: int = 2) -> Scenario:
     )
 
 
+def order_ends_early(strategy: str = "FULL_SHARD") -> Scenario:
+    """Rank 1 skips the branch point in its only forward, so rank 0's order
+    check for layer1 waits for a peer that never comes: a hang, every time."""
+    return _scenario(
+        strategy,
+        [[seed_step(0, backward=False)], [Step(path={SEED_CHOICE: ()}, backward=False)]],
+        f"rank 1 skips the branch point in the first forward, {strategy}",
+    )
+
+
 def seed_scenarios() -> dict[str, Scenario]:
     """Every seed test and parameter combination, by corpus file stem."""
     found = {}

@@ -18,12 +18,20 @@ import json
 import os
 import shutil
 import tempfile
-from datetime import timedelta
 
 import torch.multiprocessing as mp
 
 from fuzz.observations import Observations
-from fuzz.ranks import CPU, STARTUP_TIMEOUT_S, DeviceError, Placement, collect_outcomes, observations_of, serve_scenario
+from fuzz.ranks import (
+    CPU,
+    STARTUP_TIMEOUT_S,
+    DeviceError,
+    Placement,
+    collect_outcomes,
+    join_default_group,
+    observations_of,
+    serve_scenario,
+)
 from fuzz.scenario import Scenario, scenario_to_json
 
 __all__ = ["DEFAULT_GROUP_TIMEOUT_S", "CPU", "DeviceError", "Placement", "run_scenario"]
@@ -77,16 +85,7 @@ def run_scenario(
 
 
 def _rank_main(rank, world_size, encoded, store_path, placement, group_timeout_s, reports, release) -> None:
-    import torch.distributed as dist
-
-    dist.set_debug_level(dist.DebugLevel.OFF)
-    dist.init_process_group(
-        placement.backend,
-        init_method=f"file://{store_path}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=STARTUP_TIMEOUT_S),
-    )
+    join_default_group(rank, world_size, store_path, placement)
     serve_scenario(encoded, 0, rank, placement, group_timeout_s, reports)
     release.wait(timeout=STARTUP_TIMEOUT_S)
     os._exit(0)

@@ -17,10 +17,8 @@ import pytest
 
 from fuzz.observations import CRASH, ERROR, HANG, OK
 from fuzz.pool import RankPool
-from fuzz.scenario import Step
-from fuzz.seed_family import _scenario, invalid_first_iter_order, invalid_later_iter_order, train_eval
+from fuzz.seed_family import invalid_first_iter_order, invalid_later_iter_order, order_ends_early, train_eval
 from fuzz.spawn import run_scenario
-from models.seed import SEED_CHOICE
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 2.0
@@ -28,16 +26,6 @@ TIMEOUT_S = 2.0
 
 def statuses(observations):
     return [[step.status for step in rank.steps] for rank in observations.ranks]
-
-
-def hang_scenario():
-    """Rank 1 skips the branch point, so rank 0's order check for layer1
-    waits for a peer that never comes."""
-    return _scenario(
-        "FULL_SHARD",
-        [[Step(path={SEED_CHOICE: (0,)}, backward=False)], [Step(path={SEED_CHOICE: ()}, backward=False)]],
-        "hang",
-    )
 
 
 CLEAN = train_eval("SHARD_GRAD_OP", iterations=2, epochs=1)
@@ -60,7 +48,7 @@ def pool():
 def test_hang_is_recorded_with_its_stack_and_costs_at_most_two_timeouts(pool):
     pool.run(CLEAN)
     started = time.monotonic()
-    observations = pool.run(hang_scenario())
+    observations = pool.run(order_ends_early())
     elapsed = time.monotonic() - started
     assert statuses(observations) == [[HANG], [OK]]
     assert "all_gather" in observations.ranks[0].steps[0].stack
@@ -87,7 +75,7 @@ def test_killed_worker_is_a_crash_and_the_pool_respawns():
         victim = pool.pids()[0]
         killer = threading.Timer(1.0, os.kill, (victim, signal.SIGKILL))
         killer.start()
-        observations = pool.run(hang_scenario())
+        observations = pool.run(order_ends_early())
         killer.join()
         assert observations.ranks[0].steps[0].status == CRASH
         assert "died" in observations.ranks[0].steps[0].error_message

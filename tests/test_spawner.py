@@ -13,10 +13,8 @@ import pytest
 import torch
 
 from fuzz.observations import CRASH, ERROR, HANG, OK
-from fuzz.scenario import Step
-from fuzz.seed_family import _scenario, invalid_first_iter_order, train_eval
+from fuzz.seed_family import invalid_first_iter_order, order_ends_early, train_eval
 from fuzz.spawn import DeviceError, Placement, run_scenario
-from models.seed import SEED_CHOICE
 
 
 def statuses(observations):
@@ -39,19 +37,9 @@ def test_raising_scenario_records_type_and_message():
         assert step.error_message.startswith("Forward order differs across ranks")
 
 
-def hang_scenario():
-    """Rank 1 skips the branch point, so rank 0's order check for layer1
-    waits for a peer that never comes."""
-    return _scenario(
-        "FULL_SHARD",
-        [[Step(path={SEED_CHOICE: (0,)}, backward=False)], [Step(path={SEED_CHOICE: ()}, backward=False)]],
-        "hang",
-    )
-
-
 def test_hanging_rank_is_recorded_at_its_step_within_the_group_timeout():
     started = time.monotonic()
-    observations = run_scenario(hang_scenario(), group_timeout_s=2)
+    observations = run_scenario(order_ends_early(), group_timeout_s=2)
     assert statuses(observations) == [[HANG], [OK]]
     assert "Timed out" in observations.ranks[0].steps[0].error_message
     assert time.monotonic() - started < 60
@@ -59,7 +47,7 @@ def test_hanging_rank_is_recorded_at_its_step_within_the_group_timeout():
 
 def test_killed_ranks_are_crashes():
     results = []
-    runner = threading.Thread(target=lambda: results.append(run_scenario(hang_scenario(), group_timeout_s=60)))
+    runner = threading.Thread(target=lambda: results.append(run_scenario(order_ends_early(), group_timeout_s=60)))
     runner.start()
     deadline = time.monotonic() + 60
     while len(multiprocessing.active_children()) < 2 and time.monotonic() < deadline:
