@@ -69,17 +69,21 @@ def _hook_state_assert_after_refreeze(
 ) -> bool:
     if not scenario.freeze_untaken:
         return False
-    return all(
-        v.clause == CLEAN_RUN
-        and v.step is not None
-        and _failed_with(observations, v, "AssertionError", HOOK_STATE_ASSERT)
-        for v in violations
-    )
+    return _all_failed_with(observations, violations, CLEAN_RUN, "AssertionError", HOOK_STATE_ASSERT)
 
 
-def _failed_with(observations: Observations, violation: Violation, error_type: str, prefix: str) -> bool:
-    outcome = observations.ranks[violation.rank].steps[violation.step]
-    return outcome.error_type == error_type and (outcome.error_message or "").startswith(prefix)
+def _all_failed_with(
+    observations: Observations, violations: tuple[Violation, ...], clause: str, error_type: str, prefix: str
+) -> bool:
+    """Every violation is of ``clause``, at a step that raised ``error_type`` with this message prefix."""
+
+    def failed_so(violation: Violation) -> bool:
+        if violation.clause != clause or violation.step is None:
+            return False
+        outcome = observations.ranks[violation.rank].steps[violation.step]
+        return outcome.error_type == error_type and (outcome.error_message or "").startswith(prefix)
+
+    return all(failed_so(violation) for violation in violations)
 
 
 def _hybrid_divergence_across_nodes_only(
@@ -148,12 +152,7 @@ def _refreeze_hits_unsharded_views(
 ) -> bool:
     if not (scenario.freeze_untaken and scenario.fsdp.use_orig_params):
         return False
-    return all(
-        v.clause == CLEAN_RUN
-        and v.step is not None
-        and _failed_with(observations, v, "RuntimeError", NON_LEAF_REQUIRES_GRAD)
-        for v in violations
-    )
+    return _all_failed_with(observations, violations, CLEAN_RUN, "RuntimeError", NON_LEAF_REQUIRES_GRAD)
 
 
 def _unchecked_below_detail(scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]) -> bool:
@@ -170,10 +169,7 @@ def _order_error_raises_key_error(
 ) -> bool:
     if not scenario.fsdp.use_orig_params:
         return False
-    return all(
-        v.clause == FIRST_ITERATION and v.step is not None and _failed_with(observations, v, "KeyError", "Parameter")
-        for v in violations
-    )
+    return _all_failed_with(observations, violations, FIRST_ITERATION, "KeyError", "Parameter")
 
 
 KNOWN_ISSUES: tuple[KnownIssue, ...] = (

@@ -15,7 +15,6 @@ ERROR = "error"
 HANG = "hang"
 CRASH = "crash"
 NOT_RUN = "not_run"
-STATUSES = (OK, ERROR, HANG, CRASH, NOT_RUN)
 
 
 @dataclass(frozen=True)
@@ -53,9 +52,6 @@ class StepOutcome:
     collectives: tuple[CollectiveRecord, ...] = ()
     stack: str | None = None
     """For a hang: where the rank was when its group timed out (innermost frames last)."""
-
-    def failed(self) -> bool:
-        return self.status not in (OK, NOT_RUN)
 
 
 @dataclass(frozen=True)
