@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+from fuzz.corpus import corpus_root, save_finding
 from fuzz.known_issues import known_issue
 from fuzz.pool import DEFAULT_GROUP_TIMEOUT_S, PoolSet
 from fuzz.profiles import PROFILES, profile_from_environment, register_profiles, unknown_profile_message
@@ -36,8 +37,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--fuzz-report", default=None, metavar="PATH", help="write the campaign report as JSON to PATH")
     group.addoption("--strict-contract", action="store_true", help="fail on known issues too, instead of counting them")
     group.addoption(
-        "--corpus", default=None, help="directory of saved scenarios to replay (default: corpus/ under the rootdir)"
+        "--corpus",
+        default=None,
+        help="corpus directory: replayed by fuzz/test_corpus.py, and where findings are saved, under found/ "
+        "(default: corpus/ under the rootdir)",
     )
+    group.addoption("--no-save-findings", action="store_true", help="do not write findings to the corpus")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -77,27 +82,50 @@ def _contract_check(config: pytest.Config) -> ContractCheck:
     return config.stash[_CONTRACT]
 
 
+_REPLAYS = pytest.StashKey[Counter]()
+_SAVED = pytest.StashKey[list]()
+
+
+@pytest.fixture(scope="session")
+def replay_statuses(pytestconfig: pytest.Config) -> Counter:
+    """Corpus replay outcomes by status, for the end-of-run summary."""
+    return pytestconfig.stash.setdefault(_REPLAYS, Counter())
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item):
-    """Time each fuzz target and tell the contract check which one is running."""
+    """Time each fuzz target, tell the contract check which one is running,
+    and save the target's finding: Hypothesis replays the shrunk case last."""
     if "contract" not in getattr(item, "fixturenames", ()):
         return (yield)
     check = _contract_check(item.config)
     check.target = item.nodeid
+    check.last_failure = None
     started = time.monotonic()
     try:
         return (yield)
     finally:
         check.report.tally(item.nodeid).wall_s += time.monotonic() - started
+        if check.last_failure is not None and not item.config.getoption("--no-save-findings"):
+            path, new = save_finding(corpus_root(item.config), *check.last_failure, found_by=item.nodeid)
+            item.config.stash.setdefault(_SAVED, []).append((path, new))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     check = config.stash.get(_CONTRACT, None)
-    if check is None:
+    replays = config.stash.get(_REPLAYS, None)
+    if check is None and not replays:
         return
-    profile = settings.get_current_profile_name()
     write = terminalreporter.write_line
     terminalreporter.section("fsdp fuzz summary")
+    if replays:
+        write("corpus replay: " + ", ".join(f"{count} {status}" for status, count in sorted(replays.items())))
+    if check is not None:
+        _summarise_campaign(check, config, write)
+
+
+def _summarise_campaign(check: ContractCheck, config: pytest.Config, write) -> None:
+    profile = settings.get_current_profile_name()
     for name, tally in check.report.targets.items():
         outcomes = ", ".join(f"{count} {status}" for status, count in sorted(tally.outcomes.items()))
         write(
@@ -105,6 +133,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         )
         if tally.finding is not None:
             write(f"  FINDING: {'; '.join(tally.finding['violations'])}")
+    for path, new in config.stash.get(_SAVED, []):
+        write(f"finding saved to {path}" if new else f"finding already in the corpus: {path}")
+        write(f"  replay: pytest fuzz/test_corpus.py -k {path.stem}; reproducer: python -m fuzz repro {path}")
     hits = sum((tally.known_issues for tally in check.report.targets.values()), Counter())
     if not hits:
         write("known issues matched: none")

@@ -1,19 +1,47 @@
-"""Saved scenarios: where they live, how they are read, what they promise.
+"""Saved scenarios: the three kinds of corpus file, reading and writing them.
 
-A corpus file is either a bare scenario (it must keep the contract: the
-seed's files are such) or ``{"known_issue": NAME, "scenario": {...}}``, a
-reproducer of a known issue, which must keep failing in that known way.
+- A bare scenario (``corpus/seed/``) must keep the contract.
+- ``{"known_issue": NAME, "scenario": ...}`` (``corpus/known/``) reproduces a
+  triaged FSDP misbehaviour and must keep failing in that known way.
+- A finding (``corpus/found/<id>.json``), written by a campaign after
+  shrinking: the scenario with the verdict, observations, torch version and
+  backend it was found with. Its name is a hash of the scenario, so finding
+  the same minimal case twice gives one file.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import pytest
+import torch
 
-from fuzz.known_issues import known_issue
-from fuzz.scenario import Scenario, ScenarioError, read_json, scenario_from_json
+from fuzz.jsonfmt import format_json
+from fuzz.known_issues import KnownIssue, known_issue
+from fuzz.observations import Observations, observations_from_json, observations_to_json
+from fuzz.oracles import Violation
+from fuzz.scenario import Scenario, ScenarioError, read_json, scenario_from_json, scenario_to_json
+
+if TYPE_CHECKING:
+    import pytest
+
+FOUND_DIR = "found"
+Signature = tuple[tuple[str, int, "int | None"], ...]
+
+
+@dataclass(frozen=True)
+class RecordedFinding:
+    """What a finding looked like when the campaign saved it."""
+
+    violations: tuple[str, ...]
+    signature: Signature
+    """(clause, rank, step) of each violation: what replay compares."""
+    torch_version: str
+    backend: str
+    observations: Observations | None
 
 
 @dataclass(frozen=True)
@@ -21,9 +49,29 @@ class CorpusEntry:
     path: Path
     scenario: Scenario
     known_issue: str | None = None
+    finding: RecordedFinding | None = None
+
+    @property
+    def keeps_contract(self) -> bool:
+        """Whether the entry promises a clean verdict (a seed file)."""
+        return self.known_issue is None and self.finding is None
+
+
+def signature(violations: tuple[Violation, ...]) -> Signature:
+    return tuple((v.clause, v.rank, v.step) for v in violations)
+
+
+def scenario_id(scenario: Scenario) -> str:
+    """A stable content hash: the scenario's JSON without its description,
+    keys sorted, so neither wording nor field order changes it."""
+    encoded = scenario_to_json(scenario)
+    encoded.pop("description", None)
+    canonical = json.dumps(encoded, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def corpus_root(config: pytest.Config) -> Path:
+    """``--corpus`` if given, else ``corpus/`` under pytest's rootdir."""
     option = config.getoption("--corpus", default=None)
     return Path(option) if option else config.rootpath / "corpus"
 
@@ -33,13 +81,83 @@ def corpus_files(root: Path) -> list[Path]:
 
 
 def load_entry(path: Path) -> CorpusEntry:
+    """Read any kind of corpus file; every problem is a ``ScenarioError``
+    that starts with the file's name."""
+    path = Path(path)
     document = read_json(path)
     try:
         if isinstance(document, dict) and "scenario" in document:
             name = document.get("known_issue")
             if name is not None:
                 known_issue(name)
-            return CorpusEntry(path, scenario_from_json(document["scenario"]), name)
+            finding = _finding_from_json(document) if "finding" in document else None
+            return CorpusEntry(path, scenario_from_json(document["scenario"]), name, finding)
         return CorpusEntry(path, scenario_from_json(document))
     except (ScenarioError, KeyError) as exc:
         raise ScenarioError(f"{path}: {exc.args[0]}") from None
+
+
+def finding_document(
+    scenario: Scenario,
+    observations: Observations,
+    violations: tuple[Violation, ...],
+    known: KnownIssue | None,
+    found_by: str,
+) -> dict[str, Any]:
+    return {
+        "id": scenario_id(scenario),
+        "known_issue": known.name if known else None,
+        "finding": {
+            "violations": [str(v) for v in violations],
+            "signature": [list(entry) for entry in signature(violations)],
+            "found_by": found_by,
+            "torch_version": torch.__version__,
+            "backend": observations.backend,
+        },
+        "scenario": scenario_to_json(scenario),
+        "observations": observations_to_json(observations),
+    }
+
+
+def save_finding(
+    root: Path,
+    scenario: Scenario,
+    observations: Observations,
+    violations: tuple[Violation, ...],
+    known: KnownIssue | None = None,
+    found_by: str = "",
+) -> tuple[Path, bool]:
+    """Write the finding under ``root/found/``; returns its path and whether
+    it is new. An existing file is kept as first recorded."""
+    path = Path(root) / FOUND_DIR / f"{scenario_id(scenario)}.json"
+    if path.exists():
+        return path, False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = finding_document(scenario, observations, violations, known, found_by)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(format_json(document) + "\n")
+    temporary.replace(path)
+    return path, True
+
+
+def _finding_from_json(document: dict[str, Any]) -> RecordedFinding:
+    encoded = document["finding"]
+    if not isinstance(encoded, dict):
+        raise ScenarioError("'finding' must be an object")
+    try:
+        observations = document.get("observations")
+        recorded = RecordedFinding(
+            violations=tuple(str(line) for line in encoded["violations"]),
+            signature=tuple(
+                (str(clause), int(rank), None if step is None else int(step))
+                for clause, rank, step in encoded["signature"]
+            ),
+            torch_version=str(encoded["torch_version"]),
+            backend=str(encoded["backend"]),
+            observations=None if observations is None else observations_from_json(observations),
+        )
+    except KeyError as exc:
+        raise ScenarioError(f"finding: missing field {exc.args[0]!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise ScenarioError(f"finding: malformed signature ({exc})") from None
+    return recorded

@@ -63,11 +63,24 @@ class RankObservation:
 
 
 @dataclass(frozen=True)
+class ReferenceStep:
+    """What a single process computes for one step (``fuzz.reference``)."""
+
+    output_sums: tuple[float, ...]
+    """Per rank: the sum of its forwards' outputs."""
+    grad_sum: float | None
+    """Sum of the rank-averaged gradient after this step's backward,
+    accumulated since the last optimizer step; ``None`` without a backward."""
+
+
+@dataclass(frozen=True)
 class Observations:
     backend: str
     device: str
     torch_version: str
     ranks: tuple[RankObservation, ...]
+    reference: tuple[ReferenceStep, ...] | None = None
+    """The single-process reference run, when the schedules allow one."""
 
 
 def outcome_to_json(outcome: StepOutcome) -> dict[str, Any]:
@@ -100,6 +113,9 @@ def observations_to_json(observations: Observations) -> dict[str, Any]:
             {"setup": outcome_to_json(rank.setup), "steps": [outcome_to_json(s) for s in rank.steps]}
             for rank in observations.ranks
         ],
+        "reference": None
+        if observations.reference is None
+        else [{"output_sums": list(step.output_sums), "grad_sum": step.grad_sum} for step in observations.reference],
     }
 
 
@@ -115,6 +131,9 @@ def observations_from_json(encoded: dict[str, Any]) -> Observations:
             )
             for rank in encoded["ranks"]
         ),
+        reference=None
+        if encoded.get("reference") is None
+        else tuple(ReferenceStep(tuple(step["output_sums"]), step["grad_sum"]) for step in encoded["reference"]),
     )
 
 

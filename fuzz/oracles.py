@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from fuzz.observations import HANG, NOT_RUN, OK, Observations, StepOutcome, WarningRecord
 from fuzz.orders import deviates, first_iteration_divergence, iterations
-from fuzz.scenario import Scenario
+from fuzz.scenario import HYBRID_NODE_SIZE, HYBRID_STRATEGIES, Scenario
 from fuzz.trace import ORDER_CHECK
 
 FIRST_ITERATION_ERROR = "Forward order differs across ranks"
@@ -26,7 +26,14 @@ FIRST_ITERATION = "first-iteration divergence raises"
 LATER_ITERATION = "later deviation warns once"
 EVAL_SILENCE = "eval is unchecked"
 CLEAN_RUN = "clean run"
+REFERENCE = "matches the reference run"
 SILENT_MISMATCH = "no silent mismatch"
+
+RELATIVE_TOLERANCE = 1e-4
+"""Clause 4's tolerance: a sum may differ from the reference's by this much
+times (1 + its magnitude). The reference reduces in another order, in float32,
+so bit equality is not promised; a wrong unit or a lost update is far larger."""
+
 
 
 @dataclass(frozen=True)
@@ -101,7 +108,77 @@ def judge(scenario: Scenario, observations: Observations) -> tuple[Violation, ..
     mismatch = silent_mismatch(observations)
     if mismatch is not None:
         found.append(mismatch)
+    numbers = reference_mismatch(scenario, observations)
+    if numbers is not None and all(v.step is not None and numbers.step < v.step for v in found):
+        found.insert(0, numbers)
     return tuple(found)
+
+
+def consistent(scenario: Scenario) -> bool:
+    """Clause 4's premise: no rank's first-iteration order differs from
+    another's, and none deviates from its own later."""
+    if first_iteration_divergence(scenario) is not None:
+        return False
+    for rank in range(scenario.world_size):
+        first, *later = iterations(scenario, rank) or [None]
+        if first is not None and first.complete and any(deviates(first, other) for other in later):
+            return False
+    return True
+
+
+def gradient_replicas(strategy: str, world_size: int) -> int:
+    """How many ranks hold each element of the averaged gradient once a
+    backward is done: one for the sharded strategies, every rank for
+    ``NO_SHARD``, one per node for hybrid sharding."""
+    if strategy == "NO_SHARD":
+        return world_size
+    if strategy in HYBRID_STRATEGIES:
+        return world_size // HYBRID_NODE_SIZE
+    return 1
+
+
+def reference_mismatch(scenario: Scenario, observations: Observations) -> Violation | None:
+    """The first step whose outputs or gradients differ from the
+    single-process reference run, when the ranks kept to one order.
+
+    A rank's output sum must match the reference for its own batch; the
+    local gradients of all ranks, summed and divided by
+    ``gradient_replicas``, must match the reference's averaged gradient.
+    Only steps that succeeded on the ranks compared are judged.
+    """
+    if observations.reference is None or not consistent(scenario):
+        return None
+    replicas = gradient_replicas(scenario.fsdp.sharding_strategy, scenario.world_size)
+    for index, expected in enumerate(observations.reference):
+        outcomes = [rank.steps[index] for rank in observations.ranks]
+        for rank, outcome in enumerate(outcomes):
+            if outcome.status != OK or outcome.output_sum is None:
+                continue
+            if not _close(outcome.output_sum, expected.output_sums[rank]):
+                return Violation(
+                    REFERENCE,
+                    rank,
+                    index,
+                    f"outputs sum to {outcome.output_sum!r}, the single-process reference gives "
+                    f"{expected.output_sums[rank]!r} for this rank's batch",
+                )
+        if expected.grad_sum is None or any(o.status != OK or o.grad_sum is None for o in outcomes):
+            continue
+        observed = sum(o.grad_sum for o in outcomes) / replicas
+        if not _close(observed, expected.grad_sum):
+            return Violation(
+                REFERENCE,
+                0,
+                index,
+                f"the ranks' gradients sum to {observed!r} (local sums {[o.grad_sum for o in outcomes]} "
+                f"over {replicas} replica(s)), the single-process reference's rank-averaged gradient "
+                f"sums to {expected.grad_sum!r}",
+            )
+    return None
+
+
+def _close(observed: float, expected: float) -> bool:
+    return abs(observed - expected) <= RELATIVE_TOLERANCE * (1 + abs(expected))
 
 
 def silent_mismatch(observations: Observations) -> Violation | None:

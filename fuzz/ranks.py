@@ -28,6 +28,7 @@ from fuzz.observations import (
     outcome_from_json,
     outcome_to_json,
 )
+from fuzz.reference import reference_run
 from fuzz.scenario import Scenario, scenario_from_json
 
 STARTUP_TIMEOUT_S = 120.0
@@ -167,6 +168,7 @@ def observations_of(scenario: Scenario, placement: Placement, outcomes: Sequence
         device=placement.device,
         torch_version=torch.__version__,
         ranks=tuple(_rank_observation(scenario, reported) for reported in outcomes),
+        reference=reference_run(scenario),
     )
 
 

@@ -23,6 +23,8 @@ class ContractCheck:
     report: CampaignReport = field(default_factory=CampaignReport)
     target: str = "(no target)"
     """The fuzz target being run; set by the pytest hooks."""
+    last_failure: tuple[Scenario, Observations, tuple[Violation, ...], KnownIssue | None] | None = None
+    """The latest run that failed: after shrinking, Hypothesis replays the minimal one last."""
 
     def __call__(self, scenario: Scenario, observations: Observations) -> KnownIssue | None:
         violations = judge(scenario, observations)
@@ -30,6 +32,7 @@ class ContractCheck:
         failed = bool(violations) and (known is None or self.strict)
         self.report.record(self.target, scenario, observations, violations, known, failed)
         if failed:
+            self.last_failure = (scenario, observations, violations, known)
             raise AssertionError(explain(scenario, observations, violations, known))
         return known
 

@@ -1,9 +1,11 @@
 """Re-record the observations the oracle unit tests judge.
 
-    python tests/record_observations.py
+    python tests/record_observations.py [NAME ...]
 
-Runs every seed corpus scenario on two CPU ranks and saves scenario plus
-observations under ``tests/recorded/``. The oracle tests read these files
+With names, re-records only those (a corpus file's stem or a clean run's name).
+Runs every corpus scenario, and the clean runs below, on CPU ranks and saves
+scenario plus observations (with the single-process reference) under
+``tests/recorded/``. The oracle tests read these files
 instead of spawning ranks, so they are fast and show exactly which real
 observations each verdict rests on.
 """
@@ -19,19 +21,41 @@ sys.path.insert(0, str(ROOT))
 from fuzz.corpus import load_entry  # noqa: E402
 from fuzz.jsonfmt import format_json  # noqa: E402
 from fuzz.observations import observations_to_json  # noqa: E402
-from fuzz.scenario import scenario_to_json  # noqa: E402
+from fuzz.scenario import FsdpSettings, Scenario, Step, scenario_to_json  # noqa: E402
 from fuzz.spawn import run_scenario  # noqa: E402
+from models.seed import seed_model  # noqa: E402
+
+
+def clean_runs() -> dict[str, Scenario]:
+    """Four ranks keeping one order through optimizer steps and gradient
+    accumulation, for clause 4's numbers."""
+    schedule = (Step(), Step(optimizer_step=True), Step(optimizer_step=True), Step(backward=False))
+    return {
+        f"clean-{strategy.lower().replace('_', '-')}-sgd": Scenario(
+            model=seed_model(),
+            ranks=(schedule,) * 4,
+            fsdp=FsdpSettings(sharding_strategy=strategy),
+            description="every rank takes the same path; outputs and gradients must match the reference",
+        )
+        for strategy in ("HYBRID_SHARD", "NO_SHARD")
+    }
 
 
 def main() -> None:
     target = ROOT / "tests" / "recorded"
     target.mkdir(exist_ok=True)
-    for path in sorted((ROOT / "corpus").rglob("*.json")):
-        entry = load_entry(path)
-        observations = run_scenario(entry.scenario)
-        document = {"scenario": scenario_to_json(entry.scenario), "observations": observations_to_json(observations)}
-        (target / path.name).write_text(format_json(document) + "\n")
-        print(f"recorded {path.relative_to(ROOT)}")
+    scenarios = {path.stem: load_entry(path).scenario for path in sorted((ROOT / "corpus").rglob("*.json"))}
+    scenarios.update(clean_runs())
+    if sys.argv[1:]:
+        unknown = set(sys.argv[1:]) - set(scenarios)
+        if unknown:
+            sys.exit(f"no recorded scenario named {sorted(unknown)}; choose from {sorted(scenarios)}")
+        scenarios = {name: scenarios[name] for name in sys.argv[1:]}
+    for name, scenario in scenarios.items():
+        observations = run_scenario(scenario)
+        document = {"scenario": scenario_to_json(scenario), "observations": observations_to_json(observations)}
+        (target / f"{name}.json").write_text(format_json(document) + "\n")
+        print(f"recorded {name}")
 
 
 if __name__ == "__main__":

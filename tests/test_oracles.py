@@ -15,9 +15,14 @@ from fuzz.oracles import (
     FIRST_ITERATION,
     LATER_ITERATION,
     LATER_WARNING,
+    REFERENCE,
+    RELATIVE_TOLERANCE,
     SILENT_MISMATCH,
+    consistent,
     expectations,
+    gradient_replicas,
     judge,
+    reference_mismatch,
     silent_mismatch,
 )
 
@@ -180,3 +185,59 @@ def test_the_recorded_hybrid_cross_node_divergence_matches_its_known_issue(recor
     ranks = scenario.ranks
     within_a_node = replace(scenario, ranks=(ranks[0], ranks[2], ranks[1], ranks[3]))
     assert triage(within_a_node, observations, violations) is None
+
+
+# Clause 4's numbers: the recorded runs carry the single-process reference
+# that the executor computed next to them.
+
+
+def scaled(outcome: StepOutcome, field: str, factor: float) -> StepOutcome:
+    return replace(outcome, **{field: getattr(outcome, field) * factor})
+
+
+@pytest.mark.parametrize("name", ["train_eval-full_shard", "clean-hybrid-shard-sgd", "clean-no-shard-sgd"])
+def test_clean_runs_match_the_reference(recorded, name):
+    scenario, observations = recorded(name)
+    assert observations.reference is not None and consistent(scenario)
+    assert reference_mismatch(scenario, observations) is None
+
+
+def test_an_output_off_by_more_than_the_tolerance_is_a_violation(recorded):
+    scenario, observations = recorded("clean-hybrid-shard-sgd")
+    step = 2
+    outcome = observations.ranks[3].steps[step]
+    off = with_step(observations, 3, step, scaled(outcome, "output_sum", 1 + 10 * RELATIVE_TOLERANCE))
+    assert [(v.clause, v.rank, v.step) for v in judge(scenario, off)] == [(REFERENCE, 3, step)]
+    within = with_step(observations, 3, step, scaled(outcome, "output_sum", 1 + 1e-7))
+    assert judge(scenario, within) == ()
+
+
+def test_a_lost_gradient_contribution_is_a_violation(recorded):
+    scenario, observations = recorded("clean-no-shard-sgd")
+    step = 1
+    assert scenario.ranks[0][step].backward
+    halved = with_step(observations, 2, step, scaled(observations.ranks[2].steps[step], "grad_sum", 0.5))
+    violations = judge(scenario, halved)
+    assert [(v.clause, v.step) for v in violations] == [(REFERENCE, step)]
+    assert "rank-averaged gradient" in violations[0].message
+
+
+def test_gradients_are_counted_once_per_replica():
+    assert gradient_replicas("FULL_SHARD", 4) == 1
+    assert gradient_replicas("SHARD_GRAD_OP", 3) == 1
+    assert gradient_replicas("NO_SHARD", 3) == 3
+    assert gradient_replicas("HYBRID_SHARD", 4) == 2
+    assert gradient_replicas("_HYBRID_SHARD_ZERO2", 4) == 2
+
+
+def test_numbers_are_not_judged_when_orders_differ(recorded):
+    scenario, observations = recorded("invalid_first_iter_order-full_shard")
+    assert not consistent(scenario)
+    assert reference_mismatch(scenario, with_step(observations, 0, 0, StepOutcome(OK, output_sum=1e9))) is None
+
+
+def test_a_number_mismatch_after_another_failure_is_left_to_that_failure(recorded):
+    scenario, observations = recorded("clean-hybrid-shard-sgd")
+    failed = with_step(observations, 0, 1, StepOutcome(ERROR, error_type="ValueError", error_message="boom"))
+    failed = with_step(failed, 1, 2, scaled(observations.ranks[1].steps[2], "output_sum", 2.0))
+    assert [(v.clause, v.rank, v.step) for v in judge(scenario, failed)] == [(CLEAN_RUN, 0, 1)]

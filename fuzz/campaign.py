@@ -1,0 +1,134 @@
+"""A campaign outside pytest: Hypothesis runs against the pool until a budget
+of scenarios or seconds is spent, saving each shrunk finding and going on.
+
+A finding ends one Hypothesis run (it shrinks, then raises); the campaign
+saves it to the corpus and starts the next run with a fresh seed, so one
+bug does not end the search for the next.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import strategies as st
+
+from fuzz.corpus import save_finding
+from fuzz.pool import PoolSet
+from fuzz.seed_family import seed_family_scenarios
+from fuzz.strategies import scenarios
+from fuzz.verdict import ContractCheck
+
+TARGETS: dict[str, Callable[[], st.SearchStrategy]] = {
+    "generated": scenarios,
+    "seed": seed_family_scenarios,
+}
+
+
+class BudgetSpent(BaseException):
+    """Stops a Hypothesis run at once: not an ``Exception``, so Hypothesis
+    neither catches nor shrinks it."""
+
+
+@dataclass
+class Budget:
+    examples: int | None = None
+    seconds: float | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def spent(self, examples: int) -> bool:
+        return (self.examples is not None and examples >= self.examples) or (
+            self.seconds is not None and self.elapsed() >= self.seconds
+        )
+
+
+@dataclass
+class CampaignResult:
+    examples: int
+    wall_s: float
+    findings: list[tuple[Path, bool]]
+    """Saved corpus files, and whether each is new."""
+    hypothesis_runs: int
+
+
+def run_campaign(
+    target: str,
+    pools: PoolSet,
+    check: ContractCheck,
+    budget: Budget,
+    corpus: Path,
+    progress: Callable[[str], None] = print,
+    progress_every_s: float = 10.0,
+    random_seed: int | None = None,
+) -> CampaignResult:
+    strategy = TARGETS[target]()
+    check.target = target
+    tally = check.report.tally(target)
+    rng = random.Random(random_seed)
+    findings: list[tuple[Path, bool]] = []
+    last_progress = time.monotonic()
+    runs = 0
+
+    def one_scenario(scenario) -> None:
+        nonlocal last_progress
+        if budget.spent(tally.examples):
+            raise BudgetSpent
+        check(scenario, pools.run(scenario))
+        if time.monotonic() - last_progress >= progress_every_s:
+            last_progress = time.monotonic()
+            progress(progress_line(check, target, budget))
+
+    remaining = budget.examples - tally.examples if budget.examples is not None else 10**9
+    while not budget.spent(tally.examples):
+        runs += 1
+        check.last_failure = None
+        hypothesis_run = seed(rng.getrandbits(64))(
+            settings(
+                max_examples=max(1, remaining),
+                deadline=None,
+                database=None,
+                phases=(Phase.generate, Phase.target, Phase.shrink),
+                suppress_health_check=list(HealthCheck),
+                print_blob=False,
+            )(given(strategy)(one_scenario))
+        )
+        try:
+            hypothesis_run()
+        except BudgetSpent:
+            break
+        except Exception:  # noqa: BLE001 - the finding is in check.last_failure
+            if check.last_failure is None:
+                raise
+            path, new = save_finding(corpus, *check.last_failure, found_by=f"python -m fuzz run --target {target}")
+            findings.append((path, new))
+            progress(f"finding {'saved to' if new else 'already in the corpus:'} {path}")
+        else:
+            break
+        remaining = budget.examples - tally.examples if budget.examples is not None else 10**9
+    tally.wall_s += budget.elapsed()
+    return CampaignResult(tally.examples, budget.elapsed(), findings, runs)
+
+
+def progress_line(check: ContractCheck, target: str, budget: Budget) -> str:
+    tally = check.report.tally(target)
+    elapsed = budget.elapsed()
+    rate = tally.examples / elapsed if elapsed else 0.0
+    of = f"/{budget.examples}" if budget.examples is not None else ""
+    left = f", {max(0.0, budget.seconds - elapsed):.0f} s left" if budget.seconds is not None else ""
+    known = sum(tally.known_issues.values())
+    return (
+        f"[{elapsed:6.0f} s] {tally.examples}{of} scenarios ({rate:.1f}/s{left}); "
+        f"known-issue runs {known}; {_counts(tally.outcomes)}"
+    )
+
+
+def _counts(counter: Counter) -> str:
+    return ", ".join(f"{count} {name}" for name, count in sorted(counter.items()))

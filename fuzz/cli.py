@@ -1,0 +1,236 @@
+"""``python -m fuzz`` (console script ``fsdp-fuzz``): run, replay, show, repro.
+
+Exit codes: 0 all good, 1 a finding or a replay that did not pass,
+2 bad input (the message names it and the fix), 4 the device cannot run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from fuzz.campaign import TARGETS, Budget, progress_line, run_campaign
+from fuzz.corpus import CorpusEntry, corpus_files, load_entry
+from fuzz.known_issues import known_issue
+from fuzz.pool import DEFAULT_GROUP_TIMEOUT_S, PoolSet
+from fuzz.ranks import DeviceError, Placement
+from fuzz.render import render_scenario
+from fuzz.replay import replay_result
+from fuzz.scenario import ScenarioError
+from fuzz.verdict import ContractCheck
+
+DEFAULT_CORPUS = Path("corpus")
+DEFAULT_EXAMPLES = 100
+
+
+class UsageProblem(Exception):
+    """Bad input from the command line, worded for the person who typed it."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.command(args)
+    except UsageProblem as exc:
+        print(f"fsdp-fuzz {args.name}: {exc}", file=sys.stderr)
+        return 2
+    except ScenarioError as exc:
+        print(f"fsdp-fuzz {args.name}: {exc}", file=sys.stderr)
+        return 2
+    except DeviceError as exc:
+        print(f"fsdp-fuzz {args.name}: {exc}", file=sys.stderr)
+        return 4
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fuzz", description="A property-based fuzzer for the forward paths of PyTorch FSDP."
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="fuzz FSDP until a budget is spent; save findings to the corpus")
+    run.add_argument("--target", choices=sorted(TARGETS), default="generated", help="what to generate (%(default)s)")
+    budget = run.add_argument_group(f"budget (default: {DEFAULT_EXAMPLES} scenarios)")
+    budget.add_argument("--examples", type=int, help="stop after this many scenarios")
+    budget.add_argument("--time", type=_duration, help="stop after this long: 90s, 10m, 1h")
+    run.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="findings go to CORPUS/found (%(default)s)")
+    run.add_argument("--report", type=Path, help="write the campaign report as JSON here")
+    run.add_argument("--strict", action="store_true", help="treat known issues as findings too")
+    run.add_argument("--seed", type=int, help="Hypothesis seed, for a campaign that can be repeated")
+    _add_device_options(run)
+    run.set_defaults(command=_run, name="run")
+
+    replay = commands.add_parser("replay", help="re-run corpus files and compare with what they recorded")
+    replay.add_argument("paths", nargs="*", type=Path, default=[DEFAULT_CORPUS], help="files or directories")
+    _add_device_options(replay)
+    replay.set_defaults(command=_replay, name="replay")
+
+    show = commands.add_parser("show", help="print a corpus file readably: model, units, steps, expectations")
+    show.add_argument("path", type=Path)
+    show.set_defaults(command=_show, name="show")
+
+    repro = commands.add_parser("repro", help="write a standalone reproducer script (needs only torch)")
+    repro.add_argument("path", type=Path)
+    repro.add_argument("-o", "--output", type=Path, help="script to write (default: repro_<name>.py)")
+    repro.set_defaults(command=_repro, name="repro")
+    return parser
+
+
+def _add_device_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="gloo on CPU or NCCL, 1 GPU/rank")
+    parser.add_argument(
+        "--group-timeout",
+        type=float,
+        default=DEFAULT_GROUP_TIMEOUT_S,
+        help="seconds before a collective counts as a hang (%(default)s)",
+    )
+
+
+def _duration(text: str) -> float:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; write e.g. 90s, 10m or 1h")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+def _pools(args: argparse.Namespace) -> PoolSet:
+    placement = Placement(args.device)
+    placement.check(2)
+    return PoolSet(placement, args.group_timeout)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.examples is not None and args.examples < 1:
+        raise UsageProblem("--examples must be at least 1")
+    examples = args.examples if args.examples is not None or args.time is not None else DEFAULT_EXAMPLES
+    budget = Budget(examples=examples, seconds=args.time)
+    check = ContractCheck(strict=args.strict)
+    limits = [f"{examples} scenarios"] if examples is not None else []
+    limits += [f"{args.time:.0f} s"] if args.time is not None else []
+    print(
+        f"fuzzing target {args.target!r} for {' or '.join(limits)} on {args.device} "
+        f"(torch {torch.__version__}); findings go to {args.corpus / 'found'}",
+        flush=True,
+    )
+    with _pools(args) as pools:
+        result = run_campaign(
+            args.target,
+            pools,
+            check,
+            budget,
+            args.corpus,
+            progress=lambda line: print(line, flush=True),
+            random_seed=args.seed,
+        )
+    print(progress_line(check, args.target, budget))
+    tally = check.report.tally(args.target)
+    runs = result.hypothesis_runs
+    print(f"\nsummary: {result.examples} scenarios in {result.wall_s:.1f} s, {runs} Hypothesis run(s)")
+    print("  violated clauses (known issues included): " + (_counts(tally.clauses) or "none"))
+    for name, count in tally.known_issues.most_common():
+        print(f"  known issue {name}: {count} run(s); upstream: {known_issue(name).upstream}")
+    for path, new in result.findings:
+        print(f"  finding {'NEW' if new else 'seen before'}: {path}")
+        print(f"    python -m fuzz show {path}; python -m fuzz repro {path}")
+    if not result.findings:
+        print("  findings: none")
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        report = check.report.to_json(profile=f"cli:{args.target}", backend=Placement(args.device).backend)
+        args.report.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"  report written to {args.report}")
+    return 1 if result.findings else 0
+
+
+def _entries(paths: Sequence[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = corpus_files(path)
+            if not found:
+                raise UsageProblem(f"no corpus files (*.json) under {path}")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UsageProblem(f"{path} does not exist; give corpus files or directories")
+    return files
+
+
+def _replay(args: argparse.Namespace) -> int:
+    files = _entries(args.paths)
+    statuses: Counter = Counter()
+    with _pools(args) as pools:
+        for path in files:
+            try:
+                entry = load_entry(path)
+            except ScenarioError as exc:
+                statuses["MALFORMED"] += 1
+                print(f"MALFORMED           {exc}", flush=True)
+                continue
+            result = replay_result(entry, pools.run(entry.scenario))
+            statuses[result.status] += 1
+            print(f"{result.status:<19} {path}", flush=True)
+            if not result.passed:
+                print("    " + result.detail.replace("\n", "\n    "), flush=True)
+    print(f"\nreplayed {len(files)} file(s): {_counts(statuses)}")
+    return 0 if all(status in ("keeps the contract", "still reproduces") for status in statuses) else 1
+
+
+def _show(args: argparse.Namespace) -> int:
+    entry = _load(args.path)
+    print(render_scenario(entry.scenario))
+    if entry.known_issue:
+        issue = known_issue(entry.known_issue)
+        print(f"\nknown issue {issue.name}: {issue.description}\n  upstream: {issue.upstream}")
+    if entry.finding is not None:
+        finding = entry.finding
+        print(f"\nrecorded finding (torch {finding.torch_version}, {finding.backend}):")
+        print("\n".join(f"  {line}" for line in finding.violations))
+    return 0
+
+
+def _repro(args: argparse.Namespace) -> int:
+    from fuzz.repro import reproducer_script
+
+    entry = _load(args.path)
+    output = args.output or Path(f"repro_{entry.path.stem.replace('-', '_')}.py")
+    output.write_text(reproducer_script(entry.scenario, title=_title(entry), notes=_notes(entry)))
+    print(f"wrote {output}; run it with: python {output}  (add --device cuda for one GPU per rank)")
+    return 0
+
+
+def _load(path: Path) -> CorpusEntry:
+    if not path.is_file():
+        raise UsageProblem(f"{path} is not a file; give a corpus file such as corpus/seed/train_eval-full_shard.json")
+    return load_entry(path)
+
+
+def _title(entry: CorpusEntry) -> str:
+    if entry.known_issue:
+        return f"FSDP known issue {entry.known_issue}"
+    return entry.scenario.description or f"FSDP fuzz finding {entry.path.stem}"
+
+
+def _notes(entry: CorpusEntry) -> str:
+    lines = []
+    if entry.scenario.description:
+        lines.append(entry.scenario.description)
+    if entry.known_issue:
+        issue = known_issue(entry.known_issue)
+        lines += [issue.description, f"Upstream: {issue.upstream}" if issue.upstream else "Upstream: none filed yet"]
+    if entry.finding is not None:
+        lines.append(f"Found with torch {entry.finding.torch_version} ({entry.finding.backend}); the contract says:")
+        lines += [f"  {line}" for line in entry.finding.violations]
+    return "\n".join(lines)
+
+
+def _counts(counter: Counter) -> str:
+    return ", ".join(f"{count} {name}" for name, count in sorted(counter.items()))
