@@ -3,7 +3,8 @@ of scenarios or seconds is spent, saving each shrunk finding and going on.
 
 A finding ends one Hypothesis run (it shrinks, then raises); the campaign
 saves it to the corpus and starts the next run with a fresh seed, so one
-bug does not end the search for the next.
+bug does not end the search for the next. A spent budget never cuts a
+shrink short: an unshrunk finding is worth less than the time it saves.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def run_campaign(
 
     def one_scenario(scenario) -> None:
         nonlocal last_progress
-        if budget.spent(tally.examples):
+        shrinking = check.last_failure is not None
+        if budget.spent(tally.examples) and not shrinking:
             raise BudgetSpent
         check(scenario, pools.run(scenario))
         if time.monotonic() - last_progress >= progress_every_s:
