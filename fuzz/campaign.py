@@ -106,8 +106,9 @@ def run_campaign(
             hypothesis_run()
         except BudgetSpent:
             break
-        except Exception:  # noqa: BLE001 - the finding is in check.last_failure
-            if check.last_failure is None:
+        except Exception as exc:
+            if not _contract_failures(exc) or check.last_failure is None:
+                progress("the fuzzer itself failed on the scenario above (a harness bug, not an FSDP finding)")
                 raise
             path, new = save_finding(corpus, *check.last_failure, found_by=f"python -m fuzz run --target {target}")
             findings.append((path, new))
@@ -117,6 +118,15 @@ def run_campaign(
         remaining = budget.examples - tally.examples if budget.examples is not None else 10**9
     tally.wall_s += budget.elapsed()
     return CampaignResult(tally.examples, budget.elapsed(), findings, runs)
+
+
+def _contract_failures(exc: BaseException) -> bool:
+    """Whether Hypothesis raised contract violations only (``ContractCheck``
+    raises ``AssertionError``; several distinct ones come as a group)."""
+    grouped = getattr(exc, "exceptions", None)  # an ExceptionGroup, also the backport's on Python 3.10
+    if isinstance(grouped, tuple):
+        return all(_contract_failures(inner) for inner in grouped)
+    return isinstance(exc, AssertionError)
 
 
 def progress_line(check: ContractCheck, target: str, budget: Budget) -> str:

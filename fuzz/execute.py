@@ -24,8 +24,15 @@ from fuzz.scenario import HYBRID_NODE_SIZE, HYBRID_STRATEGIES, Scenario, Step
 from fuzz.trace import CollectiveTrace, tracing
 from models.build import BuiltModel, build_model, freeze_untaken_alternatives, wrap_fsdp
 
-# How gloo and NCCL word a collective that outlived the group's timeout.
-_TIMEOUT_MARKERS = ("Timed out", "timed out", "Watchdog caught collective operation timeout")
+# How gloo and NCCL word a collective that outlived the group's timeout. A
+# peer that timed out first closes its connections, so a rank waiting on it
+# may hear "Connection closed by peer" first: which one wins is a race.
+_TIMEOUT_MARKERS = (
+    "Timed out",
+    "timed out",
+    "Watchdog caught collective operation timeout",
+    "Connection closed by peer",
+)
 
 
 def step_input(scenario: Scenario, rank: int, step: int, forward: int) -> torch.Tensor:

@@ -80,7 +80,10 @@ def expectations(scenario: Scenario) -> tuple[RankExpectation, ...]:
 
 
 def _error_steps(scenario: Scenario, rank: int, position: int) -> frozenset[int]:
-    first = iterations(scenario, rank)[0]
+    rank_iterations = iterations(scenario, rank)
+    if not rank_iterations:
+        return frozenset()  # never in a training forward: FSDP has nowhere to raise on this rank
+    first = rank_iterations[0]
     if position < len(first.uses):
         return frozenset({first.uses[position].step})
     # This rank's order ended first: it can only learn of the divergence from

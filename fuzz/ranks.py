@@ -92,6 +92,8 @@ def join_default_group(rank: int, world_size: int, store_path: str, placement: P
 
 def serve_scenario(encoded: str, scenario_id: int, rank: int, placement: Placement, group_timeout_s: float, reports):
     """In a rank: run one scenario on groups of its own and report each outcome."""
+    import torch.distributed as dist
+
     from fuzz.execute import new_scenario_groups, run_rank
 
     scenario = scenario_from_json(json.loads(encoded))
@@ -102,6 +104,9 @@ def serve_scenario(encoded: str, scenario_id: int, rank: int, placement: Placeme
         for outcome in run_rank(scenario, rank, placement.rank_device(rank), groups.for_fsdp, timings):
             reports.put(("outcome", rank, scenario_id, outcome_to_json(outcome)))
     finally:
+        # A peer still inside a collective must end by its own timeout (a
+        # hang), not by this rank closing the connection under it (an error).
+        dist.barrier()
         groups.destroy()
     reports.put(("done", rank, scenario_id, timings))
 

@@ -241,3 +241,23 @@ def test_a_number_mismatch_after_another_failure_is_left_to_that_failure(recorde
     failed = with_step(observations, 0, 1, StepOutcome(ERROR, error_type="ValueError", error_message="boom"))
     failed = with_step(failed, 1, 2, scaled(observations.ranks[1].steps[2], "output_sum", 2.0))
     assert [(v.clause, v.rank, v.step) for v in judge(scenario, failed)] == [(CLEAN_RUN, 0, 1)]
+
+
+def test_a_rank_that_never_trains_is_not_expected_to_raise():
+    from fuzz.scenario import Scenario, Step
+    from models.seed import seed_model
+
+    trains = (Step(path={"branch": (0,)}),)
+    only_evals = (Step(mode="eval", path={"branch": (0,)}, backward=False),)
+    scenario = Scenario(model=seed_model(), ranks=(trains, only_evals))
+    assert [sorted(e.error_steps) for e in expectations(scenario)] == [[0], []]
+
+
+def test_the_recorded_hang_of_an_internally_agreeing_node_matches_the_hybrid_known_issue(recorded):
+    scenario, observations = recorded("hybrid-order-check-intra-node-only-one-node-diverges")
+    violations = judge(scenario, observations)
+    assert {(v.clause, v.rank) for v in violations} == {(FIRST_ITERATION, 2), (FIRST_ITERATION, 3)}
+    assert all("a hang" in v.message for v in violations)
+    assert triage(scenario, observations, violations).name == "hybrid-order-check-intra-node-only"
+    blamed_the_diverging_node = tuple(replace(v, rank=v.rank - 2) for v in violations)
+    assert triage(scenario, observations, blamed_the_diverging_node) is None
