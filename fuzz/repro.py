@@ -349,8 +349,14 @@ def fsdp_group(rank, timeout_s):
 '''
 
 _RANK_CODE = '''
-# How gloo and NCCL word a collective that outlived the group's timeout.
-TIMEOUT_MARKERS = ("Timed out", "timed out", "Watchdog caught collective operation timeout")
+# How gloo and NCCL word a collective that outlived the group's timeout; a peer
+# that timed out first may close the connection before this rank's timeout fires.
+TIMEOUT_MARKERS = (
+    "Timed out",
+    "timed out",
+    "Watchdog caught collective operation timeout",
+    "Connection closed by peer",
+)
 
 
 @contextmanager

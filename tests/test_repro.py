@@ -60,10 +60,9 @@ def repro_result(stdout: str) -> dict:
 
 def settled(status: str, error_type: str | None, message: str | None) -> tuple[str, str | None]:
     """A rank stuck in a collective ends by its own timeout or, when the peer
-    that timed out first tears its groups down (``fuzz.ranks.serve_scenario``
-    destroys them before waiting for the others), by "Connection closed by
-    peer": which comes first is a race in the fuzzer's harness, so both count
-    as a hang here."""
+    that timed out first closes its connections, by "Connection closed by
+    peer": which comes first is a race inside gloo. The fuzzer counts both as
+    a hang (``fuzz.execute``); the script reports the message as it came."""
     if status == "error" and "Connection closed by peer" in (message or ""):
         return "hang", error_type
     return status, error_type
