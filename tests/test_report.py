@@ -71,3 +71,22 @@ def test_fuzz_report_is_written(tmp_path):
     assert report["profile"] == "ci" and report["backend"] == "gloo"
     (tally,) = report["targets"].values()
     assert tally["examples"] >= 30 and tally["wall_s"] > 0
+
+
+def test_a_failing_target_saves_its_shrunk_finding_to_the_corpus(tmp_path):
+    corpus = tmp_path / "corpus"
+    result = run_pytest(
+        "fuzz/test_seed_family.py",
+        "--hypothesis-profile=ci",
+        "--strict-contract",
+        f"--corpus={corpus}",
+        env={"HYPOTHESIS_PROFILE": "ci"},
+    )
+    assert result.returncode == 1, result.stdout[-2000:]
+    (saved,) = sorted((corpus / "found").glob("*.json"))
+    assert f"finding saved to {saved}" in result.stdout
+    assert f"python -m fuzz repro {saved}" in result.stdout
+    document = json.loads(saved.read_text())
+    assert document["finding"]["found_by"] == "fuzz/test_seed_family.py::test_seed_family_keeps_the_contract"
+    assert document["known_issue"] is not None, "--strict-contract fails known issues, and says which"
+    assert document["finding"]["violations"] and document["observations"]["backend"] == "gloo"
