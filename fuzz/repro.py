@@ -7,18 +7,13 @@ parameters, same frozen ones, same path mechanism), runs the ranks the way
 ``fuzz.spawn.run_scenario`` and ``fuzz.execute`` do (file rendezvous, the
 scenario's own process groups, the debug level set before wrapping, the same
 inputs), and prints what each rank did in each step, ending with one line
-``REPRO-RESULT <json>`` for machines.
-
-    python -m fuzz.repro corpus/known/some-issue.json -o repro.py
+``REPRO-RESULT <json>`` for machines. ``python -m fuzz repro FILE`` writes one.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import textwrap
-from pathlib import Path
 from typing import Any
 
 from fuzz.scenario import HYBRID_NODE_SIZE, HYBRID_STRATEGIES, Scenario, step_to_json
@@ -589,28 +584,3 @@ if __name__ == "__main__":
     sys.exit(main())
 '''
 
-
-# Command line ------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    from fuzz.corpus import load_entry
-
-    parser = argparse.ArgumentParser(description="Write a standalone reproducer for a corpus file.")
-    parser.add_argument("file", type=Path, help="a scenario or known-issue file")
-    parser.add_argument("-o", "--output", type=Path, help="where to write the script (default: stdout)")
-    parser.add_argument("--title", default="", help="first line of the script's docstring")
-    parser.add_argument("--notes", default="", help="what to say about it")
-    args = parser.parse_args(argv)
-    entry = load_entry(args.file)
-    title = args.title or (f"FSDP known issue {entry.known_issue}" if entry.known_issue else "")
-    script = reproducer_script(entry.scenario, title=title, notes=args.notes)
-    if args.output:
-        args.output.write_text(script)
-    else:
-        sys.stdout.write(script)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
