@@ -19,6 +19,7 @@ from fuzz.oracles import (
     EVAL_SILENCE,
     FIRST_ITERATION,
     LATER_ITERATION,
+    LATER_WARNING,
     SILENT_MISMATCH,
     Violation,
     expectations,
@@ -105,6 +106,39 @@ def _hybrid_divergence_hidden_from_a_node(
     return all(
         v.clause == SILENT_MISMATCH or (v.clause == FIRST_ITERATION and v.rank in blind) for v in violations
     )
+
+
+def _later_warning_names_intra_node_rank(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    """Later-iteration verdicts only, each on a rank whose due warning came
+    naming its rank within its node instead."""
+    if scenario.fsdp.sharding_strategy not in HYBRID_STRATEGIES:
+        return False
+    due = expectations(scenario)
+
+    def named_locally(rank: int) -> bool:
+        local = LATER_WARNING.format(rank=rank % HYBRID_NODE_SIZE)
+        steps = observations.ranks[rank].steps
+        return rank >= HYBRID_NODE_SIZE and any(
+            warning.message.startswith(local) for step in due[rank].warning_steps for warning in steps[step].warnings
+        )
+
+    return all(v.clause == LATER_ITERATION and named_locally(v.rank) for v in violations)
+
+
+def backward_steps_differ(scenario: Scenario) -> int | None:
+    """First step where some ranks run a backward and others do not."""
+    for index in range(scenario.num_steps):
+        if len({steps[index].backward for steps in scenario.ranks}) > 1:
+            return index
+    return None
+
+
+def _backward_on_some_ranks_only(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    return first_iteration_divergence(scenario) is None and _failures_from(backward_steps_differ(scenario), violations)
 
 
 def _later_check_ignores_repeats(
@@ -303,6 +337,28 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
         ),
         upstream="none found",
         matches=_order_error_raises_key_error,
+    ),
+    KnownIssue(
+        name="hybrid-warning-names-intra-node-rank",
+        description=(
+            "With HYBRID_SHARD or _HYBRID_SHARD_ZERO2, the later-iteration warning names the rank within its "
+            "node ('... on rank 0' on global rank 2): _ExecOrderData takes its rank from the intra-node "
+            "process group. In a multi-node job the warning points at the wrong process."
+        ),
+        upstream="none found; same root as hybrid-order-check-intra-node-only (the intra-node group is used)",
+        matches=_later_warning_names_intra_node_rank,
+    ),
+    KnownIssue(
+        name="backward-on-some-ranks-only",
+        description=(
+            "FSDP checks the order of forwards only. Ranks whose forwards agree but that disagree on whether "
+            "a step runs a backward (one rank skips it, as a 'skip the step on a NaN loss' guard does) meet "
+            "with unmatched collectives: one rank's reduce-scatter waits for the others, which have moved on "
+            "to the next forward's all-gather. The result is a hang or a silent pairing, with no error "
+            "naming the cause, at every debug level."
+        ),
+        upstream="none found; outside what the order check covers (forwards only), by design",
+        matches=_backward_on_some_ranks_only,
     ),
 )
 

@@ -5,7 +5,8 @@ states them): a forward *uses* an FSDP unit when the unit's module runs and
 the unit flattens at least one parameter of its own; a rank's *iteration* is
 its training-mode forwards up to and including a backward; its *order* in an
 iteration is the sequence of units those forwards use. Eval-mode forwards
-belong to no iteration. Training-mode forwards with grad disabled do count:
+belong to no iteration, and a backward with no training-mode forward since
+the last iteration (after eval forwards only) ends none. Training-mode forwards with grad disabled do count:
 FSDP is in training mode and the user asked for it.
 
 Nothing here looks at what FSDP recorded; an oracle built on FSDP's own
@@ -67,7 +68,7 @@ def iterations(scenario: Scenario, rank: int) -> tuple[Iteration, ...]:
             units = forward_units(scenario.model, step.path)
             uses.extend(UnitUse(index, unit) for _ in range(step.forwards) for unit in units)
             steps.append(index)
-        if step.backward:
+        if step.backward and steps:
             if index not in steps:
                 steps.append(index)
             found.append(Iteration(tuple(uses), tuple(steps), complete=True))

@@ -261,3 +261,35 @@ def test_the_recorded_hang_of_an_internally_agreeing_node_matches_the_hybrid_kno
     assert triage(scenario, observations, violations).name == "hybrid-order-check-intra-node-only"
     blamed_the_diverging_node = tuple(replace(v, rank=v.rank - 2) for v in violations)
     assert triage(scenario, observations, blamed_the_diverging_node) is None
+
+
+def test_the_recorded_hybrid_warning_naming_the_local_rank_matches_its_known_issue(recorded):
+    scenario, observations = recorded("hybrid-warning-names-intra-node-rank")
+    violations = judge(scenario, observations)
+    assert {(v.clause, v.rank, v.step) for v in violations} == {(LATER_ITERATION, 2, 4), (LATER_ITERATION, 3, 4)}
+    assert triage(scenario, observations, violations).name == "hybrid-warning-names-intra-node-rank"
+    named_globally = replace(observations.ranks[2].steps[4], warnings=(later_warning(2),))
+    globally_named = with_step(observations, 2, 4, named_globally)
+    assert [(v.rank, v.step) for v in judge(scenario, globally_named)] == [(3, 4), (3, 4)]
+    unsharded = replace(scenario, fsdp=replace(scenario.fsdp, sharding_strategy="FULL_SHARD"))
+    assert triage(unsharded, observations, violations) is None
+
+
+def test_the_recorded_hang_of_a_skipped_backward_matches_its_known_issue(recorded):
+    scenario, observations = recorded("backward-on-some-ranks-only")
+    violations = judge(scenario, observations)
+    assert [(v.clause, v.rank, v.step) for v in violations] == [(CLEAN_RUN, 1, 0)]
+    assert triage(scenario, observations, violations).name == "backward-on-some-ranks-only"
+    both_backward = replace(scenario, ranks=(scenario.ranks[1], scenario.ranks[1]))
+    assert triage(both_backward, observations, violations) is None
+
+
+def test_a_backward_after_eval_forwards_only_ends_no_iteration():
+    from fuzz.orders import iterations
+    from fuzz.scenario import Scenario, Step
+    from models.seed import seed_model
+
+    steps = (Step(mode="eval", path={"branch": (0,)}), Step(path={"branch": (0,)}))
+    scenario = Scenario(model=seed_model(), ranks=(steps, steps))
+    assert [iteration.steps for iteration in iterations(scenario, 0)] == [(1,)]
+    assert all(not e.warning_steps for e in expectations(scenario))
