@@ -103,9 +103,14 @@ def _hybrid_divergence_hidden_from_a_node(
         if len(set(first_orders[start : start + HYBRID_NODE_SIZE])) == 1
         for rank in range(start, start + HYBRID_NODE_SIZE)
     }
-    return all(
-        v.clause == SILENT_MISMATCH or (v.clause == FIRST_ITERATION and v.rank in blind) for v in violations
-    )
+
+    def explained(v: Violation) -> bool:
+        if v.clause == SILENT_MISMATCH or (v.clause == FIRST_ITERATION and v.rank in blind):
+            return True
+        # The diverging node's own error, worded as order-error-key-error-with-orig-params words it.
+        return _order_error_raises_key_error(scenario, observations, (v,))
+
+    return all(explained(v) for v in violations)
 
 
 def _later_warning_names_intra_node_rank(
