@@ -293,3 +293,12 @@ def test_a_backward_after_eval_forwards_only_ends_no_iteration():
     scenario = Scenario(model=seed_model(), ranks=(steps, steps))
     assert [iteration.steps for iteration in iterations(scenario, 0)] == [(1,)]
     assert all(not e.warning_steps for e in expectations(scenario))
+
+
+def test_the_recorded_key_error_and_hang_of_hybrid_with_orig_params_match_the_hybrid_known_issue(recorded):
+    scenario, observations = recorded("hybrid-order-check-intra-node-only-with-orig-params")
+    violations = judge(scenario, observations)
+    assert {(v.clause, v.rank) for v in violations} == {(FIRST_ITERATION, rank) for rank in range(4)}
+    assert triage(scenario, observations, violations).name == "hybrid-order-check-intra-node-only"
+    without_orig_params = replace(scenario, fsdp=replace(scenario.fsdp, use_orig_params=False))
+    assert triage(without_orig_params, observations, violations) is None
