@@ -29,6 +29,8 @@ CLEAN_RUN = "clean run"
 REFERENCE = "matches the reference run"
 SILENT_MISMATCH = "no silent mismatch"
 
+GRADIENT_MISMATCH = "the ranks' gradients sum to"
+
 RELATIVE_TOLERANCE = 1e-4
 """Clause 4's tolerance: a sum may differ from the reference's by this much
 times (1 + its magnitude). The reference reduces in another order, in float32,
@@ -173,7 +175,7 @@ def reference_mismatch(scenario: Scenario, observations: Observations) -> Violat
                 REFERENCE,
                 0,
                 index,
-                f"the ranks' gradients sum to {observed!r} (local sums {[o.grad_sum for o in outcomes]} "
+                f"{GRADIENT_MISMATCH} {observed!r} (local sums {[o.grad_sum for o in outcomes]} "
                 f"over {replicas} replica(s)), the single-process reference's rank-averaged gradient "
                 f"sums to {expected.grad_sum!r}",
             )

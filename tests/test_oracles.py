@@ -302,3 +302,14 @@ def test_the_recorded_key_error_and_hang_of_hybrid_with_orig_params_match_the_hy
     assert triage(scenario, observations, violations).name == "hybrid-order-check-intra-node-only"
     without_orig_params = replace(scenario, fsdp=replace(scenario.fsdp, use_orig_params=False))
     assert triage(without_orig_params, observations, violations) is None
+
+
+def test_the_recorded_lost_gradient_after_refreezing_matches_its_known_issue(recorded):
+    scenario, observations = recorded("refreeze-drops-accumulated-grads-with-orig-params")
+    violations = judge(scenario, observations)
+    assert [(v.clause, v.step) for v in violations] == [(REFERENCE, 1)]
+    assert triage(scenario, observations, violations).name == "refreeze-drops-accumulated-grads-with-orig-params"
+    same_path = tuple((steps[0], replace(steps[1], path=steps[0].path)) for steps in scenario.ranks)
+    assert triage(replace(scenario, ranks=same_path), observations, violations) is None
+    stepped_between = tuple((replace(steps[0], optimizer_step=True), steps[1]) for steps in scenario.ranks)
+    assert triage(replace(scenario, ranks=stepped_between), observations, violations) is None
