@@ -390,7 +390,10 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
             "to the next forward's all-gather. The result is a hang or a silent pairing, with no error "
             "naming the cause, at every debug level."
         ),
-        upstream="none found; outside what the order check covers (forwards only), by design",
+        upstream=(
+            "https://github.com/pytorch/pytorch/issues/64629 (open: ranks whose gradient sets differ hang or "
+            "give incorrect results; a check was proposed, none exists)"
+        ),
         matches=_backward_on_some_ranks_only,
     ),
     KnownIssue(
@@ -402,7 +405,11 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
             ".grad survives a requires_grad change and the optimizer still applies it. Every sharding "
             "strategy, NO_SHARD included."
         ),
-        upstream="not yet searched upstream",
+        upstream=(
+            "none found for this case; by design since https://github.com/pytorch/pytorch/issues/91167 "
+            "(no gradient is forwarded to original parameters that do not require grad); related "
+            "https://github.com/pytorch/pytorch/pull/104186"
+        ),
         matches=_refreeze_drops_accumulated_grads,
     ),
 )
