@@ -56,3 +56,14 @@ def test_a_saved_finding_replays_and_becomes_a_standalone_reproducer(tmp_path):
                 by_fuzzer.error_type,
                 warned,
             ), f"rank {rank}, step {step}"
+
+
+def test_a_time_budget_ends_the_campaign_with_a_summary(tmp_path):
+    campaign = fuzz("run", "--target", "seed", "--time", "3s", "--seed", "3", "--corpus", str(tmp_path))
+    assert campaign.returncode in (0, 1), campaign.stderr[-2000:]
+    assert "for 3 s on cpu" in campaign.stdout
+    progress = [line for line in campaign.stdout.splitlines() if line.startswith("[")]
+    assert progress and " s left" in progress[-1]
+    scenarios = int(progress[-1].split("]")[1].split()[0])
+    assert scenarios > 0, "the budget allowed at least one scenario"
+    assert "summary:" in campaign.stdout
