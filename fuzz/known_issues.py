@@ -174,6 +174,17 @@ def _refreeze_drops_accumulated_grads(
     )
 
 
+TRAINING_STATE_ERROR = "expected to be in states [<TrainingState.IDLE"
+
+
+def _whole_unit_frozen_with_orig_params(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    if not (scenario.freeze_untaken and scenario.fsdp.use_orig_params):
+        return False
+    return _all_failed_with(observations, violations, CLEAN_RUN, "ValueError", TRAINING_STATE_ERROR)
+
+
 def _later_check_ignores_repeats(
     scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
 ) -> bool:
@@ -411,6 +422,24 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
             "https://github.com/pytorch/pytorch/pull/104186"
         ),
         matches=_refreeze_drops_accumulated_grads,
+    ),
+    KnownIssue(
+        name="frozen-unit-backward-state-error-with-orig-params",
+        description=(
+            "With use_orig_params=True, freezing every parameter of an FSDP unit after wrapping (here: a "
+            "branch point that is its own unit, with all its alternatives untaken and frozen) and then running "
+            "a forward and backward through the unit fails at the end of the backward on every rank with "
+            "ValueError 'expected to be in states [<TrainingState.IDLE: 1>] but current state is "
+            "TrainingState.FORWARD_BACKWARD': the unit was unsharded in the forward, but with no parameter "
+            "requiring grad its post-backward never runs. Unfrozen but unused parameters are fine. Every "
+            "sharding strategy."
+        ),
+        upstream=(
+            "none found in pytorch/pytorch; same symptom in fairscale's FSDP: "
+            "https://github.com/facebookresearch/fairscale/issues/643 (frozen nested units); related "
+            "https://github.com/pytorch/pytorch/issues/104148"
+        ),
+        matches=_whole_unit_frozen_with_orig_params,
     ),
 )
 

@@ -313,3 +313,13 @@ def test_the_recorded_lost_gradient_after_refreezing_matches_its_known_issue(rec
     assert triage(replace(scenario, ranks=same_path), observations, violations) is None
     stepped_between = tuple((replace(steps[0], optimizer_step=True), steps[1]) for steps in scenario.ranks)
     assert triage(replace(scenario, ranks=stepped_between), observations, violations) is None
+
+
+def test_the_recorded_training_state_error_of_a_frozen_unit_matches_its_known_issue(recorded):
+    scenario, observations = recorded("frozen-unit-backward-state-error-with-orig-params")
+    violations = judge(scenario, observations)
+    assert {(v.clause, v.step) for v in violations} == {(CLEAN_RUN, 3)}
+    assert triage(scenario, observations, violations).name == "frozen-unit-backward-state-error-with-orig-params"
+    assert triage(replace(scenario, freeze_untaken=False), observations, violations) is None
+    other_error = with_step(observations, 0, 3, StepOutcome(ERROR, error_type="ValueError", error_message="boom"))
+    assert triage(scenario, other_error, judge(scenario, other_error)) is None
