@@ -22,7 +22,7 @@ from fuzz.known_issues import known_issue
 from fuzz.pool import DEFAULT_GROUP_TIMEOUT_S, PoolSet
 from fuzz.ranks import DeviceError, Placement
 from fuzz.render import render_scenario
-from fuzz.replay import replay_result
+from fuzz.replay import PASSING, replay_result
 from fuzz.scenario import ScenarioError
 from fuzz.verdict import ContractCheck
 
@@ -181,7 +181,7 @@ def _replay(args: argparse.Namespace) -> int:
             if not result.passed:
                 print("    " + result.detail.replace("\n", "\n    "), flush=True)
     print(f"\nreplayed {len(files)} file(s): {_counts(statuses)}")
-    return 0 if all(status in ("keeps the contract", "still reproduces") for status in statuses) else 1
+    return 0 if all(status in PASSING for status in statuses) else 1
 
 
 def _show(args: argparse.Namespace) -> int:

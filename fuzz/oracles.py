@@ -125,8 +125,8 @@ def consistent(scenario: Scenario) -> bool:
     if first_iteration_divergence(scenario) is not None:
         return False
     for rank in range(scenario.world_size):
-        first, *later = iterations(scenario, rank) or [None]
-        if first is not None and first.complete and any(deviates(first, other) for other in later):
+        rank_iterations = iterations(scenario, rank)
+        if rank_iterations and any(deviates(rank_iterations[0], later) for later in rank_iterations[1:]):
             return False
     return True
 
