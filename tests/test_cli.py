@@ -77,3 +77,16 @@ def test_repro_writes_a_script_where_asked(tmp_path, capsys):
     script = output.read_text()
     assert "Forward order differs" in script or "seed test_invalid_first_iter_order" in script
     compile(script, str(output), "exec")
+
+
+def test_show_of_a_saved_finding_prints_its_recorded_verdict(tmp_path, capsys, recorded):
+    from fuzz.corpus import save_finding
+    from fuzz.oracles import judge
+
+    scenario, observations = recorded("backward-on-some-ranks-only")
+    path, _ = save_finding(tmp_path, scenario, observations, judge(scenario, observations), found_by="test")
+    assert main(["show", str(path)]) == 0
+    shown = capsys.readouterr().out
+    assert "recorded finding (torch " in shown and "[clean run] rank 1, step 0" in shown
+    row = next(line for line in shown.splitlines() if line.strip().startswith("0 |"))
+    assert [cell.strip() for cell in row.split("|")[1:]] == ["train (defaults) fwd", "train (defaults) fwd bwd"]
