@@ -149,15 +149,15 @@ def _backward_on_some_ranks_only(
 
 
 def _thawed_or_frozen_since_accumulating(scenario: Scenario, step: int) -> bool:
-    """A backward since the last optimizer step ran another path than ``step``
-    does, so ``freeze_untaken`` changed some ``requires_grad`` between two
-    backwards that accumulate into the same gradients."""
+    """Up to ``step``, some rank's path changed (so ``freeze_untaken`` changed
+    some ``requires_grad``, eval steps included) while gradients from an
+    earlier backward were waiting for an optimizer step."""
     for rank_steps in scenario.ranks:
-        for earlier in reversed(range(step)):
-            if rank_steps[earlier].optimizer_step:
-                break
-            if rank_steps[earlier].backward and dict(rank_steps[earlier].path) != dict(rank_steps[step].path):
+        accumulating = False
+        for index, current in enumerate(rank_steps[: step + 1]):
+            if accumulating and dict(current.path) != dict(rank_steps[index - 1].path):
                 return True
+            accumulating = (accumulating or current.backward) and not current.optimizer_step
     return False
 
 

@@ -323,3 +323,13 @@ def test_the_recorded_training_state_error_of_a_frozen_unit_matches_its_known_is
     assert triage(replace(scenario, freeze_untaken=False), observations, violations) is None
     other_error = with_step(observations, 0, 3, StepOutcome(ERROR, error_type="ValueError", error_message="boom"))
     assert triage(scenario, other_error, judge(scenario, other_error)) is None
+
+
+def test_a_path_change_in_an_eval_step_between_accumulating_backwards_counts_as_refreezing(recorded):
+    scenario, observations = recorded("refreeze-drops-accumulated-grads-with-orig-params-eval-step")
+    violations = judge(scenario, observations)
+    assert [(v.clause, v.step) for v in violations] == [(REFERENCE, 3)]
+    assert scenario.ranks[0][2].mode == "eval" and not scenario.ranks[0][2].backward
+    assert triage(scenario, observations, violations).name == "refreeze-drops-accumulated-grads-with-orig-params"
+    unchanged_path = tuple(steps[:2] + (replace(steps[2], path=steps[3].path),) + steps[3:] for steps in scenario.ranks)
+    assert triage(replace(scenario, ranks=unchanged_path), observations, violations) is None
