@@ -67,12 +67,37 @@ def _fails_after_deviation_warning(
 HOOK_STATE_ASSERT = "Invalid: ``_post_backward_hook_state``"
 
 
-def _hook_state_assert_after_refreeze(
+def _refrozen_after_forward_without_backward(scenario: Scenario, step: int) -> bool:
+    """Up to ``step``, some rank's path changed (``freeze_untaken`` changed
+    some ``requires_grad``) after a forward with grad that no backward
+    followed."""
+    for rank_steps in scenario.ranks:
+        pending = False
+        for index, current in enumerate(rank_steps[: step + 1]):
+            if pending and dict(current.path) != dict(rank_steps[index - 1].path):
+                return True
+            if current.backward:
+                pending = False
+            elif current.forwards and current.grad_enabled:
+                pending = True
+    return False
+
+
+def _refreeze_after_forward_without_backward(
     scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
 ) -> bool:
+    """The assertion, or (SHARD_GRAD_OP with use_orig_params) gradients that
+    are silently wrong after such a refreeze."""
     if not scenario.freeze_untaken:
         return False
-    return _all_failed_with(observations, violations, CLEAN_RUN, "AssertionError", HOOK_STATE_ASSERT)
+    if _all_failed_with(observations, violations, CLEAN_RUN, "AssertionError", HOOK_STATE_ASSERT):
+        return True
+    return scenario.fsdp.use_orig_params and all(
+        v.clause == REFERENCE
+        and v.message.startswith(GRADIENT_MISMATCH)
+        and _refrozen_after_forward_without_backward(scenario, v.step)
+        for v in violations
+    )
 
 
 def _all_failed_with(
@@ -286,14 +311,16 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
             "A forward with grad enabled registers a post-backward hook on each trainable unit. If no backward "
             "follows (an eval forward, as in the seed's train/eval test) and the user then freezes that unit "
             "(requires_grad=False, as the seed's flip_path does) before the next backward, FSDP's "
-            "_finalize_params asserts 'Invalid: ``_post_backward_hook_state``' on every rank. No divergence "
+            "_finalize_params asserts 'Invalid: ``_post_backward_hook_state``' on every rank. With "
+            "SHARD_GRAD_OP and use_orig_params=True the same schedule raises nothing and the next backward's "
+            "gradients are silently wrong instead (2% off the reference in the nightly finding). No divergence "
             "is involved: all ranks run the same schedule."
         ),
         upstream=(
             "none found; related: https://github.com/pytorch/pytorch/issues/104148 (re-registering hooks "
             "when parameters thaw) and https://github.com/pytorch/pytorch/issues/105369"
         ),
-        matches=_hook_state_assert_after_refreeze,
+        matches=_refreeze_after_forward_without_backward,
     ),
     KnownIssue(
         name="hybrid-order-check-intra-node-only",
