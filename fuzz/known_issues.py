@@ -472,10 +472,17 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
 
 
 def triage(scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]) -> KnownIssue | None:
+    """The known issue that explains every violation; failing that, when
+    each violation is explained by some known issue on its own (a shrunk
+    case that hits two of them), the one that explains the first."""
     for issue in KNOWN_ISSUES:
         if issue.matches(scenario, observations, violations):
             return issue
-    return None
+    explaining = [
+        next((issue for issue in KNOWN_ISSUES if issue.matches(scenario, observations, (violation,))), None)
+        for violation in violations
+    ]
+    return explaining[0] if explaining and all(explaining) else None
 
 
 def known_issue(name: str) -> KnownIssue:

@@ -18,6 +18,7 @@ from fuzz.oracles import (
     REFERENCE,
     RELATIVE_TOLERANCE,
     SILENT_MISMATCH,
+    Violation,
     consistent,
     expectations,
     gradient_replicas,
@@ -333,3 +334,15 @@ def test_silently_wrong_gradients_after_an_eval_forward_and_refreeze_match_the_r
     assert triage(scenario, observations, violations).name == "refreeze-after-forward-without-backward"
     unchanged_path = tuple((steps[0], replace(steps[1], path=steps[2].path), *steps[2:]) for steps in scenario.ranks)
     assert triage(replace(scenario, ranks=unchanged_path), observations, violations) is None
+
+
+def test_a_case_with_two_known_issues_is_triaged_violation_by_violation(recorded):
+    from fuzz.known_issues import KNOWN_ISSUES
+
+    scenario, observations = recorded("two-known-issues-in-one-case")
+    violations = judge(scenario, observations)
+    assert {v.clause for v in violations} == {REFERENCE, LATER_ITERATION}
+    assert not [issue for issue in KNOWN_ISSUES if issue.matches(scenario, observations, violations)]
+    assert triage(scenario, observations, violations).name == "refreeze-after-forward-without-backward"
+    unexplained = Violation(CLEAN_RUN, 0, 3, "a failure no known issue explains")
+    assert triage(scenario, observations, violations + (unexplained,)) is None
