@@ -258,9 +258,15 @@ NON_LEAF_REQUIRES_GRAD = "you can only change requires_grad flags of leaf variab
 def _refreeze_hits_unsharded_views(
     scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
 ) -> bool:
+    """The error where a step was due to succeed, or where it preempts a due
+    first-iteration error (the flip comes before the forward's check)."""
     if not (scenario.freeze_untaken and scenario.fsdp.use_orig_params):
         return False
-    return _all_failed_with(observations, violations, CLEAN_RUN, "RuntimeError", NON_LEAF_REQUIRES_GRAD)
+    return all(
+        v.clause in (CLEAN_RUN, FIRST_ITERATION)
+        and _all_failed_with(observations, (v,), v.clause, "RuntimeError", NON_LEAF_REQUIRES_GRAD)
+        for v in violations
+    )
 
 
 def _unchecked_below_detail(scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]) -> bool:

@@ -346,3 +346,11 @@ def test_a_case_with_two_known_issues_is_triaged_violation_by_violation(recorded
     assert triage(scenario, observations, violations).name == "refreeze-after-forward-without-backward"
     unexplained = Violation(CLEAN_RUN, 0, 3, "a failure no known issue explains")
     assert triage(scenario, observations, violations + (unexplained,)) is None
+
+
+def test_the_refreeze_error_preempting_a_due_order_error_matches_its_known_issue(recorded):
+    scenario, observations = recorded("refreeze-hits-unsharded-views-preempts-order-error")
+    violations = judge(scenario, observations)
+    assert {(v.clause, v.step) for v in violations} == {(FIRST_ITERATION, 1)}
+    assert triage(scenario, observations, violations).name == "refreeze-hits-unsharded-views"
+    assert triage(replace(scenario, freeze_untaken=False), observations, violations) is None
