@@ -324,7 +324,8 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
         ),
         upstream=(
             "none found; related: https://github.com/pytorch/pytorch/issues/104148 (re-registering hooks "
-            "when parameters thaw) and https://github.com/pytorch/pytorch/issues/105369"
+            "when parameters thaw), https://github.com/pytorch/pytorch/issues/105369 and, for the SHARD_GRAD_OP "
+            "silent variant, https://github.com/pytorch/pytorch/issues/105371"
         ),
         matches=_refreeze_after_forward_without_backward,
     ),
@@ -392,7 +393,10 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
             "training step, so the seed's flip_path pattern (setting requires_grad on them) raises 'you can only "
             "change requires_grad flags of leaf variables' on every rank. No divergence is involved."
         ),
-        upstream="not yet searched upstream",
+        upstream=(
+            "related: https://github.com/pytorch/pytorch/issues/105371 (closed: SHARD_GRAD_OP lost requires_grad "
+            "changes after a no_grad step; this is the eval-forward-with-grad case, still failing in 2.13)"
+        ),
         matches=_refreeze_hits_unsharded_views,
     ),
     KnownIssue(
