@@ -210,6 +210,27 @@ def _whole_unit_frozen_with_orig_params(
     return _all_failed_with(observations, violations, CLEAN_RUN, "ValueError", TRAINING_STATE_ERROR)
 
 
+def _stepped_while_unsharded(scenario: Scenario, step: int) -> bool:
+    """Before ``step``, an optimizer step came after a training-mode forward
+    with grad that no backward had followed."""
+    for rank_steps in scenario.ranks:
+        pending = False
+        for current in rank_steps[:step]:
+            if current.backward:
+                pending = False
+            elif current.training and current.forwards and current.grad_enabled:
+                pending = True
+            if pending and current.optimizer_step:
+                return True
+    return False
+
+
+def _optimizer_step_leaves_stale_unsharded_params(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    return all(v.clause == REFERENCE and _stepped_while_unsharded(scenario, v.step) for v in violations)
+
+
 def _later_check_ignores_repeats(
     scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
 ) -> bool:
@@ -477,6 +498,18 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
             "https://github.com/pytorch/pytorch/issues/104148"
         ),
         matches=_whole_unit_frozen_with_orig_params,
+    ),
+    KnownIssue(
+        name="optimizer-step-before-backward-uses-stale-params",
+        description=(
+            "A training-mode forward with grad that no backward follows leaves the root unit's parameters "
+            "unsharded (FSDP keeps the root unsharded for the backward it expects). An optimizer step then "
+            "updates the sharded parameters, but the next forward does not all-gather again and computes "
+            "with the stale unsharded ones: outputs and gradients are silently wrong, at any debug level. "
+            "Found with FULL_SHARD, use_orig_params=False, an eval step between."
+        ),
+        upstream="none found",
+        matches=_optimizer_step_leaves_stale_unsharded_params,
     ),
 )
 

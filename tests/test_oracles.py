@@ -354,3 +354,14 @@ def test_the_refreeze_error_preempting_a_due_order_error_matches_its_known_issue
     assert {(v.clause, v.step) for v in violations} == {(FIRST_ITERATION, 1)}
     assert triage(scenario, observations, violations).name == "refreeze-hits-unsharded-views"
     assert triage(replace(scenario, freeze_untaken=False), observations, violations) is None
+
+
+def test_stale_parameters_after_an_optimizer_step_before_backward_match_their_known_issue(recorded):
+    scenario, observations = recorded("optimizer-step-before-backward-uses-stale-params")
+    violations = judge(scenario, observations)
+    assert [(v.clause, v.rank, v.step) for v in violations] == [(REFERENCE, 0, 4)]
+    unshards = [record for record in observations.ranks[0].steps[4].collectives if record.purpose == "unshard"]
+    assert unshards == [], "the forward after the optimizer step gathered nothing"
+    assert triage(scenario, observations, violations).name == "optimizer-step-before-backward-uses-stale-params"
+    no_step = tuple(tuple(replace(step, optimizer_step=False) for step in steps) for steps in scenario.ranks)
+    assert triage(replace(scenario, ranks=no_step), observations, violations) is None
