@@ -138,9 +138,10 @@ def progress_line(check: ContractCheck, target: str, budget: Budget) -> str:
     known = sum(tally.known_issues.values())
     return (
         f"[{elapsed:6.0f} s] {tally.examples}{of} scenarios ({rate:.1f}/s{left}); "
-        f"known-issue runs {known}; {_counts(tally.outcomes)}"
+        f"known-issue runs {known}; {counts(tally.outcomes)}"
     )
 
 
-def _counts(counter: Counter) -> str:
+def counts(counter: Counter) -> str:
+    """``Counter`` as "3 error, 5 ok", for progress and summary lines."""
     return ", ".join(f"{count} {name}" for name, count in sorted(counter.items()))

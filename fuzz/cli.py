@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fuzz.campaign import TARGETS, Budget, progress_line, run_campaign
+from fuzz.campaign import TARGETS, Budget, counts, progress_line, run_campaign
 from fuzz.corpus import CorpusEntry, corpus_files, load_entry
 from fuzz.known_issues import known_issue
 from fuzz.pool import DEFAULT_GROUP_TIMEOUT_S, PoolSet
@@ -133,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
     tally = check.report.tally(args.target)
     runs = result.hypothesis_runs
     print(f"\nsummary: {result.examples} scenarios in {result.wall_s:.1f} s, {runs} Hypothesis run(s)")
-    print("  violated clauses (known issues included): " + (_counts(tally.clauses) or "none"))
+    print("  violated clauses (known issues included): " + (counts(tally.clauses) or "none"))
     for name, count in tally.known_issues.most_common():
         print(f"  known issue {name}: {count} run(s); upstream: {known_issue(name).upstream}")
     for path, new in result.findings:
@@ -180,7 +180,7 @@ def _replay(args: argparse.Namespace) -> int:
             print(f"{result.status:<19} {path}", flush=True)
             if not result.passed:
                 print("    " + result.detail.replace("\n", "\n    "), flush=True)
-    print(f"\nreplayed {len(files)} file(s): {_counts(statuses)}")
+    print(f"\nreplayed {len(files)} file(s): {counts(statuses)}")
     return 0 if all(status in PASSING for status in statuses) else 1
 
 
@@ -231,6 +231,3 @@ def _notes(entry: CorpusEntry) -> str:
         lines += [f"  {line}" for line in entry.finding.violations]
     return "\n".join(lines)
 
-
-def _counts(counter: Counter) -> str:
-    return ", ".join(f"{count} {name}" for name, count in sorted(counter.items()))
