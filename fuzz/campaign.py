@@ -88,8 +88,8 @@ def run_campaign(
             last_progress = time.monotonic()
             progress(progress_line(check, target, budget))
 
-    remaining = budget.examples - tally.examples if budget.examples is not None else 10**9
     while not budget.spent(tally.examples):
+        remaining = budget.examples - tally.examples if budget.examples is not None else 10**9
         runs += 1
         check.last_failure = None
         hypothesis_run = seed(rng.getrandbits(64))(
@@ -115,7 +115,6 @@ def run_campaign(
             progress(f"finding {'saved to' if new else 'already in the corpus:'} {path}")
         else:
             break
-        remaining = budget.examples - tally.examples if budget.examples is not None else 10**9
     tally.wall_s += budget.elapsed()
     return CampaignResult(tally.examples, budget.elapsed(), findings, runs)
 

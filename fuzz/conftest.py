@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+from fuzz.campaign import counts
 from fuzz.corpus import corpus_root, save_finding
 from fuzz.known_issues import known_issue
 from fuzz.pool import DEFAULT_GROUP_TIMEOUT_S, PoolSet
@@ -119,7 +120,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     write = terminalreporter.write_line
     terminalreporter.section("fsdp fuzz summary")
     if replays:
-        write("corpus replay: " + ", ".join(f"{count} {status}" for status, count in sorted(replays.items())))
+        write(f"corpus replay: {counts(replays)}")
     if check is not None:
         _summarise_campaign(check, config, write)
 
@@ -127,7 +128,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
 def _summarise_campaign(check: ContractCheck, config: pytest.Config, write) -> None:
     profile = settings.get_current_profile_name()
     for name, tally in check.report.targets.items():
-        outcomes = ", ".join(f"{count} {status}" for status, count in sorted(tally.outcomes.items()))
+        outcomes = counts(tally.outcomes)
         write(
             f"{name}: {tally.examples} scenarios in {tally.wall_s:.1f} s (profile {profile}); step outcomes: {outcomes}"
         )
