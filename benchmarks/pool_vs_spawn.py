@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fuzz.pool import RankPool  # noqa: E402
-from fuzz.seed_family import seed_scenarios  # noqa: E402
-from fuzz.spawn import run_scenario  # noqa: E402
+from fsdp_fuzz.execute.pool import RankPool  # noqa: E402
+from fsdp_fuzz.execute.spawn import run_scenario  # noqa: E402
+from fsdp_fuzz.generate.seed_family import seed_scenarios  # noqa: E402
 
 PHASES = ("group", "build", "wrap", "steps")
 

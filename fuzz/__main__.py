@@ -1,8 +1,8 @@
-"""``python -m fuzz``: see ``fuzz.cli``."""
+"""``python -m fsdp_fuzz`` (and ``python -m fuzz`` from a checkout): see ``fsdp_fuzz.cli``."""
 
 import sys
 
-from fuzz.cli import main
+from fsdp_fuzz.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

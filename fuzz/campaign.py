@@ -16,14 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fsdp_fuzz.corpus import save_finding
+from fsdp_fuzz.execute.pool import PoolSet
+from fsdp_fuzz.generate.seed_family import seed_family_scenarios
+from fsdp_fuzz.generate.strategies import scenarios
+from fsdp_fuzz.verdict import ContractCheck
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
-
-from fuzz.corpus import save_finding
-from fuzz.pool import PoolSet
-from fuzz.seed_family import seed_family_scenarios
-from fuzz.strategies import scenarios
-from fuzz.verdict import ContractCheck
 
 TARGETS: dict[str, Callable[[], st.SearchStrategy]] = {
     "generated": scenarios,

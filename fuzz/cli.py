@@ -1,7 +1,8 @@
 """``python -m fuzz`` (console script ``fsdp-fuzz``): run, replay, show, repro.
 
 Exit codes: 0 all good, 1 a finding or a replay that did not pass,
-2 bad input (the message names it and the fix), 4 the device cannot run it.
+2 bad input (the message names it and the fix), 3 the fuzzer cannot observe
+FSDP on this torch (a hook it relies on is gone), 4 the device cannot run it.
 """
 
 from __future__ import annotations
@@ -15,16 +16,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-
-from fuzz.campaign import TARGETS, Budget, counts, progress_line, run_campaign
-from fuzz.corpus import CorpusEntry, corpus_files, load_entry
-from fuzz.known_issues import known_issue
-from fuzz.pool import DEFAULT_GROUP_TIMEOUT_S, PoolSet
-from fuzz.ranks import DeviceError, Placement
-from fuzz.render import render_scenario
-from fuzz.replay import PASSING, replay_result
-from fuzz.scenario import ScenarioError
-from fuzz.verdict import ContractCheck
+from fsdp_fuzz.campaign import TARGETS, Budget, counts, progress_line, run_campaign
+from fsdp_fuzz.corpus import CorpusEntry, corpus_files, load_entry
+from fsdp_fuzz.data import ScenarioError
+from fsdp_fuzz.execute.executor import DeviceError, HarnessError, Placement, check_trace
+from fsdp_fuzz.execute.pool import DEFAULT_GROUP_TIMEOUT_S, PoolSet
+from fsdp_fuzz.judge.known_issues import issue_named
+from fsdp_fuzz.render import render_scenario
+from fsdp_fuzz.replay import PASSING, replay_result
+from fsdp_fuzz.verdict import ContractCheck
 
 DEFAULT_CORPUS = Path("corpus")
 DEFAULT_EXAMPLES = 100
@@ -44,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ScenarioError as exc:
         print(f"fsdp-fuzz {args.name}: {exc}", file=sys.stderr)
         return 2
+    except HarnessError as exc:
+        print(f"fsdp-fuzz {args.name}: {exc}", file=sys.stderr)
+        return 3
     except DeviceError as exc:
         print(f"fsdp-fuzz {args.name}: {exc}", file=sys.stderr)
         return 4
@@ -103,6 +106,7 @@ def _duration(text: str) -> float:
 def _pools(args: argparse.Namespace) -> PoolSet:
     placement = Placement(args.device)
     placement.check(2)
+    check_trace("fsdp1")
     return PoolSet(placement, args.group_timeout)
 
 
@@ -135,7 +139,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"\nsummary: {result.examples} scenarios in {result.wall_s:.1f} s, {runs} Hypothesis run(s)")
     print("  violated clauses (known issues included): " + (counts(tally.clauses) or "none"))
     for name, count in tally.known_issues.most_common():
-        print(f"  known issue {name}: {count} run(s); upstream: {known_issue(name).upstream}")
+        print(f"  known issue {name}: {count} run(s); upstream: {issue_named(name).upstream_summary}")
     for path, new in result.findings:
         print(f"  finding {'NEW' if new else 'seen before'}: {path}")
         print(f"    python -m fuzz show {path}; python -m fuzz repro {path}")
@@ -188,8 +192,10 @@ def _show(args: argparse.Namespace) -> int:
     entry = _load(args.path)
     print(render_scenario(entry.scenario))
     if entry.known_issue:
-        issue = known_issue(entry.known_issue)
-        print(f"\nknown issue {issue.name}: {issue.description}\n  upstream: {issue.upstream}")
+        issue = issue_named(entry.known_issue)
+        print(f"\nknown issue {issue.name}: {issue.description}")
+        for reference in issue.upstream:
+            print(f"  upstream {reference.url}: {reference.seen}")
     if entry.finding is not None:
         finding = entry.finding
         print(f"\nrecorded finding (torch {finding.torch_version}, {finding.backend}):")
@@ -198,7 +204,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _repro(args: argparse.Namespace) -> int:
-    from fuzz.repro import reproducer_script
+    from fsdp_fuzz.repro import reproducer_script
 
     entry = _load(args.path)
     output = args.output or Path(f"repro_{entry.path.stem.replace('-', '_')}.py")
@@ -224,8 +230,11 @@ def _notes(entry: CorpusEntry) -> str:
     if entry.scenario.description:
         lines.append(entry.scenario.description)
     if entry.known_issue:
-        issue = known_issue(entry.known_issue)
-        lines += [issue.description, f"Upstream: {issue.upstream}" if issue.upstream else "Upstream: none filed yet"]
+        issue = issue_named(entry.known_issue)
+        lines.append(issue.description)
+        lines += [f"Upstream: {reference.url} ({reference.seen})" for reference in issue.upstream] or [
+            "Upstream: none found"
+        ]
     if entry.finding is not None:
         lines.append(f"Found with torch {entry.finding.torch_version} ({entry.finding.backend}); the contract says:")
         lines += [f"  {line}" for line in entry.finding.violations]

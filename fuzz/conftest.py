@@ -8,15 +8,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from fsdp_fuzz.campaign import counts
+from fsdp_fuzz.corpus import corpus_root, save_finding
+from fsdp_fuzz.execute.executor import DeviceError, HarnessError, Placement, check_trace
+from fsdp_fuzz.execute.pool import DEFAULT_GROUP_TIMEOUT_S, PoolSet
+from fsdp_fuzz.judge.known_issues import issue_named
+from fsdp_fuzz.profiles import PROFILES, profile_from_environment, register_profiles, unknown_profile_message
+from fsdp_fuzz.verdict import ContractCheck
 from hypothesis import settings
-
-from fuzz.campaign import counts
-from fuzz.corpus import corpus_root, save_finding
-from fuzz.known_issues import known_issue
-from fuzz.pool import DEFAULT_GROUP_TIMEOUT_S, PoolSet
-from fuzz.profiles import PROFILES, profile_from_environment, register_profiles, unknown_profile_message
-from fuzz.ranks import DeviceError, Placement
-from fuzz.verdict import ContractCheck
 
 register_profiles()
 
@@ -63,6 +62,9 @@ def pools(pytestconfig: pytest.Config):
     placement = Placement(pytestconfig.getoption("--fuzz-device"))
     try:
         placement.check(2)
+        check_trace("fsdp1")
+    except HarnessError as exc:
+        pytest.exit(str(exc), returncode=3)
     except DeviceError as exc:
         pytest.exit(str(exc), returncode=4)
     with PoolSet(placement, pytestconfig.getoption("--group-timeout")) as campaign:
@@ -141,8 +143,11 @@ def _summarise_campaign(check: ContractCheck, config: pytest.Config, write) -> N
     if not hits:
         write("known issues matched: none")
     for name, count in hits.most_common():
-        issue = known_issue(name)
-        write(f"known issue {name}: {count} run(s) (not failed; --strict-contract to fail) upstream: {issue.upstream}")
+        issue = issue_named(name)
+        write(
+            f"known issue {name}: {count} run(s) (not failed; --strict-contract to fail) "
+            f"upstream: {issue.upstream_summary}"
+        )
     path = config.getoption("--fuzz-report")
     if path:
         backend = Placement(config.getoption("--fuzz-device")).backend

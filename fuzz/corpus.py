@@ -18,18 +18,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-
-from fuzz.jsonfmt import format_json
-from fuzz.known_issues import KnownIssue, known_issue
-from fuzz.observations import Observations, observations_from_json, observations_to_json
-from fuzz.oracles import Violation
-from fuzz.scenario import Scenario, ScenarioError, read_json, scenario_from_json, scenario_to_json
+from fsdp_fuzz.data import (
+    Clause,
+    Observations,
+    Scenario,
+    ScenarioError,
+    Violation,
+    observations_from_json,
+    observations_to_json,
+    read_json,
+    scenario_from_json,
+    scenario_to_json,
+)
+from fsdp_fuzz.jsonfmt import format_json
+from fsdp_fuzz.judge.known_issues import KnownIssue, issue_named
 
 if TYPE_CHECKING:
     import pytest
 
 FOUND_DIR = "found"
-Signature = tuple[tuple[str, int, "int | None"], ...]
+Signature = tuple[tuple[Clause, int, "int | None"], ...]
 
 
 @dataclass(frozen=True)
@@ -38,7 +46,8 @@ class RecordedFinding:
 
     violations: tuple[str, ...]
     signature: Signature
-    """(clause, rank, step) of each violation: what replay compares."""
+    """(clause, rank, step) of each violation: what replay compares. Saved
+    with the clause's stable id; files saved before ids read as well."""
     torch_version: str
     backend: str
     observations: Observations | None
@@ -89,7 +98,7 @@ def load_entry(path: Path) -> CorpusEntry:
         if isinstance(document, dict) and "scenario" in document:
             name = document.get("known_issue")
             if name is not None:
-                known_issue(name)
+                issue_named(name)
             finding = _finding_from_json(document) if "finding" in document else None
             return CorpusEntry(path, scenario_from_json(document["scenario"]), name, finding)
         return CorpusEntry(path, scenario_from_json(document))
@@ -149,7 +158,7 @@ def _finding_from_json(document: dict[str, Any]) -> RecordedFinding:
         recorded = RecordedFinding(
             violations=tuple(str(line) for line in encoded["violations"]),
             signature=tuple(
-                (str(clause), int(rank), None if step is None else int(step))
+                (Clause.parse(str(clause)), int(rank), None if step is None else int(step))
                 for clause, rank, step in encoded["signature"]
             ),
             torch_version=str(encoded["torch_version"]),

@@ -4,10 +4,10 @@ what the contract expects of them."""
 
 from __future__ import annotations
 
-from fuzz.oracles import consistent, expectations
-from fuzz.orders import iterations
-from fuzz.scenario import Scenario, Step
-from models.spec import Choice, Linear, ModelSpec, Node, ReLU, Sequential, unit_numel
+from fsdp_fuzz.data import Scenario, Step
+from fsdp_fuzz.judge.oracles import consistent, expectations
+from fsdp_fuzz.judge.orders import iterations
+from fsdp_fuzz.models.spec import Choice, Linear, ModelSpec, Node, ReLU, Sequential, unit_numel
 
 
 def render_scenario(scenario: Scenario) -> str:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fuzz.corpus import CorpusEntry, signature
-from fuzz.known_issues import triage
-from fuzz.observations import Observations
-from fuzz.oracles import judge
-from fuzz.verdict import explain
+from fsdp_fuzz.corpus import CorpusEntry, signature
+from fsdp_fuzz.data import Observations
+from fsdp_fuzz.judge.known_issues import triage
+from fsdp_fuzz.judge.oracles import judge
+from fsdp_fuzz.verdict import explain
 
 KEEPS_CONTRACT = "keeps the contract"
 REPRODUCES = "still reproduces"
@@ -48,7 +48,7 @@ def replay_result(entry: CorpusEntry, observations: Observations) -> ReplayResul
         return ReplayResult(BROKEN, explain(scenario, observations, violations, known))
     if not violations:
         retire = (
-            f"retire known issue {entry.known_issue!r} in fuzz/known_issues.py and this file"
+            f"retire known issue {entry.known_issue!r} in fuzz/judge/known_issues.py and this file"
             if entry.known_issue
             else "delete this file once the fix is confirmed upstream"
         )

@@ -12,11 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
-from fuzz.known_issues import KnownIssue
-from fuzz.observations import Observations, observations_to_json
-from fuzz.oracles import Violation
-from fuzz.scenario import Scenario, scenario_to_json
+from fsdp_fuzz.data import Observations, Scenario, Violation, observations_to_json, scenario_to_json
+from fsdp_fuzz.judge.known_issues import KnownIssue
 
 
 @dataclass
@@ -50,13 +47,13 @@ class CampaignReport:
     ) -> None:
         tally = self.tally(target)
         tally.examples += 1
-        tally.outcomes.update(step.status for rank in observations.ranks for step in (rank.setup, *rank.steps))
-        tally.clauses.update(violation.clause for violation in violations)
+        tally.outcomes.update(step.status.value for rank in observations.ranks for step in (rank.setup, *rank.steps))
+        tally.clauses.update(violation.clause.value for violation in violations)
         if known is not None:
             tally.known_issues[known.name] += 1
         if failed:
             tally.finding = {
-                "clauses": sorted({violation.clause for violation in violations}),
+                "clauses": sorted({violation.clause.value for violation in violations}),
                 "violations": [str(violation) for violation in violations],
                 "known_issue": known.name if known else None,
                 "scenario": scenario_to_json(scenario),

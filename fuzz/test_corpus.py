@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
-from fuzz.corpus import corpus_files, corpus_root, load_entry
-from fuzz.pool import PoolSet
-from fuzz.replay import replay_result
-from fuzz.scenario import ScenarioError
+from fsdp_fuzz.corpus import corpus_files, corpus_root, load_entry
+from fsdp_fuzz.data import ScenarioError
+from fsdp_fuzz.execute.pool import PoolSet
+from fsdp_fuzz.replay import replay_result
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

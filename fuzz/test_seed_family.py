@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from fsdp_fuzz.execute.pool import PoolSet
+from fsdp_fuzz.generate.seed_family import seed_family_scenarios
+from fsdp_fuzz.verdict import ContractCheck
 from hypothesis import given
-
-from fuzz.pool import PoolSet
-from fuzz.seed_family import seed_family_scenarios
-from fuzz.verdict import ContractCheck
 
 
 @given(scenario=seed_family_scenarios())

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from fuzz.known_issues import KnownIssue, triage
-from fuzz.observations import Observations
-from fuzz.oracles import Violation, describe, judge, order_warnings
-from fuzz.report import CampaignReport
-from fuzz.scenario import Scenario, dumps
+from fsdp_fuzz.data import Observations, Scenario, Violation, dumps
+from fsdp_fuzz.judge.known_issues import KnownIssue, triage
+from fsdp_fuzz.judge.oracles import describe, judge, order_warnings
+from fsdp_fuzz.report import CampaignReport
 
 
 @dataclass

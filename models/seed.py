@@ -6,7 +6,7 @@
 alternatives are FSDP units; ``layer0`` falls into the root's unit.
 """
 
-from models.spec import Choice, Linear, ModelSpec, ReLU, Sequential
+from fsdp_fuzz.models.spec import Choice, Linear, ModelSpec, ReLU, Sequential
 
 SEED_CHOICE = "branch"
 

@@ -18,12 +18,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fuzz.corpus import load_entry  # noqa: E402
-from fuzz.jsonfmt import format_json  # noqa: E402
-from fuzz.observations import observations_to_json  # noqa: E402
-from fuzz.scenario import FsdpSettings, Scenario, Step, scenario_to_json  # noqa: E402
-from fuzz.spawn import run_scenario  # noqa: E402
-from models.seed import seed_model  # noqa: E402
+from fsdp_fuzz.corpus import load_entry  # noqa: E402
+from fsdp_fuzz.data import (  # noqa: E402
+    FsdpSettings,
+    Scenario,
+    Step,
+    observations_to_json,  # noqa: E402
+    scenario_to_json,
+)
+from fsdp_fuzz.execute.spawn import run_scenario  # noqa: E402
+from fsdp_fuzz.jsonfmt import format_json  # noqa: E402
+from fsdp_fuzz.models.seed import seed_model  # noqa: E402
 
 
 def clean_runs() -> dict[str, Scenario]:

@@ -6,8 +6,7 @@ import argparse
 from pathlib import Path
 
 import pytest
-
-from fuzz.cli import _duration, main
+from fsdp_fuzz.cli import _duration, main
 
 CORPUS = Path(__file__).resolve().parent.parent / "corpus"
 FIRST_ITERATION = CORPUS / "seed" / "invalid_first_iter_order-full_shard.json"
@@ -80,8 +79,8 @@ def test_repro_writes_a_script_where_asked(tmp_path, capsys):
 
 
 def test_show_of_a_saved_finding_prints_its_recorded_verdict(tmp_path, capsys, recorded):
-    from fuzz.corpus import save_finding
-    from fuzz.oracles import judge
+    from fsdp_fuzz.corpus import save_finding
+    from fsdp_fuzz.judge.oracles import judge
 
     scenario, observations = recorded("backward-on-some-ranks-only")
     path, _ = save_finding(tmp_path, scenario, observations, judge(scenario, observations), found_by="test")

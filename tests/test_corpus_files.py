@@ -9,13 +9,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
-from fuzz.corpus import CorpusEntry, corpus_files, load_entry, save_finding, scenario_id, signature
-from fuzz.known_issues import KNOWN_ISSUES
-from fuzz.oracles import Violation, judge
-from fuzz.replay import BROKEN, CHANGED, FIXED, KEEPS_CONTRACT, REPRODUCES, replay_result
-from fuzz.scenario import ScenarioError, dumps
-from fuzz.seed_family import seed_scenarios
+from fsdp_fuzz.corpus import CorpusEntry, corpus_files, load_entry, save_finding, scenario_id, signature
+from fsdp_fuzz.data import ScenarioError, dumps
+from fsdp_fuzz.generate.seed_family import seed_scenarios
+from fsdp_fuzz.judge.known_issues import KNOWN_ISSUES
+from fsdp_fuzz.judge.oracles import Violation, judge
+from fsdp_fuzz.replay import BROKEN, CHANGED, FIXED, KEEPS_CONTRACT, REPRODUCES, replay_result
 
 CORPUS = Path(__file__).resolve().parent.parent / "corpus"
 
@@ -26,8 +25,8 @@ def test_seed_files_are_the_seed_tests_exactly():
     assert sorted(on_disk) == sorted(expected)
     for stem, path in on_disk.items():
         assert path.read_text() == dumps(expected[stem]), (
-            f"{path} drifted from fuzz/seed_family.py; rewrite with "
-            "python -c \"from fuzz.seed_family import write_seed_corpus; write_seed_corpus('corpus/seed')\""
+            f"{path} drifted from fuzz/generate/seed_family.py; rewrite with python -c "
+            "\"from fsdp_fuzz.generate.seed_family import write_seed_corpus; write_seed_corpus('corpus/seed')\""
         )
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from models.build import build_model, freeze_untaken_alternatives
-from models.seed import SEED_CHOICE, seed_model
-from models.spec import Choice, Linear, ModelSpec, Sequential, SpecError, numel, unit_numel, validate
+from fsdp_fuzz.execute.executor import build_model, freeze_untaken_alternatives
+from fsdp_fuzz.models.seed import SEED_CHOICE, seed_model
+from fsdp_fuzz.models.spec import Choice, Linear, ModelSpec, Sequential, SpecError, numel, unit_numel, validate
 
 
 def test_seed_alternatives_have_equal_numel():

@@ -6,10 +6,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-
-from fuzz.known_issues import triage
-from fuzz.observations import ERROR, HANG, NOT_RUN, OK, Observations, StepOutcome, WarningRecord
-from fuzz.oracles import (
+from fsdp_fuzz.data import ERROR, HANG, NOT_RUN, OK, Observations, StepOutcome, WarningRecord
+from fsdp_fuzz.judge.known_issues import triage
+from fsdp_fuzz.judge.oracles import (
     CLEAN_RUN,
     EVAL_SILENCE,
     FIRST_ITERATION,
@@ -245,8 +244,8 @@ def test_a_number_mismatch_after_another_failure_is_left_to_that_failure(recorde
 
 
 def test_a_rank_that_never_trains_is_not_expected_to_raise():
-    from fuzz.scenario import Scenario, Step
-    from models.seed import seed_model
+    from fsdp_fuzz.data import Scenario, Step
+    from fsdp_fuzz.models.seed import seed_model
 
     trains = (Step(path={"branch": (0,)}),)
     only_evals = (Step(mode="eval", path={"branch": (0,)}, backward=False),)
@@ -286,9 +285,9 @@ def test_the_recorded_hang_of_a_skipped_backward_matches_its_known_issue(recorde
 
 
 def test_a_backward_after_eval_forwards_only_ends_no_iteration():
-    from fuzz.orders import iterations
-    from fuzz.scenario import Scenario, Step
-    from models.seed import seed_model
+    from fsdp_fuzz.data import Scenario, Step
+    from fsdp_fuzz.judge.orders import iterations
+    from fsdp_fuzz.models.seed import seed_model
 
     steps = (Step(mode="eval", path={"branch": (0,)}), Step(path={"branch": (0,)}))
     scenario = Scenario(model=seed_model(), ranks=(steps, steps))
@@ -337,7 +336,7 @@ def test_silently_wrong_gradients_after_an_eval_forward_and_refreeze_match_the_r
 
 
 def test_a_case_with_two_known_issues_is_triaged_violation_by_violation(recorded):
-    from fuzz.known_issues import KNOWN_ISSUES
+    from fsdp_fuzz.judge.known_issues import KNOWN_ISSUES
 
     scenario, observations = recorded("two-known-issues-in-one-case")
     violations = judge(scenario, observations)

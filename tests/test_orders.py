@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from fuzz.orders import eval_divergence_step, first_iteration_divergence, forward_units, iterations
-from fuzz.seed_family import _scenario, invalid_first_iter_order, invalid_later_iter_order, seed_step, train_eval
-from models.seed import SEED_CHOICE, seed_model
+from fsdp_fuzz.generate.seed_family import (
+    _scenario,
+    invalid_first_iter_order,
+    invalid_later_iter_order,
+    seed_step,
+    train_eval,
+)
+from fsdp_fuzz.judge.orders import eval_divergence_step, first_iteration_divergence, forward_units, iterations
+from fsdp_fuzz.models.seed import SEED_CHOICE, seed_model
 
 
 def test_forward_units_of_the_seed_paths():

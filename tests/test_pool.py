@@ -14,11 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
-
-from fuzz.observations import CRASH, ERROR, HANG, OK
-from fuzz.pool import RankPool
-from fuzz.seed_family import invalid_first_iter_order, invalid_later_iter_order, order_ends_early, train_eval
-from fuzz.spawn import run_scenario
+from fsdp_fuzz.data import CRASH, ERROR, HANG, OK
+from fsdp_fuzz.execute.pool import RankPool
+from fsdp_fuzz.execute.spawn import run_scenario
+from fsdp_fuzz.generate.seed_family import (
+    invalid_first_iter_order,
+    invalid_later_iter_order,
+    order_ends_early,
+    train_eval,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 2.0
@@ -97,8 +101,8 @@ def test_workers_die_with_a_killed_campaign():
     program = textwrap.dedent(
         """
         import sys, time
-        from fuzz.pool import RankPool
-        from fuzz.seed_family import train_eval
+        from fsdp_fuzz.execute.pool import RankPool
+        from fsdp_fuzz.generate.seed_family import train_eval
         if __name__ == "__main__":
             pool = RankPool(2)
             pool.run(train_eval("FULL_SHARD", iterations=1, epochs=1))

@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fuzz.known_issues import triage
-from fuzz.oracles import judge
-from fuzz.report import CampaignReport
+from fsdp_fuzz.judge.known_issues import triage
+from fsdp_fuzz.judge.oracles import judge
+from fsdp_fuzz.report import CampaignReport
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,14 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from fuzz.corpus import corpus_files, load_entry
-from fuzz.observations import StepOutcome
-from fuzz.repro import reproducer_script
-from fuzz.scenario import FsdpSettings, Scenario, Step
-from fuzz.spawn import DEFAULT_GROUP_TIMEOUT_S, run_scenario
-from models.build import build_model
-from models.spec import Choice, Linear, ModelSpec, ReLU, Sequential, validate
+from fsdp_fuzz.corpus import corpus_files, load_entry
+from fsdp_fuzz.data import FsdpSettings, Scenario, Step, StepOutcome
+from fsdp_fuzz.execute.executor import build_model
+from fsdp_fuzz.execute.spawn import DEFAULT_GROUP_TIMEOUT_S, run_scenario
+from fsdp_fuzz.models.spec import Choice, Linear, ModelSpec, ReLU, Sequential, validate
+from fsdp_fuzz.repro import reproducer_script
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "corpus"

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from fuzz.scenario import SCHEMA_VERSION, ScenarioError, Step, load_scenario, scenario_from_json, scenario_to_json
-from fuzz.seed_family import seed_scenarios
+from fsdp_fuzz.data import SCHEMA_VERSION, ScenarioError, Step, load_scenario, scenario_from_json, scenario_to_json
+from fsdp_fuzz.generate.seed_family import seed_scenarios
 
 
 @pytest.mark.parametrize("name", sorted(seed_scenarios()))
@@ -19,7 +18,7 @@ def test_json_round_trip_is_the_identity(name):
 
 
 def test_steps_write_only_fields_that_differ_from_the_default():
-    from fuzz.scenario import step_to_json
+    from fsdp_fuzz.data import step_to_json
 
     assert step_to_json(Step(path={"b": (1,)})) == {"mode": "train", "path": {"b": [1]}}
     assert step_to_json(Step(mode="eval", backward=False, forwards=2)) == {

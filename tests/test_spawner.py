@@ -11,10 +11,9 @@ import time
 
 import pytest
 import torch
-
-from fuzz.observations import CRASH, ERROR, HANG, OK
-from fuzz.seed_family import invalid_first_iter_order, order_ends_early, train_eval
-from fuzz.spawn import DeviceError, Placement, run_scenario
+from fsdp_fuzz.data import CRASH, ERROR, HANG, OK
+from fsdp_fuzz.execute.spawn import DeviceError, Placement, run_scenario
+from fsdp_fuzz.generate.seed_family import invalid_first_iter_order, order_ends_early, train_eval
 
 
 def statuses(observations):

@@ -10,15 +10,11 @@ from dataclasses import fields
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis.statistics import collector
-
-from fuzz.observations import OK
-from fuzz.profiles import PROFILES, profile_from_environment
-from fuzz.scenario import FsdpSettings, Scenario, dumps, scenario_from_json, validate_scenario
-from fuzz.seed_family import seed_scenarios
-from fuzz.spawn import run_scenario
-from fuzz.strategies import (
+from fsdp_fuzz.data import OK, FsdpSettings, Scenario, dumps, scenario_from_json, validate_scenario
+from fsdp_fuzz.execute.executor import BuiltModel, build_model, freeze_untaken_alternatives
+from fsdp_fuzz.execute.spawn import run_scenario
+from fsdp_fuzz.generate.seed_family import seed_scenarios
+from fsdp_fuzz.generate.strategies import (
     HYBRID_STRATEGIES,
     PLAIN_STRATEGIES,
     Deviation,
@@ -26,10 +22,12 @@ from fuzz.strategies import (
     scenario_features,
     scenarios,
 )
-from models.build import BuiltModel, build_model, freeze_untaken_alternatives
-from models.seed import seed_model
-from models.spec import Choice, Linear, ModelSpec, Node, Sequential, features, numel, validate
-from models.strategies import MAX_WIDTH, MIN_WIDTH, first_stacks, model_specs, stacks_by_numel
+from fsdp_fuzz.models.seed import seed_model
+from fsdp_fuzz.models.spec import Choice, Linear, ModelSpec, Node, Sequential, features, numel, validate
+from fsdp_fuzz.models.strategies import MAX_WIDTH, MIN_WIDTH, first_stacks, model_specs, stacks_by_numel
+from fsdp_fuzz.profiles import PROFILES, profile_from_environment
+from hypothesis import HealthCheck, given, settings
+from hypothesis.statistics import collector
 
 GENERATE = settings(deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 

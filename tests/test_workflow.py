@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fuzz.corpus import corpus_files, load_entry
+from fsdp_fuzz.corpus import corpus_files, load_entry
 
 ROOT = Path(__file__).resolve().parent.parent
 ORDER_WARNING = "Forward order differs"

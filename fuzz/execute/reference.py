@@ -4,21 +4,17 @@ Data parallelism promises each rank the outputs of the shared parameters on
 its own batch, and every rank the same update: gradients averaged over the
 ranks. One process can compute that without FSDP or a process group, so the
 reference cannot share a bug with what it checks. It runs in plain torch on
-the CPU with the same parameters (``build_model``) and the same batches
-(``step_input``) as the ranks.
+the CPU, with the executor's own ``build_model`` and ``run_forwards``: the
+same parameters, batches and forwards as the ranks.
 """
 
 from __future__ import annotations
 
 import torch
+from fsdp_fuzz.data import ReferenceStep, Scenario, Step, scenario_to_json
+from fsdp_fuzz.execute.executor import LEARNING_RATE, build_model, run_forwards
 
-from fuzz.execute import step_input
-from fuzz.observations import ReferenceStep
-from fuzz.scenario import Scenario, Step
-from models.build import build_model, freeze_untaken_alternatives
-
-LEARNING_RATE = 0.01
-"""The ranks' optimizer is ``SGD(lr=LEARNING_RATE)`` too."""
+CPU = torch.device("cpu")
 
 
 def aligned(scenario: Scenario) -> bool:
@@ -36,7 +32,8 @@ def reference_run(scenario: Scenario) -> tuple[ReferenceStep, ...] | None:
     the schedules are not ``aligned``."""
     if not aligned(scenario):
         return None
-    built = build_model(scenario.model, scenario.seed, freeze_untaken=scenario.freeze_untaken)
+    encoded = scenario_to_json(scenario, complete=True)
+    built = build_model(encoded["model"], scenario.seed, scenario.freeze_untaken)
     parameters = list(built.module.parameters())
     optimizer = torch.optim.SGD(parameters, lr=LEARNING_RATE)
     world_size = scenario.world_size
@@ -46,7 +43,7 @@ def reference_run(scenario: Scenario) -> tuple[ReferenceStep, ...] | None:
         summed: dict[int, torch.Tensor] = {}
         for rank in range(world_size):
             step = scenario.ranks[rank][index]
-            total = _forwards(scenario, built, rank, index, step)
+            total = run_forwards(encoded, built, rank, index, CPU)
             output_sums.append(float(total.detach()))
             if step.backward and total.requires_grad:
                 trainable = [p for p in parameters if p.requires_grad]
@@ -67,13 +64,3 @@ def reference_run(scenario: Scenario) -> tuple[ReferenceStep, ...] | None:
             optimizer.zero_grad()
         steps.append(ReferenceStep(tuple(output_sums), grad_sum))
     return tuple(steps)
-
-
-def _forwards(scenario: Scenario, built, rank: int, index: int, step: Step) -> torch.Tensor:
-    built.module.train(step.training)
-    built.set_path(step.path)
-    if scenario.freeze_untaken:
-        freeze_untaken_alternatives(built, step.path)
-    with torch.set_grad_enabled(step.grad_enabled):
-        outputs = [built.module(step_input(scenario, rank, index, k)) for k in range(step.forwards)]
-        return sum((output.sum() for output in outputs), torch.zeros(()))

@@ -10,10 +10,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fuzz.observations import HANG, NOT_RUN, OK, Observations, StepOutcome, WarningRecord
-from fuzz.orders import deviates, first_iteration_divergence, iterations
-from fuzz.scenario import HYBRID_NODE_SIZE, HYBRID_STRATEGIES, Scenario
-from fuzz.trace import ORDER_CHECK
+from fsdp_fuzz.data import (
+    HYBRID_NODE_SIZE,
+    HYBRID_STRATEGIES,
+    Clause,
+    Observations,
+    Purpose,
+    Scenario,
+    Status,
+    StepOutcome,
+    Violation,
+    ViolationKind,
+    WarningRecord,
+)
+from fsdp_fuzz.judge.orders import deviates, first_iteration_divergence, iterations
 
 FIRST_ITERATION_ERROR = "Forward order differs across ranks"
 LATER_WARNING = (
@@ -22,32 +32,10 @@ LATER_WARNING = (
 )
 ORDER_MARKER = "Forward order differs"
 
-FIRST_ITERATION = "first-iteration divergence raises"
-LATER_ITERATION = "later deviation warns once"
-EVAL_SILENCE = "eval is unchecked"
-CLEAN_RUN = "clean run"
-REFERENCE = "matches the reference run"
-SILENT_MISMATCH = "no silent mismatch"
-
-GRADIENT_MISMATCH = "the ranks' gradients sum to"
-
 RELATIVE_TOLERANCE = 1e-4
 """Clause 4's tolerance: a sum may differ from the reference's by this much
 times (1 + its magnitude). The reference reduces in another order, in float32,
 so bit equality is not promised; a wrong unit or a lost update is far larger."""
-
-
-
-@dataclass(frozen=True)
-class Violation:
-    clause: str
-    rank: int
-    step: int | None
-    message: str
-
-    def __str__(self) -> str:
-        where = "setup" if self.step is None else f"step {self.step}"
-        return f"[{self.clause}] rank {self.rank}, {where}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -157,25 +145,27 @@ def reference_mismatch(scenario: Scenario, observations: Observations) -> Violat
     for index, expected in enumerate(observations.reference):
         outcomes = [rank.steps[index] for rank in observations.ranks]
         for rank, outcome in enumerate(outcomes):
-            if outcome.status != OK or outcome.output_sum is None:
+            if outcome.status != Status.OK or outcome.output_sum is None:
                 continue
             if not _close(outcome.output_sum, expected.output_sums[rank]):
                 return Violation(
-                    REFERENCE,
+                    Clause.REFERENCE,
+                    ViolationKind.OUTPUT_MISMATCH,
                     rank,
                     index,
                     f"outputs sum to {outcome.output_sum!r}, the single-process reference gives "
                     f"{expected.output_sums[rank]!r} for this rank's batch",
                 )
-        if expected.grad_sum is None or any(o.status != OK or o.grad_sum is None for o in outcomes):
+        if expected.grad_sum is None or any(o.status != Status.OK or o.grad_sum is None for o in outcomes):
             continue
         observed = sum(o.grad_sum for o in outcomes) / replicas
         if not _close(observed, expected.grad_sum):
             return Violation(
-                REFERENCE,
+                Clause.REFERENCE,
+                ViolationKind.GRADIENT_MISMATCH,
                 0,
                 index,
-                f"{GRADIENT_MISMATCH} {observed!r} (local sums {[o.grad_sum for o in outcomes]} "
+                f"the ranks' gradients sum to {observed!r} (local sums {[o.grad_sum for o in outcomes]} "
                 f"over {replicas} replica(s)), the single-process reference's rank-averaged gradient "
                 f"sums to {expected.grad_sum!r}",
             )
@@ -219,7 +209,7 @@ def _first_mismatch(observations: Observations, group: tuple[int, ...]) -> tuple
     for position in range(min(len(trace) for trace in traces)):
         paired = [trace[position] for trace in traces]
         served = [(record.unit, record.purpose) for _, record in paired]
-        if len(set(served)) == 1 or all(purpose == ORDER_CHECK for _, purpose in served):
+        if len(set(served)) == 1 or all(purpose == Purpose.ORDER_CHECK for _, purpose in served):
             continue
         at = next(i for i, pair in enumerate(served) if pair != served[0])
         described = ", ".join(
@@ -227,7 +217,9 @@ def _first_mismatch(observations: Observations, group: tuple[int, ...]) -> tuple
             for rank, (_, record) in zip(members, paired, strict=True)
         )
         message = f"collective #{position} on ranks {list(members)} paired different units without error or warning: "
-        violation = Violation(SILENT_MISMATCH, members[at], paired[at][0], message + described)
+        violation = Violation(
+            Clause.SILENT_MISMATCH, ViolationKind.UNITS_PAIRED, members[at], paired[at][0], message + described
+        )
         return max(index for index, _ in paired), violation
     return None
 
@@ -245,8 +237,9 @@ def _judge_rank(
     scenario: Scenario, observations: Observations, rank: int, expectation: RankExpectation
 ) -> list[Violation]:
     observed = observations.ranks[rank]
-    if observed.setup.status != OK:
-        return [Violation(CLEAN_RUN, rank, None, f"building or wrapping the model failed: {describe(observed.setup)}")]
+    if observed.setup.status != Status.OK:
+        failed = f"building or wrapping the model failed: {describe(observed.setup)}"
+        return [Violation(Clause.CLEAN_RUN, ViolationKind.SETUP_FAILED, rank, None, failed)]
     if expectation.error_steps:
         return _judge_first_iteration_error(observed.steps, rank, expectation)
     found: list[Violation] = []
@@ -254,13 +247,13 @@ def _judge_rank(
     for index, (step, outcome) in enumerate(zip(scenario.ranks[rank], observed.steps, strict=True)):
         for warning in order_warnings(outcome):
             if not step.training:
-                found.append(
-                    Violation(EVAL_SILENCE, rank, index, f"eval-mode step warned: {first_line(warning.message)}")
-                )
+                warned_in_eval = f"eval-mode step warned: {first_line(warning.message)}"
+                found.append(Violation(Clause.EVAL_SILENCE, ViolationKind.EVAL_WARNED, rank, index, warned_in_eval))
             elif not warning.message.startswith(LATER_WARNING.format(rank=rank)):
                 found.append(
                     Violation(
-                        LATER_ITERATION,
+                        Clause.LATER_ITERATION,
+                        ViolationKind.WARNING_MISWORDED,
                         rank,
                         index,
                         f"warning does not match the contract's: {first_line(warning.message)}",
@@ -270,7 +263,8 @@ def _judge_rank(
                 why = expectation.reason or "every iteration's order equals the first iteration's"
                 found.append(
                     Violation(
-                        LATER_ITERATION,
+                        Clause.LATER_ITERATION,
+                        ViolationKind.WARNING_UNEXPECTED,
                         rank,
                         index,
                         f"warned outside the first deviating iteration ({why}): {first_line(warning.message)}",
@@ -278,21 +272,20 @@ def _judge_rank(
                 )
             else:
                 warned.append(index)
-        if outcome.status == NOT_RUN:
+        if outcome.status == Status.NOT_RUN:
             break
-        if outcome.status != OK:
-            clause = (
-                EVAL_SILENCE
-                if not step.training and is_order_error(outcome)
-                else (FIRST_ITERATION if is_order_error(outcome) else CLEAN_RUN)
-            )
-            found.append(Violation(clause, rank, index, f"expected success, got {describe(outcome)}"))
+        if outcome.status != Status.OK:
+            if not is_order_error(outcome):
+                clause, kind = Clause.CLEAN_RUN, ViolationKind.STEP_FAILED
+            else:
+                clause = Clause.FIRST_ITERATION if step.training else Clause.EVAL_SILENCE
+                kind = ViolationKind.ORDER_ERROR_UNEXPECTED
+            found.append(Violation(clause, kind, rank, index, f"expected success, got {describe(outcome)}"))
             break
-    if expectation.warning_steps and not warned and not any(v.clause == CLEAN_RUN for v in found):
+    if expectation.warning_steps and not warned and not any(v.clause == Clause.CLEAN_RUN for v in found):
         steps = sorted(expectation.warning_steps)
-        found.append(
-            Violation(LATER_ITERATION, rank, steps[0], f"no warning in steps {steps} though {expectation.reason}")
-        )
+        missing = f"no warning in steps {steps} though {expectation.reason}"
+        found.append(Violation(Clause.LATER_ITERATION, ViolationKind.WARNING_MISSING, rank, steps[0], missing))
     return found
 
 
@@ -301,7 +294,7 @@ def _judge_first_iteration_error(
 ) -> list[Violation]:
     wanted = sorted(expectation.error_steps)
     for index, outcome in enumerate(steps):
-        if outcome.status == OK:
+        if outcome.status == Status.OK:
             if index > wanted[-1]:
                 break
             continue
@@ -309,14 +302,16 @@ def _judge_first_iteration_error(
             return []
         return [
             Violation(
-                FIRST_ITERATION,
+                Clause.FIRST_ITERATION,
+                ViolationKind.ORDER_ERROR_REPLACED,
                 rank,
                 index,
                 f"expected RuntimeError '{FIRST_ITERATION_ERROR}' in step(s) {wanted} "
                 f"({expectation.reason}), got {describe(outcome)}",
             )
         ]
-    return [Violation(FIRST_ITERATION, rank, wanted[0], f"no error in step(s) {wanted} though {expectation.reason}")]
+    missing = f"no error in step(s) {wanted} though {expectation.reason}"
+    return [Violation(Clause.FIRST_ITERATION, ViolationKind.ORDER_ERROR_MISSING, rank, wanted[0], missing)]
 
 
 def order_warnings(outcome: StepOutcome) -> list[WarningRecord]:
@@ -332,9 +327,9 @@ def first_line(text: str) -> str:
 
 
 def describe(outcome: StepOutcome) -> str:
-    if outcome.status == OK:
+    if outcome.status == Status.OK:
         return "success"
-    if outcome.status == HANG:
+    if outcome.status == Status.HANG:
         return f"a hang ({first_line(outcome.error_message or '')})"
     kind = outcome.error_type or outcome.status
     return f"{outcome.status} {kind}: {first_line(outcome.error_message or '')}"

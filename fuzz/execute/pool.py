@@ -16,27 +16,26 @@ interrupted campaign leaves no rank behind.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import shutil
 import signal
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch.multiprocessing as mp
-
-from fuzz.observations import HANG, Observations
-from fuzz.ranks import (
+from fsdp_fuzz.data import Observations, Scenario
+from fsdp_fuzz.execute.executor import (
     CPU,
+    HANG,
     STARTUP_TIMEOUT_S,
     Placement,
+    check_trace,
     collect_outcomes,
     join_default_group,
-    observations_of,
     serve_scenario,
 )
-from fuzz.scenario import Scenario, scenario_to_json
+from fsdp_fuzz.execute.observe import executor_input, observations_of
 
 DEFAULT_GROUP_TIMEOUT_S = 2.0
 
@@ -82,14 +81,15 @@ class RankPool:
     def run(self, scenario: Scenario) -> Observations:
         if scenario.world_size != self.world_size:
             raise ValueError(f"this pool runs {self.world_size} ranks, the scenario has {scenario.world_size}")
+        check_trace(scenario.engine)
         if not self._workers:
             self._start()
         scenario_id, self._next_id = self._next_id, self._next_id + 1
-        encoded = json.dumps(scenario_to_json(scenario))
+        encoded = executor_input(scenario)
         for commands in self._commands:
             commands.put((scenario_id, encoded))
         collected = collect_outcomes(
-            self.world_size,
+            encoded,
             self._reports,
             scenario_id,
             is_alive=lambda rank: self._workers[rank].is_alive(),
@@ -99,13 +99,13 @@ class RankPool:
         )
         self.stats.scenarios += 1
         self.last_timings = collected.timings
-        if any(outcome.status == HANG for outcomes in collected.outcomes for outcome in outcomes):
+        if any(outcome["status"] == HANG for outcomes in collected.outcomes for outcome in outcomes):
             self.stats.hangs += 1
         if collected.silent:
             stacks = self._dump_stacks(collected.silent)
             for rank in collected.silent:
-                last = collected.outcomes[rank][-1]
-                collected.outcomes[rank][-1] = replace(last, stack=stacks[rank])
+                hung = next(outcome for outcome in collected.outcomes[rank] if outcome["status"] == HANG)
+                hung["stack"] = stacks[rank]
         if collected.crashed:
             self.stats.crashes += 1
         if collected.silent or collected.crashed:
@@ -213,8 +213,8 @@ def _worker_main(rank, world_size, store_path, workdir, placement, group_timeout
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
     join_default_group(rank, world_size, store_path, placement)
     while (command := commands.get()) is not None:
-        scenario_id, encoded = command
-        serve_scenario(encoded, scenario_id, rank, placement, group_timeout_s, reports)
+        scenario_id, scenario = command
+        serve_scenario(scenario, scenario_id, rank, placement, group_timeout_s, reports)
     reports.close()
     reports.join_thread()
     os._exit(0)

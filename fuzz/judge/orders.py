@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fuzz.scenario import Scenario
-from models.spec import Choice, ModelSpec, Node, Path, Sequential, taken, unit_numel
+from fsdp_fuzz.data import Scenario
+from fsdp_fuzz.models.spec import Choice, ModelSpec, Node, Path, Sequential, taken, unit_numel
 
 
 def forward_units(spec: ModelSpec, path: Path) -> tuple[str, ...]:

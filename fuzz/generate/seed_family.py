@@ -9,10 +9,9 @@ between training and eval, either sharding strategy.
 
 from __future__ import annotations
 
+from fsdp_fuzz.data import FsdpSettings, Scenario, Step
+from fsdp_fuzz.models.seed import SEED_CHOICE, seed_model
 from hypothesis import strategies as st
-
-from fuzz.scenario import FsdpSettings, Scenario, Step
-from models.seed import SEED_CHOICE, seed_model
 
 SEED_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP")
 WORLD_SIZE = 2
@@ -108,11 +107,11 @@ def seed_family_scenarios(draw: st.DrawFn, max_steps: int = 6) -> Scenario:
 def write_seed_corpus(directory: str) -> None:
     """(Re)write ``corpus/seed`` from the definitions above.
 
-    ``python -c "from fuzz.seed_family import write_seed_corpus as w; w('corpus/seed')"``
+    ``python -c "from fsdp_fuzz.generate.seed_family import write_seed_corpus as w; w('corpus/seed')"``
     """
     from pathlib import Path
 
-    from fuzz.scenario import dumps
+    from fsdp_fuzz.data import dumps
 
     target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)

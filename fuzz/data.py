@@ -1,0 +1,501 @@
+"""What the three stages hand each other, as plain data that round-trips
+through JSON: the scenario (generate -> execute, judge), the observations
+(execute -> judge) and the verdict's vocabulary (judge -> corpus, campaign).
+
+A scenario is a model spec, FSDP settings, the debug level, and for every
+rank the steps it runs; observations are what each rank did in each step.
+Nothing here imports torch, so a scenario can be saved, shrunk, diffed and
+judged months later, and the judge never needs a process group. Statuses,
+collective purposes, clauses and violation kinds are enums: triage and replay
+key on them, never on the words of a message.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path as FilePath
+from typing import Any
+
+from fsdp_fuzz.jsonfmt import format_json
+from fsdp_fuzz.models.spec import ModelSpec, SpecError, spec_from_json, spec_to_json, taken
+
+SCHEMA_VERSION = 1
+
+SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
+BACKWARD_PREFETCH = (None, "BACKWARD_PRE", "BACKWARD_POST")
+HYBRID_STRATEGIES = ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
+HYBRID_NODE_SIZE = 2
+"""Ranks per simulated node for hybrid sharding: nodes are consecutive ranks."""
+DEBUG_LEVELS = ("OFF", "INFO", "DETAIL")
+ENGINES = ("fsdp1",)
+"""``fsdp1``: ``FullyShardedDataParallel``; the executor implements each."""
+MODES = ("train", "eval")
+
+
+class ScenarioError(ValueError):
+    """A scenario (or scenario file) the fuzzer cannot run, with the reason."""
+
+
+class _Vocabulary(str, Enum):
+    """A JSON string with a closed set of values."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Status(_Vocabulary):
+    """How one rank's setup or step ended."""
+
+    OK = "ok"
+    ERROR = "error"
+    HANG = "hang"
+    """A collective outlived its group's timeout, or the rank went silent."""
+    CRASH = "crash"
+    """The rank's process died."""
+    NOT_RUN = "not_run"
+    """After a failed step the rank runs nothing more."""
+
+
+class Purpose(_Vocabulary):
+    """Why FSDP issued a collective, as the trace attributes it."""
+
+    UNSHARD = "unshard"
+    REDUCE_GRAD = "reduce_grad"
+    ORDER_CHECK = "order_check"
+
+
+class Clause(_Vocabulary):
+    """A clause of the contract. The value is the stable id saved findings
+    key on; ``sentence`` is what people read and may be reworded."""
+
+    FIRST_ITERATION = "first-iteration-raises"
+    LATER_ITERATION = "later-deviation-warns"
+    EVAL_SILENCE = "eval-unchecked"
+    CLEAN_RUN = "clean-run"
+    REFERENCE = "matches-reference"
+    SILENT_MISMATCH = "no-silent-mismatch"
+
+    @property
+    def sentence(self) -> str:
+        return _CLAUSE_SENTENCES[self]
+
+    @classmethod
+    def parse(cls, text: str) -> Clause:
+        """An id, or the sentence that findings saved before ids were
+        introduced recorded instead."""
+        for clause in cls:
+            if text in (clause.value, clause.sentence):
+                return clause
+        raise ValueError(f"unknown clause {text!r}; known: {[clause.value for clause in cls]}")
+
+
+_CLAUSE_SENTENCES = {
+    Clause.FIRST_ITERATION: "first-iteration divergence raises",
+    Clause.LATER_ITERATION: "later deviation warns once",
+    Clause.EVAL_SILENCE: "eval is unchecked",
+    Clause.CLEAN_RUN: "clean run",
+    Clause.REFERENCE: "matches the reference run",
+    Clause.SILENT_MISMATCH: "no silent mismatch",
+}
+
+
+class ViolationKind(_Vocabulary):
+    """What exactly went against a clause: what triage keys on."""
+
+    SETUP_FAILED = "setup-failed"
+    STEP_FAILED = "step-failed"
+    """A step that had to succeed failed (error, hang or crash)."""
+    ORDER_ERROR_UNEXPECTED = "order-error-unexpected"
+    """The first-iteration order error where no divergence was due."""
+    ORDER_ERROR_MISSING = "order-error-missing"
+    """A due order error never came: every step of its window succeeded."""
+    ORDER_ERROR_REPLACED = "order-error-replaced"
+    """Where the order error was due, or before it, the step failed otherwise."""
+    WARNING_MISSING = "warning-missing"
+    WARNING_MISWORDED = "warning-misworded"
+    """An order warning whose words are not the contract's (a wrong rank, say)."""
+    WARNING_UNEXPECTED = "warning-unexpected"
+    """An order warning outside the rank's first deviating iteration."""
+    EVAL_WARNED = "eval-warned"
+    OUTPUT_MISMATCH = "output-mismatch"
+    GRADIENT_MISMATCH = "gradient-mismatch"
+    UNITS_PAIRED = "units-paired"
+    """The k-th collectives of a group served different units."""
+
+
+@dataclass(frozen=True)
+class Violation:
+    clause: Clause
+    kind: ViolationKind
+    rank: int
+    step: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = "setup" if self.step is None else f"step {self.step}"
+        return f"[{self.clause.sentence}] rank {self.rank}, {where}: {self.message}"
+
+
+@dataclass(frozen=True)
+class FsdpSettings:
+    """Keyword arguments of every ``FullyShardedDataParallel`` in the model.
+
+    Defaults are FSDP's own, so a scenario that says nothing uses FSDP as a
+    user who says nothing does.
+    """
+
+    sharding_strategy: str = "FULL_SHARD"
+    use_orig_params: bool = False
+    forward_prefetch: bool = False
+    backward_prefetch: str | None = "BACKWARD_PRE"
+    limit_all_gathers: bool = True
+    sync_module_states: bool = False
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one rank does in one step of the schedule.
+
+    ``path`` maps a branch point's name to the alternatives its forwards run,
+    in order; a branch point absent from it runs alternative 0 once, and an
+    empty list skips it. ``forwards`` forwards run, then one backward of the
+    sum of their outputs when ``backward`` is set.
+    """
+
+    mode: str = "train"
+    path: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    forwards: int = 1
+    backward: bool = True
+    grad_enabled: bool = True
+    optimizer_step: bool = False
+
+    @property
+    def training(self) -> bool:
+        return self.mode == "train"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    model: ModelSpec
+    ranks: tuple[tuple[Step, ...], ...]
+    fsdp: FsdpSettings = FsdpSettings()
+    engine: str = "fsdp1"
+    debug_level: str = "DETAIL"
+    collective_checker: bool = False
+    freeze_untaken: bool = False
+    seed: int = 0
+    batch_size: int = 8
+    description: str = ""
+
+    @property
+    def world_size(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.ranks[0])
+
+
+def validate_scenario(scenario: Scenario) -> None:
+    """Raise ``ScenarioError`` naming the first thing that makes it unrunnable."""
+    if scenario.world_size < 2:
+        raise ScenarioError("a scenario needs at least 2 ranks")
+    if len({len(steps) for steps in scenario.ranks}) != 1:
+        raise ScenarioError("every rank must run the same number of steps")
+    if scenario.engine not in ENGINES:
+        raise ScenarioError(f"engine {scenario.engine!r} is not one of {ENGINES}")
+    if scenario.debug_level not in DEBUG_LEVELS:
+        raise ScenarioError(f"debug_level {scenario.debug_level!r} is not one of {DEBUG_LEVELS}")
+    if scenario.fsdp.sharding_strategy not in SHARDING_STRATEGIES:
+        raise ScenarioError(
+            f"sharding_strategy {scenario.fsdp.sharding_strategy!r} is not one of {SHARDING_STRATEGIES}"
+        )
+    if scenario.fsdp.backward_prefetch not in BACKWARD_PREFETCH:
+        raise ScenarioError(f"backward_prefetch {scenario.fsdp.backward_prefetch!r} is not one of {BACKWARD_PREFETCH}")
+    if scenario.fsdp.sharding_strategy in HYBRID_STRATEGIES and scenario.world_size % HYBRID_NODE_SIZE:
+        raise ScenarioError(f"hybrid sharding simulates nodes of {HYBRID_NODE_SIZE} ranks: the world size must be even")
+    if scenario.batch_size < 1:
+        raise ScenarioError("batch_size must be positive")
+    alternatives = {choice.name: len(choice.alternatives) for choice in scenario.model.choices()}
+    for rank, steps in enumerate(scenario.ranks):
+        for index, step in enumerate(steps):
+            where = f"rank {rank}, step {index}"
+            if step.mode not in MODES:
+                raise ScenarioError(f"{where}: mode {step.mode!r} is not one of {MODES}")
+            if step.forwards < 0:
+                raise ScenarioError(f"{where}: forwards must not be negative")
+            if step.backward and (step.forwards == 0 or not step.grad_enabled):
+                raise ScenarioError(f"{where}: a backward needs at least one forward with grad enabled")
+            for name, runs in step.path.items():
+                if name not in alternatives:
+                    raise ScenarioError(f"{where}: path names unknown branch point {name!r}")
+                if any(not 0 <= index < alternatives[name] for index in runs):
+                    raise ScenarioError(
+                        f"{where}: branch point {name!r} has {alternatives[name]} alternatives, "
+                        f"path asks for {list(runs)}"
+                    )
+
+
+# JSON ----------------------------------------------------------------------
+
+_DEFAULT_STEP = Step()
+
+
+def step_to_json(step: Step, *, complete: bool = False) -> dict[str, Any]:
+    """Mode and path always; other fields only where they differ from
+    ``Step()``, or all of them when ``complete`` (what the executor reads)."""
+    encoded: dict[str, Any] = {
+        "mode": step.mode,
+        "path": {name: list(taken) for name, taken in sorted(step.path.items())},
+    }
+    for name in ("forwards", "backward", "grad_enabled", "optimizer_step"):
+        if complete or getattr(step, name) != getattr(_DEFAULT_STEP, name):
+            encoded[name] = getattr(step, name)
+    return encoded
+
+
+def step_from_json(encoded: Mapping[str, Any]) -> Step:
+    known = {"mode", "path", "forwards", "backward", "grad_enabled", "optimizer_step"}
+    unknown = set(encoded) - known
+    if unknown:
+        raise ScenarioError(f"unknown step fields {sorted(unknown)}")
+    path = {str(name): tuple(int(i) for i in taken) for name, taken in dict(encoded.get("path", {})).items()}
+    return Step(
+        mode=str(encoded.get("mode", "train")),
+        path=path,
+        forwards=int(encoded.get("forwards", 1)),
+        backward=bool(encoded.get("backward", True)),
+        grad_enabled=bool(encoded.get("grad_enabled", True)),
+        optimizer_step=bool(encoded.get("optimizer_step", False)),
+    )
+
+
+def scenario_to_json(scenario: Scenario, *, complete: bool = False) -> dict[str, Any]:
+    """The saved form; ``complete`` spells out every default, so that the
+    executor, which reads this form, never needs to know one."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "description": scenario.description,
+        "world_size": scenario.world_size,
+        **({"engine": scenario.engine} if complete or scenario.engine != "fsdp1" else {}),
+        "model": spec_to_json(scenario.model, complete=complete),
+        "fsdp": {
+            "sharding_strategy": scenario.fsdp.sharding_strategy,
+            "use_orig_params": scenario.fsdp.use_orig_params,
+            "forward_prefetch": scenario.fsdp.forward_prefetch,
+            "backward_prefetch": scenario.fsdp.backward_prefetch,
+            "limit_all_gathers": scenario.fsdp.limit_all_gathers,
+            "sync_module_states": scenario.fsdp.sync_module_states,
+        },
+        "debug_level": scenario.debug_level,
+        "collective_checker": scenario.collective_checker,
+        "freeze_untaken": scenario.freeze_untaken,
+        "seed": scenario.seed,
+        "batch_size": scenario.batch_size,
+        "ranks": [[_step_json(scenario.model, step, complete) for step in steps] for steps in scenario.ranks],
+        **({"hybrid_node_size": HYBRID_NODE_SIZE} if complete else {}),
+    }
+
+
+def _step_json(model: ModelSpec, step: Step, complete: bool) -> dict[str, Any]:
+    encoded = step_to_json(step, complete=complete)
+    if complete:
+        encoded["path"] = {choice.name: list(taken(step.path, choice.name)) for choice in model.choices()}
+    return encoded
+
+
+def scenario_from_json(encoded: Any) -> Scenario:
+    """Decode and validate; every problem becomes a ``ScenarioError``."""
+    if not isinstance(encoded, dict):
+        raise ScenarioError("a scenario must be a JSON object")
+    version = encoded.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ScenarioError(
+            f"schema_version is {version!r}, this fuzzer reads version {SCHEMA_VERSION}; "
+            "re-save the scenario with a matching fuzzer version"
+        )
+    try:
+        ranks = tuple(tuple(step_from_json(step) for step in steps) for steps in encoded["ranks"])
+        scenario = Scenario(
+            model=spec_from_json(encoded["model"]),
+            ranks=ranks,
+            fsdp=FsdpSettings(**encoded.get("fsdp", {})),
+            engine=str(encoded.get("engine", "fsdp1")),
+            debug_level=str(encoded.get("debug_level", "DETAIL")),
+            collective_checker=bool(encoded.get("collective_checker", False)),
+            freeze_untaken=bool(encoded.get("freeze_untaken", False)),
+            seed=int(encoded.get("seed", 0)),
+            batch_size=int(encoded.get("batch_size", 8)),
+            description=str(encoded.get("description", "")),
+        )
+    except KeyError as exc:
+        raise ScenarioError(f"missing field {exc.args[0]!r}") from None
+    except SpecError as exc:
+        raise ScenarioError(f"model: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ScenarioError):
+            raise
+        raise ScenarioError(f"malformed field: {exc}") from None
+    if "world_size" in encoded and encoded["world_size"] != scenario.world_size:
+        raise ScenarioError(f"world_size is {encoded['world_size']} but {scenario.world_size} ranks have steps")
+    validate_scenario(scenario)
+    return scenario
+
+
+def dumps(scenario: Scenario) -> str:
+    return format_json(scenario_to_json(scenario)) + "\n"
+
+
+def read_json(path: str | FilePath) -> Any:
+    """Parse a JSON file; errors name the file and the place in it."""
+    path = FilePath(path)
+    try:
+        return json.loads(path.read_text())
+    except OSError as exc:
+        raise ScenarioError(f"{path}: cannot read: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ScenarioError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+
+
+def load_scenario(path: str | FilePath) -> Scenario:
+    """Read a scenario file; errors name the file and what is wrong in it."""
+    try:
+        return scenario_from_json(read_json(path))
+    except ScenarioError as exc:
+        message = str(exc)
+        raise ScenarioError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+
+
+# Observations --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WarningRecord:
+    category: str
+    message: str
+
+
+@dataclass(frozen=True)
+class CollectiveRecord:
+    """One collective a rank issued: what, how big, and for which FSDP unit."""
+
+    op: str
+    dtype: str
+    numel: int
+    unit: str | None
+    """The spec name of the FSDP unit served, ``None`` when not on a unit's behalf."""
+    purpose: Purpose | None
+    group: tuple[int, ...] = ()
+    """Global ranks of the group it ran on: collectives pair up within a group."""
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """One rank's step: how it ended, and every warning it raised, in order."""
+
+    status: Status
+    error_type: str | None = None
+    error_message: str | None = None
+    warnings: tuple[WarningRecord, ...] = ()
+    output_sum: float | None = None
+    grad_sum: float | None = None
+    """Sum of this rank's local gradients after the step's backward."""
+    collectives: tuple[CollectiveRecord, ...] = ()
+    stack: str | None = None
+    """For a hang: where the rank was when its group timed out (innermost frames last)."""
+
+    def failed_with(self, error_type: str, message_prefix: str) -> bool:
+        """Whether the step raised ``error_type`` with a message that starts so."""
+        return self.error_type == error_type and (self.error_message or "").startswith(message_prefix)
+
+
+@dataclass(frozen=True)
+class RankObservation:
+    """``setup`` covers building the model and wrapping it in FSDP."""
+
+    setup: StepOutcome
+    steps: tuple[StepOutcome, ...]
+
+
+@dataclass(frozen=True)
+class ReferenceStep:
+    """What a single process computes for one step (``fsdp_fuzz.execute.reference``)."""
+
+    output_sums: tuple[float, ...]
+    """Per rank: the sum of its forwards' outputs."""
+    grad_sum: float | None
+    """Sum of the rank-averaged gradient after this step's backward,
+    accumulated since the last optimizer step; ``None`` without a backward."""
+
+
+@dataclass(frozen=True)
+class Observations:
+    backend: str
+    device: str
+    torch_version: str
+    ranks: tuple[RankObservation, ...]
+    reference: tuple[ReferenceStep, ...] | None = None
+    """The single-process reference run, when the schedules allow one."""
+
+
+def outcome_to_json(outcome: StepOutcome) -> dict[str, Any]:
+    """Status always; the other fields only when they say something. The
+    executor reports outcomes in this form."""
+    encoded = asdict(outcome)
+    encoded["warnings"] = [asdict(w) for w in outcome.warnings]
+    encoded["collectives"] = [list(asdict(c).values()) for c in outcome.collectives]
+    return {key: value for key, value in encoded.items() if key == "status" or value not in (None, [])}
+
+
+def outcome_from_json(encoded: Mapping[str, Any]) -> StepOutcome:
+    return StepOutcome(
+        status=Status(encoded["status"]),
+        error_type=encoded.get("error_type"),
+        error_message=encoded.get("error_message"),
+        warnings=tuple(WarningRecord(**w) for w in encoded.get("warnings", ())),
+        output_sum=encoded.get("output_sum"),
+        grad_sum=encoded.get("grad_sum"),
+        collectives=tuple(_collective_from_json(c) for c in encoded.get("collectives", ())),
+        stack=encoded.get("stack"),
+    )
+
+
+def observations_to_json(observations: Observations) -> dict[str, Any]:
+    return {
+        "backend": observations.backend,
+        "device": observations.device,
+        "torch_version": observations.torch_version,
+        "ranks": [
+            {"setup": outcome_to_json(rank.setup), "steps": [outcome_to_json(s) for s in rank.steps]}
+            for rank in observations.ranks
+        ],
+        "reference": None
+        if observations.reference is None
+        else [{"output_sums": list(step.output_sums), "grad_sum": step.grad_sum} for step in observations.reference],
+    }
+
+
+def observations_from_json(encoded: Mapping[str, Any]) -> Observations:
+    return Observations(
+        backend=encoded["backend"],
+        device=encoded["device"],
+        torch_version=encoded["torch_version"],
+        ranks=tuple(
+            RankObservation(
+                setup=outcome_from_json(rank["setup"]),
+                steps=tuple(outcome_from_json(s) for s in rank["steps"]),
+            )
+            for rank in encoded["ranks"]
+        ),
+        reference=None
+        if encoded.get("reference") is None
+        else tuple(ReferenceStep(tuple(step["output_sums"]), step["grad_sum"]) for step in encoded["reference"]),
+    )
+
+
+def _collective_from_json(encoded: list) -> CollectiveRecord:
+    op, dtype, numel, unit, purpose, group = encoded
+    return CollectiveRecord(op, dtype, numel, unit, None if purpose is None else Purpose(purpose), tuple(group))

@@ -1,0 +1,851 @@
+"""The one executor: a scenario in its complete JSON form goes in, each rank's
+outcomes come out.
+
+Everything that runs a scenario lives here: building the model from its spec,
+wrapping its units, the scenario's process groups, running a rank's steps,
+tracing its collectives, telling a hang from an error, and gathering the
+ranks' reports. It needs only torch and the standard library, so the pool's
+workers (``fsdp_fuzz.execute.pool``), the fresh-process spawner (``run_fresh``)
+and the standalone reproducer scripts (this file verbatim, plus the scenario
+as a literal: ``fsdp_fuzz.repro``) all run this code and nothing else.
+
+It reads the complete form of a scenario (``fsdp_fuzz.data.scenario_to_json(...,
+complete=True)``: every default spelled out, every branch point in every
+path), so no default lives here a second time. It reports each outcome in the
+JSON form ``fsdp_fuzz.data.outcome_from_json`` reads.
+
+Two plug points: an engine is an entry of ``ENGINES`` (how units are wrapped,
+and which FSDP functions tell the trace what a collective served); a device
+is a ``Placement`` (which backend, which ``torch.device`` a rank computes on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextvars
+import functools
+import importlib
+import inspect
+import json
+import os
+import queue
+import shutil
+import sys
+import tempfile
+import textwrap
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+Json = dict[str, Any]
+
+# The words of a report: ``fsdp_fuzz.data.Status`` and ``Purpose`` parse them
+# (tests/test_executor.py keeps the two vocabularies equal).
+OK, ERROR, HANG, CRASH, NOT_RUN = "ok", "error", "hang", "crash", "not_run"
+UNSHARD, REDUCE_GRAD, ORDER_CHECK = "unshard", "reduce_grad", "order_check"
+
+STARTUP_TIMEOUT_S = 120.0
+"""For a rank's first report: starting Python, importing torch, the rendezvous."""
+LEARNING_RATE = 0.01
+
+
+class DeviceError(RuntimeError):
+    """The requested device cannot run the scenario (too few GPUs, say)."""
+
+
+class HarnessError(RuntimeError):
+    """The fuzzer cannot observe what it promises to (a hook it relies on is
+    gone from this torch): a reason to stop, never an observation of FSDP."""
+
+
+# Devices -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the ranks run: ``cpu`` with gloo, or ``cuda`` with NCCL, one GPU per rank."""
+
+    device: str = "cpu"
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.device == "cuda" else "gloo"
+
+    def check(self, world_size: int) -> None:
+        if self.device == "cpu":
+            return
+        if self.device != "cuda":
+            raise DeviceError(f"unknown device {self.device!r}: use 'cpu' or 'cuda'")
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if available < world_size:
+            raise DeviceError(
+                f"the scenario needs {world_size} ranks and NCCL needs one GPU per rank, "
+                f"but {available} GPU(s) are visible; run on CPU (device 'cpu') or on a machine "
+                f"with {world_size} GPUs"
+            )
+
+    def rank_device(self, rank: int) -> torch.device:
+        """The rank's device, made current for it (NCCL needs that)."""
+        if self.device == "cuda":
+            torch.cuda.set_device(rank)
+            return torch.device("cuda", rank)
+        return torch.device("cpu")
+
+
+CPU = Placement()
+
+
+# The model -----------------------------------------------------------------------
+#
+# A spec node is {"linear": [in, out], "bias": b}, {"relu": true},
+# {"sequential": name, "children": [...], "fsdp_unit": b, "frozen": b} or
+# {"choice": name, "alternatives": [sequentials], "fsdp_unit": b}. Every branch
+# point reads the path of the forward in progress from one dict shared by the
+# whole model, set before each step, the way a user's model reads a flag (the
+# seed test's ``use_alt_path``): FSDP sees the call signature a user's model has.
+
+
+def _named(node: Json) -> str | None:
+    return node.get("sequential", node.get("choice"))
+
+
+def _children(node: Json) -> list[Json]:
+    return node["children"] if "sequential" in node else node["alternatives"]
+
+
+class SequentialModule(nn.Module):
+    """Children run one after another; sequentials and branch points are named, others numbered."""
+
+    def __init__(self, node: Json, path: dict[str, list[int]]) -> None:
+        super().__init__()
+        self.child_names: list[str] = []
+        for index, child in enumerate(node["children"]):
+            name = _named(child) or str(index)
+            self.add_module(name, _build_node(child, path))
+            self.child_names.append(name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for name in self.child_names:
+            x = getattr(self, name)(x)
+        return x
+
+
+class ChoiceModule(nn.Module):
+    """A branch point: runs the alternatives the path lists for it, in order."""
+
+    def __init__(self, node: Json, path: dict[str, list[int]]) -> None:
+        super().__init__()
+        self.choice_name = node["choice"]
+        self.path = path
+        self.alternative_names = [alternative["sequential"] for alternative in node["alternatives"]]
+        for alternative in node["alternatives"]:
+            self.add_module(alternative["sequential"], SequentialModule(alternative, path))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for index in self.path[self.choice_name]:
+            x = getattr(self, self.alternative_names[index])(x)
+        return x
+
+
+def _build_node(node: Json, path: dict[str, list[int]]) -> nn.Module:
+    if "linear" in node:
+        return nn.Linear(*node["linear"], bias=node["bias"])
+    if "relu" in node:
+        return nn.ReLU()
+    return SequentialModule(node, path) if "sequential" in node else ChoiceModule(node, path)
+
+
+@dataclass
+class BuiltModel:
+    """A model and the handles a schedule needs to drive it."""
+
+    spec: Json
+    module: nn.Module
+    """The root; the engine's wrapper once wrapped."""
+    path: dict[str, list[int]]
+    units: dict[str, nn.Module] = field(default_factory=dict)
+    """Spec name -> the module the engine made a unit of, once wrapped."""
+
+    def set_path(self, path: dict[str, list[int]]) -> None:
+        self.path.clear()
+        self.path.update(path)
+
+    def branch_points(self) -> Iterator[tuple[Json, nn.Module, str]]:
+        """(node, module, innermost enclosing alternative or the root) of
+        every branch point, outer first; through wrappers once wrapped."""
+
+        def walk(node: Json, module: nn.Module, enclosing: str) -> Iterator[tuple[Json, nn.Module, str]]:
+            if "choice" in node:
+                yield node, module, enclosing
+            for child in _children(node) if ("linear" not in node and "relu" not in node) else ():
+                name = _named(child)
+                if name is not None:
+                    inner = name if "choice" in node else enclosing
+                    yield from walk(child, getattr(module, name), inner)
+
+        root = self.spec["root"]
+        yield from walk(root, self.module, root["sequential"])
+
+
+def build_model(spec: Json, seed: int, freeze_untaken: bool) -> BuiltModel:
+    """Build ``spec`` with parameters that depend on ``seed`` alone.
+
+    Every rank calls this with the same seed and gets the same parameters,
+    as FSDP expects without ``sync_module_states``.
+    """
+    path: dict[str, list[int]] = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = SequentialModule(spec["root"], path)
+    built = BuiltModel(spec, module, path)
+
+    def freeze(node: Json, module: nn.Module) -> None:
+        if node.get("frozen"):
+            for parameter in module.parameters():
+                parameter.requires_grad = False
+        for child in _children(node) if _named(node) else ():
+            if _named(child) is not None:
+                freeze(child, getattr(module, _named(child)))
+
+    freeze(spec["root"], module)
+    if freeze_untaken:
+        freeze_untaken_alternatives(built, {node["choice"]: [0] for node, _, _ in built.branch_points()})
+    return built
+
+
+def freeze_untaken_alternatives(built: BuiltModel, path: dict[str, list[int]]) -> None:
+    """Make trainable exactly the alternatives ``path`` runs, as the seed's
+    ``flip_path`` does.
+
+    Works through FSDP wrappers: an alternative that is its own unit yields
+    its flat parameter (or its original parameters with ``use_orig_params``).
+    Branch points come outer first, so an untaken outer alternative leaves
+    everything inside it frozen.
+    """
+    active = {built.spec["root"]["sequential"]}
+    for node, module, enclosing in built.branch_points():
+        runs = set(path[node["choice"]])
+        for index, alternative in enumerate(node["alternatives"]):
+            trainable = enclosing in active and index in runs
+            if trainable:
+                active.add(alternative["sequential"])
+            for parameter in getattr(module, alternative["sequential"]).parameters():
+                parameter.requires_grad = trainable
+
+
+def step_input(scenario: Json, rank: int, step: int, forward: int) -> torch.Tensor:
+    """A batch that depends only on where it is used, never on RNG history."""
+    generator = torch.Generator().manual_seed(((scenario["seed"] * 1009 + rank) * 1009 + step) * 1009 + forward)
+    return torch.randn((scenario["batch_size"], scenario["model"]["in_features"]), generator=generator)
+
+
+def run_forwards(scenario: Json, built: BuiltModel, rank: int, index: int, device: torch.device) -> torch.Tensor:
+    """The step's forwards, as the user's program runs them: mode, path,
+    freezing, grad mode; returns the sum of their outputs."""
+    step = scenario["ranks"][rank][index]
+    built.module.train(step["mode"] == "train")
+    built.set_path(step["path"])
+    if scenario["freeze_untaken"]:
+        freeze_untaken_alternatives(built, step["path"])
+    with torch.set_grad_enabled(step["grad_enabled"]):
+        outputs = [built.module(step_input(scenario, rank, index, k).to(device)) for k in range(step["forwards"])]
+        return sum((output.sum() for output in outputs), torch.zeros((), device=device))
+
+
+# Engines ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnitHook:
+    """An FSDP function that issues collectives on one unit's behalf: while it
+    runs, the trace attributes collectives to that unit, for ``purpose``."""
+
+    module: str
+    owner: str | None
+    """A class in ``module`` holding the function, or ``None`` for a module-level function."""
+    name: str
+    purpose: str
+    unit_argument: int
+    """Which positional argument identifies the unit (see ``Engine.unit_keys``)."""
+
+    def where(self) -> str:
+        return ".".join(part for part in (self.module, self.owner, self.name) if part)
+
+
+class Fsdp1:
+    """``FullyShardedDataParallel``: every unit of the spec wrapped, innermost
+    first, then the root."""
+
+    unit_hooks = (
+        UnitHook("torch.distributed.fsdp._flat_param", "FlatParamHandle", "_all_gather_flat_param", UNSHARD, 0),
+        UnitHook("torch.distributed.fsdp._exec_order_utils", "_ExecOrderData", "_check_order", ORDER_CHECK, 1),
+        UnitHook("torch.distributed.fsdp._runtime_utils", None, "_reduce_grad", REDUCE_GRAD, 1),
+        UnitHook("torch.distributed.fsdp._runtime_utils", None, "_reduce_grad_no_shard", REDUCE_GRAD, 1),
+    )
+
+    def wrap(self, built: BuiltModel, scenario: Json, group: Any, device: torch.device) -> None:
+        from torch.distributed.fsdp import BackwardPrefetch, ShardingStrategy
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        settings = scenario["fsdp"]
+        prefetch = settings["backward_prefetch"]
+        kwargs = {
+            "process_group": group,
+            "device_id": device,
+            "sharding_strategy": ShardingStrategy[settings["sharding_strategy"]],
+            "use_orig_params": settings["use_orig_params"],
+            "forward_prefetch": settings["forward_prefetch"],
+            "backward_prefetch": BackwardPrefetch[prefetch] if prefetch else None,
+            "limit_all_gathers": settings["limit_all_gathers"],
+            "sync_module_states": settings["sync_module_states"],
+        }
+
+        def wrap_below(node: Json, module: nn.Module) -> None:
+            for child in _children(node):
+                name = _named(child)
+                if name is None:
+                    continue
+                child_module = getattr(module, name)
+                wrap_below(child, child_module)
+                if child["fsdp_unit"]:
+                    built.units[name] = FSDP(child_module, **kwargs)
+                    setattr(module, name, built.units[name])
+
+        root = built.spec["root"]
+        wrap_below(root, built.module)
+        built.module = built.units[root["sequential"]] = FSDP(built.module, **kwargs)
+
+    def unit_keys(self, built: BuiltModel) -> dict[int, str]:
+        """id of each unit's flat-parameter handle (what the hooks receive) -> its spec name."""
+        return {id(unit._handle): name for name, unit in built.units.items() if unit._handle is not None}
+
+
+ENGINES: dict[str, Fsdp1] = {"fsdp1": Fsdp1()}
+
+
+# The collective trace ------------------------------------------------------------------
+#
+# The ground truth about pairing: the k-th collective of one rank meets the k-th
+# of every other rank of the same group, whatever FSDP believes. Shims on
+# ``torch.distributed``'s collectives (FSDP looks them up at call time) record
+# op, dtype and numel; shims on the engine's unit hooks say which unit and why.
+# Installed once per process, recording only while a trace is active, so a
+# worker's own control traffic is never traced.
+
+# op name -> (position of the tensor whose numel is recorded, position of ``group``)
+TRACED_OPS = {
+    "all_gather": (1, 2),
+    "all_gather_single": (1, 2),
+    "all_gather_into_tensor": (1, 2),
+    "reduce_scatter_single": (1, 3),
+    "reduce_scatter_tensor": (1, 3),
+    "all_reduce": (0, 2),
+    "broadcast": (0, 2),
+}
+
+
+class CollectiveTrace:
+    """Collects records while active; ``unit_keys`` names a unit by the
+    identity of what the hooks receive."""
+
+    def __init__(self) -> None:
+        self.unit_keys: dict[int, str] = {}
+        self.records: list[list] = []
+
+    def take(self) -> list[list]:
+        taken, self.records = self.records, []
+        return taken
+
+
+# A plain global, not a context variable: on GPUs the backward's collectives
+# are issued from autograd's device threads. A rank runs one scenario at a time.
+_active: CollectiveTrace | None = None
+_serving: contextvars.ContextVar[tuple[object, str] | None] = contextvars.ContextVar("serving", default=None)
+_installed: set[str] = set()
+
+
+def missing_hooks(engine: str) -> list[str]:
+    """The engine's unit hooks this torch does not have."""
+    missing = []
+    for hook in ENGINES[engine].unit_hooks:
+        try:
+            owner = importlib.import_module(hook.module)
+            owner = getattr(owner, hook.owner) if hook.owner else owner
+            getattr(owner, hook.name)
+        except (ImportError, AttributeError):
+            missing.append(hook.where())
+    return missing
+
+
+def check_trace(engine: str) -> None:
+    """Stop, loudly, where the trace would go quiet: without these hooks no
+    collective is attributed to a unit and clause 5 could never fail."""
+    missing = missing_hooks(engine)
+    if missing:
+        raise HarnessError(
+            f"torch {torch.__version__} lacks {', '.join(missing)}: the collective trace of engine {engine!r} "
+            "cannot tell which FSDP unit a collective serves. Update the engine's unit_hooks in "
+            "fsdp_fuzz/execute/executor.py for this torch."
+        )
+
+
+@contextmanager
+def tracing(trace: CollectiveTrace, engine: str) -> Iterator[CollectiveTrace]:
+    global _active
+    _install(engine)
+    previous, _active = _active, trace
+    try:
+        yield trace
+    finally:
+        _active = previous
+
+
+def _install(engine: str) -> None:
+    if not _installed:
+        for name, (tensor_at, group_at) in TRACED_OPS.items():
+            if hasattr(dist, name):
+                setattr(dist, name, _recording_op(name, getattr(dist, name), tensor_at, group_at))
+        _installed.add("")
+    if engine in _installed:
+        return
+    check_trace(engine)
+    for hook in ENGINES[engine].unit_hooks:
+        module = importlib.import_module(hook.module)
+        _serve_while_running(getattr(module, hook.owner) if hook.owner else module, hook)
+    _installed.add(engine)
+
+
+def _recording_op(name: str, op: Callable, tensor_at: int, group_at: int) -> Callable:
+    parameters = list(inspect.signature(op).parameters)
+
+    def argument(args, kwargs, position):
+        return args[position] if len(args) > position else kwargs.get(parameters[position])
+
+    @functools.wraps(op)
+    def traced(*args, **kwargs):
+        trace = _active
+        if trace is not None:
+            tensor = argument(args, kwargs, tensor_at)
+            group = argument(args, kwargs, group_at)
+            key, purpose = _serving.get() or (None, None)
+            is_tensor = isinstance(tensor, torch.Tensor)
+            trace.records.append(
+                [
+                    name,
+                    str(tensor.dtype).removeprefix("torch.") if is_tensor else "?",
+                    tensor.numel() if is_tensor else -1,
+                    trace.unit_keys.get(id(key)) if key is not None else None,
+                    purpose,
+                    list(dist.get_process_group_ranks(group)) if group is not None else [],
+                ]
+            )
+        return op(*args, **kwargs)
+
+    return traced
+
+
+def _serve_while_running(owner: object, hook: UnitHook) -> None:
+    original = getattr(owner, hook.name)
+
+    @functools.wraps(original)
+    def serving(*args, **kwargs):
+        token = _serving.set((args[hook.unit_argument], hook.purpose))
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _serving.reset(token)
+
+    setattr(owner, hook.name, serving)
+
+
+# A rank ------------------------------------------------------------------------------
+
+# How gloo and NCCL word a collective that outlived the group's timeout. A peer
+# that timed out first closes its connections, so a rank waiting on it may hear
+# "Connection closed by peer" first: which one wins is a race.
+TIMEOUT_MARKERS = (
+    "Timed out",
+    "timed out",
+    "Watchdog caught collective operation timeout",
+    "Connection closed by peer",
+)
+
+
+def join_default_group(rank: int, world_size: int, store_path: str, placement: Placement) -> None:
+    """The long-lived group that only creates each scenario's own. Created
+    below DETAIL whatever the environment says, so it never carries the
+    collective-checking wrapper: that is the scenario's choice."""
+    dist.set_debug_level(dist.DebugLevel.OFF)
+    dist.init_process_group(
+        placement.backend,
+        init_method=f"file://{store_path}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=STARTUP_TIMEOUT_S),
+    )
+
+
+@dataclass
+class ScenarioGroups:
+    """The scenario's own groups, so a hang there times out quickly and
+    leaves the default group usable. ``for_fsdp`` is what FSDP's
+    ``process_group`` gets: one group, or for hybrid sharding this rank's
+    (intra-node, inter-node) pair."""
+
+    for_fsdp: Any
+    created: list
+
+    def destroy(self) -> None:
+        for group in self.created:
+            dist.destroy_process_group(group)
+
+
+def new_scenario_groups(scenario: Json, rank: int, timeout_s: float) -> ScenarioGroups:
+    """Every rank creates every group, in the same order, as ``new_group``
+    needs. torch wraps groups created at DETAIL in its collective checker,
+    so the level is the scenario's ``collective_checker`` for the creation only."""
+    previous = dist.get_debug_level()
+    dist.set_debug_level(dist.DebugLevel.DETAIL if scenario["collective_checker"] else dist.DebugLevel.OFF)
+    timeout = timedelta(seconds=timeout_s)
+    try:
+        if not scenario["fsdp"]["sharding_strategy"].startswith(("HYBRID", "_HYBRID")):
+            group = dist.new_group(timeout=timeout)
+            return ScenarioGroups(group, [group])
+        size = scenario["hybrid_node_size"]
+        nodes, local = range(scenario["world_size"] // size), range(size)
+        intra = [dist.new_group([n * size + i for i in local], timeout=timeout) for n in nodes]
+        inter = [dist.new_group([n * size + i for n in nodes], timeout=timeout) for i in local]
+        mine = (intra[rank // size], inter[rank % size])
+        return ScenarioGroups(mine, list(mine))
+    finally:
+        dist.set_debug_level(previous)
+
+
+def run_rank(
+    scenario: Json, rank: int, device: torch.device, group: Any, timings: dict[str, float] | None = None
+) -> Iterator[Json]:
+    """Yield setup's outcome, then each step's, for this rank, as each ends.
+
+    Whoever drives the rank learns how far it got even if a later step hangs.
+    After a failed step the rank runs nothing more: FSDP's state after an
+    exception is undefined, and a harness that pressed on would report noise.
+    ``timings`` receives seconds spent building, wrapping and stepping; they
+    stay out of the outcomes, which must not vary from run to run.
+    """
+    timings = {} if timings is None else timings
+    engine = ENGINES[scenario["engine"]]
+    trace = CollectiveTrace()
+    with _recording() as caught, tracing(trace, scenario["engine"]):
+        try:
+            started = time.perf_counter()
+            built = build_model(scenario["model"], scenario["seed"], scenario["freeze_untaken"])
+            timings["build"] = time.perf_counter() - started
+            dist.set_debug_level(getattr(dist.DebugLevel, scenario["debug_level"]))
+            started = time.perf_counter()
+            engine.wrap(built, scenario, group, device)
+            timings["wrap"] = time.perf_counter() - started
+            trace.unit_keys = engine.unit_keys(built)
+            optimizer = torch.optim.SGD(built.module.parameters(), lr=LEARNING_RATE)
+            setup = _outcome(OK, caught, trace)
+        except Exception as exc:  # noqa: BLE001 - any failure is an observation
+            setup = _failure(exc, caught, trace)
+    yield setup
+    steps = scenario["ranks"][rank]
+    if setup["status"] != OK:
+        yield from ({"status": NOT_RUN} for _ in steps)
+        return
+    started = time.perf_counter()
+    for index in range(len(steps)):
+        outcome = _run_step(scenario, built, optimizer, rank, index, device, trace)
+        timings["steps"] = time.perf_counter() - started
+        yield outcome
+        if outcome["status"] != OK:
+            yield from ({"status": NOT_RUN} for _ in steps[index + 1 :])
+            return
+
+
+def _run_step(scenario: Json, built: BuiltModel, optimizer, rank: int, index: int, device, trace) -> Json:
+    step = scenario["ranks"][rank][index]
+    with _recording() as caught, tracing(trace, scenario["engine"]):
+        try:
+            total = run_forwards(scenario, built, rank, index, device)
+            grad_sum = None
+            if step["backward"]:
+                total.backward()
+                grads = [p.grad.sum() for p in built.module.parameters() if p.grad is not None]
+                grad_sum = float(sum(grads, torch.zeros((), device=device)).cpu())
+            if step["optimizer_step"]:
+                optimizer.step()
+                optimizer.zero_grad()
+            return _outcome(OK, caught, trace, output_sum=float(total.detach().cpu()), grad_sum=grad_sum)
+        except Exception as exc:  # noqa: BLE001 - any failure is an observation
+            return _failure(exc, caught, trace)
+
+
+@contextmanager
+def _recording() -> Iterator[list[warnings.WarningMessage]]:
+    """``warnings.catch_warnings(record=True)`` that records repeats too."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
+
+
+def _outcome(status: str, caught: list[warnings.WarningMessage], trace: CollectiveTrace, **fields: Any) -> Json:
+    """An outcome in its JSON form: fields that say nothing are left out."""
+    outcome = {
+        "status": status,
+        **fields,
+        "warnings": [{"category": w.category.__name__, "message": str(w.message)} for w in caught],
+        "collectives": trace.take(),
+    }
+    return {key: value for key, value in outcome.items() if key == "status" or value not in (None, [])}
+
+
+def _failure(exc: BaseException, caught: list[warnings.WarningMessage], trace: CollectiveTrace) -> Json:
+    message = str(exc)
+    timed_out = any(marker in message for marker in TIMEOUT_MARKERS)
+    return _outcome(
+        HANG if timed_out else ERROR,
+        caught,
+        trace,
+        error_type=type(exc).__name__,
+        error_message=message if message else "".join(traceback.format_exception_only(exc)).strip(),
+        stack=_stack(exc) if timed_out else None,
+    )
+
+
+def _stack(exc: BaseException, depth: int = 12) -> str:
+    """The innermost frames of the exception, as paths relative to their package."""
+    frames = traceback.extract_tb(exc.__traceback__)[-depth:]
+    return "".join(f"{_short(frame.filename)}:{frame.lineno} in {frame.name}: {frame.line}\n" for frame in frames)
+
+
+def _short(filename: str) -> str:
+    for package in ("/torch/", "/fsdp_fuzz/", "/fuzz/"):
+        if package in filename:
+            return package.strip("/") + "/" + filename.split(package, 1)[1]
+    return os.path.basename(filename)
+
+
+def serve_scenario(scenario: Json, scenario_id: int, rank: int, placement: Placement, timeout_s: float, reports):
+    """Run one scenario on groups of its own, putting ``(kind, rank,
+    scenario_id, payload)`` on ``reports``: ``outcome`` for each outcome as
+    it ends, then ``done`` with the rank's timings. The id lets a pool drop
+    what a previous scenario left behind."""
+    started = time.perf_counter()
+    groups = new_scenario_groups(scenario, rank, timeout_s)
+    timings = {"group": time.perf_counter() - started}
+    try:
+        for outcome in run_rank(scenario, rank, placement.rank_device(rank), groups.for_fsdp, timings):
+            reports.put(("outcome", rank, scenario_id, outcome))
+    finally:
+        # A peer still inside a collective must end by its own timeout (a
+        # hang), not by this rank closing the connection under it (an error).
+        try:
+            dist.barrier()
+        except RuntimeError:
+            pass  # a peer died: nobody is left to wait for
+        groups.destroy()
+    reports.put(("done", rank, scenario_id, timings))
+
+
+# The parent -------------------------------------------------------------------------
+
+
+@dataclass
+class Collected:
+    outcomes: list[list[Json]]
+    """Per rank, setup's outcome and then each step's, padded with ``not_run``."""
+    silent: set[int]
+    """Ranks that stopped reporting without dying: stuck outside any collective timeout."""
+    crashed: set[int]
+    timings: list[dict[str, float]]
+    """Per rank, seconds spent per phase (group, build, wrap, steps), where reported."""
+
+
+def collect_outcomes(
+    scenario: Json,
+    reports,
+    scenario_id: int,
+    is_alive: Callable[[int], bool],
+    exit_code: Callable[[int], int | None],
+    first_report_s: float,
+    progress_s: float,
+) -> Collected:
+    """Gather reports until every rank is done, dies, or stops making progress.
+
+    Progress means a report arrived. A rank stuck in a collective ends by its
+    group's timeout and reports a hang itself; one silent for ``progress_s``
+    is stuck elsewhere and is recorded as hung at the step it was in. Steps a
+    rank never reached did not run.
+    """
+    world_size = scenario["world_size"]
+    collected = Collected([[] for _ in range(world_size)], set(), set(), [{} for _ in range(world_size)])
+    done: set[int] = set()
+    anchor, limit = time.monotonic(), first_report_s
+    while len(done) < world_size:
+        try:
+            kind, rank, tag, payload = reports.get(timeout=0.05)
+        except queue.Empty:
+            for rank in sorted(set(range(world_size)) - done):
+                if not is_alive(rank):
+                    message = f"rank {rank} died (exit code {exit_code(rank)})"
+                    collected.outcomes[rank].append({"status": CRASH, "error_message": message})
+                    collected.crashed.add(rank)
+                    done.add(rank)
+            if time.monotonic() - anchor > limit:
+                for rank in sorted(set(range(world_size)) - done):
+                    message = f"no report from rank {rank} for {limit:.0f} s"
+                    collected.outcomes[rank].append({"status": HANG, "error_message": message})
+                    collected.silent.add(rank)
+                break
+            continue
+        if tag != scenario_id:
+            continue
+        anchor, limit = time.monotonic(), progress_s
+        if kind == "outcome":
+            collected.outcomes[rank].append(payload)
+        elif kind == "done":
+            collected.timings[rank] = payload
+            done.add(rank)
+    total = 1 + len(scenario["ranks"][0])
+    for reported in collected.outcomes:
+        reported[:] = reported[:total] + [{"status": NOT_RUN}] * (total - len(reported))
+    return collected
+
+
+def run_fresh(scenario: Json, placement: Placement = CPU, timeout_s: float = 5.0) -> list[list[Json]]:
+    """Run the scenario on freshly spawned ranks, one process each, as the
+    seed test's harness does; per rank, setup's outcome then each step's.
+
+    The rendezvous is a file in a private temporary directory (no ports, so
+    runs on one machine never collide). Ranks that finish wait for the others
+    before exiting, so a rank stuck in a collective always ends by its own
+    timeout, never by a peer's exit: the same scenario, the same outcomes.
+    """
+    placement.check(scenario["world_size"])
+    check_trace(scenario["engine"])
+    context = mp.get_context("spawn")
+    reports, release = context.Queue(), context.Event()
+    workdir = tempfile.mkdtemp(prefix="fsdp-fuzz-")
+    store = os.path.join(workdir, "store")
+    processes = [
+        context.Process(
+            target=_fresh_rank, args=(scenario, rank, store, placement, timeout_s, reports, release), daemon=True
+        )
+        for rank in range(scenario["world_size"])
+    ]
+    try:
+        for process in processes:
+            process.start()
+        collected = collect_outcomes(
+            scenario,
+            reports,
+            scenario_id=0,
+            is_alive=lambda rank: processes[rank].is_alive(),
+            exit_code=lambda rank: processes[rank].exitcode,
+            first_report_s=STARTUP_TIMEOUT_S,
+            progress_s=2 * timeout_s + 1,
+        )
+    finally:
+        release.set()
+        for process in processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        reports.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return collected.outcomes
+
+
+def _fresh_rank(scenario, rank, store_path, placement, timeout_s, reports, release) -> None:
+    join_default_group(rank, scenario["world_size"], store_path, placement)
+    serve_scenario(scenario, 0, rank, placement, timeout_s, reports)
+    release.wait(timeout=STARTUP_TIMEOUT_S)
+    os._exit(0)
+
+
+# As a script: the reproducer ------------------------------------------------------------
+
+
+def main(scenario: Json, argv: list[str] | None = None) -> int:
+    """Run ``scenario`` on fresh ranks, print what each rank did in each step,
+    and end with one line ``REPRO-RESULT <json>``: every rank's outcomes."""
+    parser = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").strip().splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cpu: gloo; cuda: NCCL, 1 GPU/rank")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds before a collective counts as hung")
+    args = parser.parse_args(argv)
+    if args.timeout <= 0:
+        parser.error("--timeout must be positive")
+    placement = Placement(args.device)
+    try:
+        outcomes = run_fresh(scenario, placement, args.timeout)
+    except (DeviceError, HarnessError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"\n{scenario['world_size']} ranks, engine {scenario['engine']}, {placement.backend} on {placement.device}, "
+        f"torch {torch.__version__}, timeout {args.timeout:g} s"
+    )
+    print_outcomes(scenario, outcomes)
+    print("REPRO-RESULT " + json.dumps({"ranks": outcomes}))
+    return 0
+
+
+def print_outcomes(scenario: Json, outcomes: list[list[Json]]) -> None:
+    """Each rank's setup and steps: how each ended, FSDP's order warnings in
+    full, other warnings counted."""
+    labels = [
+        ["setup"] + [f"step {index}: {_describe(step)}" for index, step in enumerate(steps)]
+        for steps in scenario["ranks"]
+    ]
+    width = max(len(label) for rank_labels in labels for label in rank_labels)
+    for rank, rank_outcomes in enumerate(outcomes):
+        print(f"rank {rank}")
+        for label, outcome in zip(labels[rank], rank_outcomes, strict=True):
+            status = outcome["status"]
+            if status == OK and "output_sum" in outcome:
+                grad = f", grad sum {outcome['grad_sum']:.6g}" if "grad_sum" in outcome else ""
+                status += f" (output sum {outcome['output_sum']:.6g}{grad})"
+            elif status in (ERROR, HANG, CRASH):
+                said = [outcome.get("error_type"), _first_line(outcome.get("error_message"))]
+                status += ": " + ": ".join(part for part in said if part)
+            print(f"  {label:<{width}}  {status}")
+            others: dict[str, int] = {}
+            for warning in outcome.get("warnings", []):
+                if warning["message"].startswith("Forward order differs"):
+                    text = f"{warning['category']}: {warning['message']}"
+                    print(textwrap.indent(text, " " * (width + 6)))
+                else:
+                    key = f"{warning['category']}: {_first_line(warning['message'])[:100]}"
+                    others[key] = others.get(key, 0) + 1
+            for key, count in others.items():
+                print(" " * (width + 6) + f"(other warning{f' x{count}' if count > 1 else ''}) {key}")
+
+
+def _describe(step: Json) -> str:
+    words = [step["mode"]] + [f"{name}={taken}" for name, taken in step["path"].items()]
+    if step["forwards"] != 1:
+        words.append(f"forwards={step['forwards']}")
+    if not step["grad_enabled"]:
+        words.append("no grad")
+    if not step["backward"]:
+        words.append("no backward")
+    if step["optimizer_step"]:
+        words.append("optimizer step")
+    return ", ".join(words)
+
+
+def _first_line(text: str | None) -> str | None:
+    return text.splitlines()[0] if text else text

@@ -1,0 +1,757 @@
+"""Known FSDP misbehaviours: failures the fuzzer has already triaged.
+
+Each record is its predicate, registered where it is defined with its name,
+its priority, a description and the upstream threads where users met it. A
+failing case that a record explains is counted and reported, not failed, so
+a campaign keeps looking for the next new finding; ``--strict-contract``
+fails them all again. Every record has a reproducer under ``corpus/known/``
+and a triage test on recorded observations, both ways.
+
+Predicates read violation kinds, the scenario, and the symptom FSDP showed
+(the type and words of its error), never the oracles' own message text, and
+are kept narrow (a kind, a step range, a symptom) so that a record never
+hides a different bug in the same scenario. When several records explain a
+case, the lowest ``priority`` names it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fsdp_fuzz.data import HYBRID_NODE_SIZE, HYBRID_STRATEGIES, Clause, Observations, Scenario, Violation
+from fsdp_fuzz.data import ViolationKind as Kind
+from fsdp_fuzz.judge.oracles import LATER_WARNING, expectations
+from fsdp_fuzz.judge.orders import deviates, eval_divergence_step, first_iteration_divergence, iterations
+
+Predicate = Callable[[Scenario, Observations, tuple[Violation, ...]], bool]
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A thread where FSDP's maintainers or users met the issue."""
+
+    thread: str
+    """``owner/repo#number``."""
+    seen: str
+    """What was seen there, and how it relates: same bug, same symptom, by design, related."""
+
+    @property
+    def url(self) -> str:
+        repository, number = self.thread.split("#")
+        return f"https://github.com/{repository}/issues/{number}"
+
+
+@dataclass(frozen=True)
+class KnownIssue:
+    name: str
+    priority: int
+    description: str
+    upstream: tuple[Upstream, ...]
+    """Empty: searched for, none found."""
+    matches: Predicate
+
+    @property
+    def upstream_summary(self) -> str:
+        return ", ".join(reference.thread for reference in self.upstream) or "none found"
+
+
+KNOWN_ISSUES: dict[str, KnownIssue] = {}
+
+
+def known_issue(
+    name: str, *, priority: int, description: str, upstream: tuple[Upstream, ...] = ()
+) -> Callable[[Predicate], Predicate]:
+    """Register the decorated predicate as the record ``name``."""
+
+    def register(predicate: Predicate) -> Predicate:
+        if name in KNOWN_ISSUES or priority in {issue.priority for issue in KNOWN_ISSUES.values()}:
+            raise ValueError(f"known issue {name!r}: name and priority must be unique")
+        KNOWN_ISSUES[name] = KnownIssue(name, priority, " ".join(description.split()), upstream, predicate)
+        return predicate
+
+    return register
+
+
+def issue_named(name: str) -> KnownIssue:
+    try:
+        return KNOWN_ISSUES[name]
+    except KeyError:
+        raise KeyError(f"no known issue named {name!r}; known: {sorted(KNOWN_ISSUES)}") from None
+
+
+def by_priority() -> list[KnownIssue]:
+    return sorted(KNOWN_ISSUES.values(), key=lambda issue: issue.priority)
+
+
+def triage(scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]) -> KnownIssue | None:
+    """The first record, by priority, that explains every violation; failing
+    that, when each violation is explained by some record on its own (a
+    shrunk case that hits two of them), the one that explains the first."""
+    issues = by_priority()
+    for issue in issues:
+        if issue.matches(scenario, observations, violations):
+            return issue
+    explaining = [
+        next((issue for issue in issues if issue.matches(scenario, observations, (violation,))), None)
+        for violation in violations
+    ]
+    return explaining[0] if explaining and all(explaining) else None
+
+
+# Shared facts about a case --------------------------------------------------------
+
+
+def _failures_from(start: int | None, violations: tuple[Violation, ...]) -> bool:
+    """Every violation is a failed step or a silent pairing at or after ``start``."""
+    if start is None:
+        return False
+    return all(
+        v.kind in (Kind.STEP_FAILED, Kind.UNITS_PAIRED) and v.step is not None and v.step >= start for v in violations
+    )
+
+
+def _all_failed_with(
+    observations: Observations, violations: tuple[Violation, ...], kinds: tuple[Kind, ...], error_type: str, prefix: str
+) -> bool:
+    """Every violation is of one of ``kinds``, at a step where FSDP raised
+    ``error_type`` with a message that starts with ``prefix``."""
+
+    def failed_so(violation: Violation) -> bool:
+        if violation.kind not in kinds or violation.step is None:
+            return False
+        return observations.ranks[violation.rank].steps[violation.step].failed_with(error_type, prefix)
+
+    return all(failed_so(violation) for violation in violations)
+
+
+def _path_changed_while(scenario: Scenario, step: int, pending: Callable[[bool, object], bool]) -> bool:
+    """Up to ``step``, some rank's path changed (so ``freeze_untaken``
+    changed some ``requires_grad``) while ``pending`` held; ``pending`` gets
+    whether it held before a step and the step, and says whether it holds after."""
+    for rank_steps in scenario.ranks:
+        holds = False
+        for index, current in enumerate(rank_steps[: step + 1]):
+            if holds and dict(current.path) != dict(rank_steps[index - 1].path):
+                return True
+            holds = pending(holds, current)
+    return False
+
+
+def _gradients_wrong_after(scenario: Scenario, violations: tuple[Violation, ...], cause: Callable) -> bool:
+    return all(v.kind == Kind.GRADIENT_MISMATCH and cause(scenario, v.step) for v in violations)
+
+
+# The records ----------------------------------------------------------------------
+
+
+@known_issue(
+    "eval-order-unchecked",
+    priority=10,
+    description="""
+        FSDP does not check the forward order in eval mode, so ranks whose eval forwards use different units pair
+        the all-gathers of different units without any error or warning: with equal numel and the same sharding
+        state the results are silently wrong; otherwise (e.g. SHARD_GRAD_OP, where one rank's unit is still
+        unsharded) gloo aborts the process ('Received data size doesn't match expected size') or the ranks hang.
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#76949",
+            "users evaluating an FSDP model got order warnings for every eval forward; the fix, #77195, removed "
+            "all checking in eval mode ('without a backward pass, there is no reliable way to know the end of an "
+            "iteration'): by design",
+        ),
+        Upstream(
+            "huggingface/transformers#30228",
+            "generate() under FSDP deadlocks when ranks get batches of different sizes ('the different ranks will "
+            "pause on different synchronization points'); worked around downstream by synced_gpus=True "
+            "(transformers#33483); cross-posted as pytorch/pytorch#100069: same symptom",
+        ),
+        Upstream(
+            "pytorch/pytorch#101335",
+            "FSDP training with the Seq2SeqTrainer gets stuck during evaluation: same symptom, partly another cause",
+        ),
+    ),
+)
+def _eval_divergence_fails(scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]) -> bool:
+    """After an unchecked eval divergence the ranks' collectives are out of
+    step, so any later clause may fail (a crash where the first-iteration
+    error was due, say); an order warning in eval is a different bug."""
+    start = eval_divergence_step(scenario)
+    return start is not None and all(
+        v.clause != Clause.EVAL_SILENCE and v.step is not None and v.step >= start for v in violations
+    )
+
+
+@known_issue(
+    "unchecked-after-deviation",
+    priority=20,
+    description="""
+        Once a rank's forward order deviates from its first iteration, FSDP warns that rank and checks nothing
+        more: ranks whose later orders differ pair the collectives of different units, silently when numel and
+        sharding state agree, and hang otherwise (seen when an eval step precedes the diverging training step,
+        with FULL_SHARD and SHARD_GRAD_OP). The warning says collectives 'may give incorrect results or hang'; no
+        rank gets an error.
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#75373",
+            "the RFC behind the check: later orders are only warned about ('they are not validated to be the same "
+            "across ranks'): by design",
+        ),
+        Upstream(
+            "pytorch/pytorch#83868",
+            "'in multimodal training ... some modules go unused in certain iterations': the later-iteration "
+            "detail was moved to debug mode: by design",
+        ),
+        Upstream(
+            "facebookresearch/fairscale#796",
+            "LayerDrop with per-layer FSDP hangs when ranks skip different layers; the maintainer: 'This may not "
+            "be easy to detect in FSDP': same symptom",
+        ),
+        Upstream(
+            "huggingface/transformers#37186",
+            "Qwen-VL training hangs when some ranks' batches hold no images (the vision tower runs on some ranks "
+            "only), 'although I would expect it to error out': same symptom",
+        ),
+    ),
+)
+def _fails_after_deviation_warning(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    warned_from = [min(e.warning_steps) for e in expectations(scenario) if e.warning_steps]
+    return _failures_from(min(warned_from, default=None), violations)
+
+
+HOOK_STATE_ASSERT = "Invalid: ``_post_backward_hook_state``"
+
+
+def _refrozen_after_forward_without_backward(scenario: Scenario, step: int) -> bool:
+    """A path change after a forward with grad that no backward followed."""
+
+    def pending(holds: bool, step) -> bool:
+        return False if step.backward else holds or bool(step.forwards and step.grad_enabled)
+
+    return _path_changed_while(scenario, step, pending)
+
+
+@known_issue(
+    "refreeze-after-forward-without-backward",
+    priority=30,
+    description="""
+        A forward with grad enabled registers a post-backward hook on each trainable unit. If no backward follows
+        (an eval forward, as in the seed's train/eval test) and the user then freezes that unit
+        (requires_grad=False, as the seed's flip_path does) before the next backward, FSDP's _finalize_params
+        asserts 'Invalid: ``_post_backward_hook_state``' on every rank. With SHARD_GRAD_OP and
+        use_orig_params=True the same schedule raises nothing and the next backward's gradients are silently
+        wrong instead (2% off the reference in the nightly finding). No divergence is involved: all ranks run
+        the same schedule.
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#104186",
+            "fixes #104148 (unfreezing parameters after n steps): post-backward hook state was not cleared for "
+            "requires_grad=False; this record's eval-forward variant is not covered: related",
+        ),
+        Upstream(
+            "pytorch/pytorch#105369",
+            "hooks registered in a no_grad step are left behind and the next step fails in run_backward: related",
+        ),
+        Upstream(
+            "pytorch/xla#5484",
+            "XLA's FSDP: setting requires_grad=False after wrapping breaks the post-backward hooks; maintainers "
+            "documented 'freeze before sharding': related",
+        ),
+        Upstream(
+            "facebookresearch/fairscale#761",
+            "parameters frozen after wrapping never get their post-backward hooks, ending in a training-state "
+            "assertion: related",
+        ),
+    ),
+)
+def _refreeze_after_forward_without_backward(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    """The assertion, or (SHARD_GRAD_OP with use_orig_params) gradients that
+    are silently wrong after such a refreeze."""
+    if not scenario.freeze_untaken:
+        return False
+    if _all_failed_with(observations, violations, (Kind.STEP_FAILED,), "AssertionError", HOOK_STATE_ASSERT):
+        return True
+    return scenario.fsdp.use_orig_params and _gradients_wrong_after(
+        scenario, violations, _refrozen_after_forward_without_backward
+    )
+
+
+@known_issue(
+    "hybrid-order-check-intra-node-only",
+    priority=40,
+    description="""
+        With HYBRID_SHARD or _HYBRID_SHARD_ZERO2, FSDP validates the first-iteration forward order over the
+        intra-node (sharding) group only (_exec_order_data.init gets state.process_group), so ranks that agree
+        within their node are never told that another node's order differs. When every node agrees internally,
+        no rank raises and the inter-node all-reduce pairs the gradients of different units of equal numel:
+        replicas silently drift apart. When one node diverges internally, its ranks raise while the other nodes
+        go on into backward and hang in the inter-node all-reduce.
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#108331",
+            "HSDP's sync_module_states broadcast ran over the intra-node group only, so other nodes never got "
+            "rank 0's weights ('broadcast semantics over only the sharding process group is an issue'): the same "
+            "pattern in another feature; no report of the order check itself was found",
+        ),
+    ),
+)
+def _hybrid_divergence_hidden_from_a_node(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    """Ranks diverge, and only ranks of nodes that agree within themselves
+    miss the error (or pair different units silently)."""
+    if scenario.fsdp.sharding_strategy not in HYBRID_STRATEGIES or first_iteration_divergence(scenario) is None:
+        return False
+    first_orders = [
+        ranks[0].order if (ranks := iterations(scenario, rank)) else () for rank in range(scenario.world_size)
+    ]
+    blind = {
+        rank
+        for start in range(0, scenario.world_size, HYBRID_NODE_SIZE)
+        if len(set(first_orders[start : start + HYBRID_NODE_SIZE])) == 1
+        for rank in range(start, start + HYBRID_NODE_SIZE)
+    }
+
+    def explained(v: Violation) -> bool:
+        if v.kind == Kind.UNITS_PAIRED or (v.clause == Clause.FIRST_ITERATION and v.rank in blind):
+            return True
+        # The diverging node's own error, worded as order-error-key-error-with-orig-params words it.
+        return _order_error_raises_key_error(scenario, observations, (v,))
+
+    return all(explained(v) for v in violations)
+
+
+@known_issue(
+    "later-check-ignores-repeats",
+    priority=50,
+    description="""
+        FSDP records each unit's first use only in the first iteration and then compares every later pre-forward
+        against that list. When a unit runs more than once per iteration (several forwards before a backward, or
+        a branch repeated in one forward), an unchanged schedule is warned about ('Expected to not all-gather any
+        more parameters'), and a change in how often units repeat (two forwards, then one) is not warned about.
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#84175",
+            "TRL with accelerate's FSDP, several forwards and generate() per step after a dummy forward: 'I "
+            "encounter this warning even if all iterations follow the first iteration's format'; the maintainer: "
+            "ignore the warning if training neither hangs nor errors: same bug",
+        ),
+        Upstream("facebookresearch/fairscale#1056", "the same report filed on fairscale first: same bug"),
+        Upstream(
+            "meta-pytorch/torchtune#513",
+            "LoRA distributed fine-tuning prints 'Forward order differs from that of the first iteration' for "
+            "every layer and rank ('Expected to not all-gather any more parameters ... lora_b'): same bug",
+        ),
+        Upstream(
+            "pytorch/pytorch#76949",
+            "the check's old wording flags the sequence [0, 1, 1] against a first iteration of [0, 1]: a repeated "
+            "unit taken for a deviation: same symptom",
+        ),
+        Upstream(
+            "pytorch/pytorch#110138",
+            "repeated forwards of a unit were appended again to the same pre-forward order record: related",
+        ),
+    ),
+)
+def _later_check_ignores_repeats(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    """Only later-iteration verdicts, and only on ranks whose iterations use a unit more than once."""
+
+    def repeats(rank: int) -> bool:
+        return any(len(set(it.order)) < len(it.order) for it in iterations(scenario, rank))
+
+    return all(v.clause == Clause.LATER_ITERATION and repeats(v.rank) for v in violations)
+
+
+@known_issue(
+    "later-check-misses-dropped-units",
+    priority=60,
+    description="""
+        After the first iteration FSDP compares each pre-forward with the recorded order and warns about a
+        different or an extra unit, but never notices units that a later iteration leaves out at the end: a rank
+        whose order becomes a strict prefix of its first order (a skipped branch, or a branch whose alternative
+        is not a unit of its own) gets no warning.
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#83868",
+            "'some modules go unused in certain iterations' in multimodal training: related; no thread reports "
+            "the missing warning for units left out at the end (_ExecOrderData._check_order has no "
+            "end-of-iteration check)",
+        ),
+    ),
+)
+def _later_check_misses_dropped_units(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    """Missing warnings only, each on a rank whose first deviating order is a
+    strict prefix of its first order."""
+
+    def dropped_only(rank: int) -> bool:
+        first, *later = iterations(scenario, rank)
+        deviating = next((it for it in later if deviates(first, it)), None)
+        return (
+            deviating is not None
+            and len(deviating.order) < len(first.order)
+            and first.order[: len(deviating.order)] == deviating.order
+        )
+
+    return all(v.kind == Kind.WARNING_MISSING and dropped_only(v.rank) for v in violations)
+
+
+@known_issue(
+    "first-iteration-order-ends-early",
+    priority=70,
+    description="""
+        The first-iteration check is a pair of all-gathers per unit a rank uses; a rank whose order has ended
+        (it skipped a branch, or its alternative is no unit of its own) issues none and moves on, so the other
+        ranks' checks meet its backward's reduce-scatters or its next step's collectives: a crash (gloo size
+        mismatch), a hang, or a silent pairing instead of the promised error.
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#75902",
+            "the PR that added the check names the class it was to catch ('rank i's collective should not "
+            "logically match with rank j's collective. This error silently'); it compares only ranks that reach "
+            "it (see the TODO on 'number of valid indices' in _check_order): related",
+        ),
+        Upstream(
+            "pytorch/pytorch#158719",
+            "parameters used differently across ranks (mixture, conditional computation) hang; only DETAIL's "
+            "collective checker names a mismatch: same symptom",
+        ),
+        Upstream("pytorch/pytorch#83107", "FSDP crashes when no parameters are used in a forward: related"),
+    ),
+)
+def _first_iteration_order_ends_early(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    if scenario.debug_level != "DETAIL":
+        return False
+    divergence = first_iteration_divergence(scenario)
+    if divergence is None or None not in divergence.units:
+        return False
+    return all(v.clause in (Clause.FIRST_ITERATION, Clause.CLEAN_RUN, Clause.SILENT_MISMATCH) for v in violations)
+
+
+NON_LEAF_REQUIRES_GRAD = "you can only change requires_grad flags of leaf variables"
+
+
+@known_issue(
+    "refreeze-hits-unsharded-views",
+    priority=80,
+    description="""
+        With use_orig_params=True and a strategy that keeps parameters unsharded after an eval forward
+        (SHARD_GRAD_OP), the module's parameters are views of the unsharded flat parameter until the next
+        training step, so the seed's flip_path pattern (setting requires_grad on them) raises 'you can only
+        change requires_grad flags of leaf variables' on every rank, also where the first-iteration order error
+        was due. No divergence is involved.
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#105371",
+            "with SHARD_GRAD_OP, requires_grad changes after a no_grad step were lost ('train for n steps / "
+            "validation step / unfreeze additional parameters'); closed, but this eval-forward case still fails "
+            "in 2.13: related",
+        ),
+        Upstream(
+            "huggingface/peft#1442",
+            "disable_adapter() on a LoRA model wrapped in FSDP with use_orig_params=True raises the leaf-variable "
+            "error (fix proposed in peft#2692): same symptom",
+        ),
+        Upstream(
+            "huggingface/peft#2977",
+            "setting requires_grad=False on adapter parameters inside an FSDP training step raises 'you can only "
+            "change requires_grad flags of leaf variables' (worked around in peft#3001): same symptom",
+        ),
+    ),
+)
+def _refreeze_hits_unsharded_views(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    """The error where a step was due to succeed, or where it preempts a due
+    first-iteration error (the flip comes before the forward's check)."""
+    if not (scenario.freeze_untaken and scenario.fsdp.use_orig_params):
+        return False
+    kinds = (Kind.STEP_FAILED, Kind.ORDER_ERROR_REPLACED)
+    return _all_failed_with(observations, violations, kinds, "RuntimeError", NON_LEAF_REQUIRES_GRAD)
+
+
+@known_issue(
+    "order-unchecked-below-detail",
+    priority=90,
+    description="""
+        Below debug level DETAIL FSDP checks no forward order at all: ranks whose forwards diverge pair the
+        collectives of different units silently when numel agree, and crash or hang otherwise.
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#79584", "'[FSDP] Default to not checking exec order': checking made opt-in: by design"
+        ),
+        Upstream(
+            "pytorch/pytorch#109049",
+            "'[FSDP] Only check exec order if DETAIL': 'the execution order check seems to have been causing more "
+            "problems than it prevents': by design",
+        ),
+        Upstream(
+            "pytorch/pytorch#158719",
+            "modules used differently across ranks hang at the default level; only DETAIL says 'Detected mismatch "
+            "between collectives on ranks': same symptom",
+        ),
+    ),
+)
+def _unchecked_below_detail(scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]) -> bool:
+    ranks_differ = any(steps != scenario.ranks[0] for steps in scenario.ranks)
+    return (
+        scenario.debug_level != "DETAIL"
+        and ranks_differ
+        and all(v.clause in (Clause.CLEAN_RUN, Clause.SILENT_MISMATCH) for v in violations)
+    )
+
+
+@known_issue(
+    "order-error-key-error-with-orig-params",
+    priority=100,
+    description="""
+        With use_orig_params=True, a first-iteration divergence raises KeyError(<the FlatParameter>) instead of
+        'Forward order differs across ranks': building the message looks the flat parameter up in param_to_fqn
+        (_ExecOrderData._get_names_from_handle_indices), which maps only the original parameters; the
+        later-iteration warning's lookup guards against that, this one does not. The divergence is still
+        stopped, but with an error that names nothing.
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#105006",
+            "a review there questions where _ExecOrderData builds param_to_fqn, the map whose lookup raises; "
+            "nobody reports the KeyError: related",
+        ),
+    ),
+)
+def _order_error_raises_key_error(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    if not scenario.fsdp.use_orig_params:
+        return False
+    return _all_failed_with(observations, violations, (Kind.ORDER_ERROR_REPLACED,), "KeyError", "Parameter")
+
+
+@known_issue(
+    "hybrid-warning-names-intra-node-rank",
+    priority=110,
+    description="""
+        With HYBRID_SHARD or _HYBRID_SHARD_ZERO2, the later-iteration warning names the rank within its node
+        ('... on rank 0' on global rank 2): _ExecOrderData takes its rank from the intra-node process group. In
+        a multi-node job the warning points at the wrong process.
+    """,
+)
+def _later_warning_names_intra_node_rank(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    """Later-iteration verdicts only, each on a rank whose due warning came
+    naming its rank within its node instead."""
+    if scenario.fsdp.sharding_strategy not in HYBRID_STRATEGIES:
+        return False
+    due = expectations(scenario)
+
+    def named_locally(rank: int) -> bool:
+        local = LATER_WARNING.format(rank=rank % HYBRID_NODE_SIZE)
+        steps = observations.ranks[rank].steps
+        return rank >= HYBRID_NODE_SIZE and any(
+            warning.message.startswith(local) for step in due[rank].warning_steps for warning in steps[step].warnings
+        )
+
+    return all(v.clause == Clause.LATER_ITERATION and named_locally(v.rank) for v in violations)
+
+
+def backward_steps_differ(scenario: Scenario) -> int | None:
+    """First step where some ranks run a backward and others do not."""
+    for index in range(scenario.num_steps):
+        if len({steps[index].backward for steps in scenario.ranks}) > 1:
+            return index
+    return None
+
+
+@known_issue(
+    "backward-on-some-ranks-only",
+    priority=120,
+    description="""
+        FSDP checks the order of forwards only. Ranks whose forwards agree but that disagree on whether a step
+        runs a backward (one rank skips it, as a 'skip the step on a NaN loss' guard does) meet with unmatched
+        collectives: one rank's reduce-scatter waits for the others, which have moved on to the next forward's
+        all-gather. The result is a hang or a silent pairing, with no error naming the cause, at every debug
+        level.
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#64629",
+            "open: ranks whose gradients differ 'could break the assumptions and cause inaccurate results or "
+            "hangs'; a check was proposed, none exists",
+        ),
+        Upstream(
+            "pytorch/pytorch#152964",
+            "FSDP2: torchtune's ranks with fully masked batches hang; the maintainer: 'I would recommend requiring "
+            "users to make their programs SPMD': by design",
+        ),
+        Upstream(
+            "facebookresearch/fairscale#754",
+            "'some ranks will skip the optimizer step if they detect NaNs ... thus they desync and collective "
+            "communication primitives deadlock' (ShardedDDP): same symptom",
+        ),
+    ),
+)
+def _backward_on_some_ranks_only(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    return first_iteration_divergence(scenario) is None and _failures_from(backward_steps_differ(scenario), violations)
+
+
+def _thawed_or_frozen_since_accumulating(scenario: Scenario, step: int) -> bool:
+    """A path change (eval steps included) while gradients from an earlier
+    backward were waiting for an optimizer step."""
+
+    def pending(holds: bool, step) -> bool:
+        return (holds or step.backward) and not step.optimizer_step
+
+    return _path_changed_while(scenario, step, pending)
+
+
+@known_issue(
+    "refreeze-drops-accumulated-grads-with-orig-params",
+    priority=130,
+    description="""
+        With use_orig_params=True, freezing a parameter (requires_grad=False, as the seed's flip_path does)
+        between two backwards that accumulate gradients drops the gradient it had accumulated: its .grad is None
+        afterwards, so the ranks' gradients no longer match a local run, where .grad survives a requires_grad
+        change and the optimizer still applies it. Every sharding strategy, NO_SHARD included.
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#91167",
+            "with use_orig_params, 'we can still avoid forwarding a gradient to any original parameter that does "
+            "not require gradient' (done in #98221): by design",
+        ),
+        Upstream(
+            "pytorch/pytorch#104186", "re-derives gradient state when requires_grad changes between steps: related"
+        ),
+        Upstream(
+            "facebookresearch/fairscale#605",
+            "freezing prototype weights for the first iterations made FSDP's loss curve differ from DDP's, with "
+            "no error: related",
+        ),
+    ),
+)
+def _refreeze_drops_accumulated_grads(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    if not (scenario.freeze_untaken and scenario.fsdp.use_orig_params):
+        return False
+    return _gradients_wrong_after(scenario, violations, _thawed_or_frozen_since_accumulating)
+
+
+TRAINING_STATE_ERROR = "expected to be in states [<TrainingState.IDLE"
+
+
+@known_issue(
+    "frozen-unit-backward-state-error-with-orig-params",
+    priority=140,
+    description="""
+        With use_orig_params=True, freezing every parameter of an FSDP unit after wrapping (here: a branch point
+        that is its own unit, with all its alternatives untaken and frozen) and then running a forward and
+        backward through the unit fails at the end of the backward on every rank with ValueError 'expected to be
+        in states [<TrainingState.IDLE: 1>] but current state is TrainingState.FORWARD_BACKWARD': the unit was
+        unsharded in the forward, but with no parameter requiring grad its post-backward never runs. Unfrozen
+        but unused parameters are fine. Every sharding strategy.
+    """,
+    upstream=(
+        Upstream(
+            "facebookresearch/fairscale#761",
+            "parameters frozen after wrapping never get post-backward hooks: 'expected to be in states "
+            "[<TrainingState.BACKWARD_POST: 4>] but current state is TrainingState.BACKWARD_PRE': same symptom, "
+            "same trigger, in fairscale",
+        ),
+        Upstream(
+            "facebookresearch/fairscale#643",
+            "a frozen trunk with nested FSDP units for linear evaluation: 'expected to be in states "
+            "[<TrainingState.BACKWARD_PRE: 3>] but current state is TrainingState.IDLE': same symptom",
+        ),
+        Upstream("facebookresearch/fairscale#610", "the earlier report of the frozen-trunk case: same symptom"),
+        Upstream(
+            "pytorch/pytorch#117510",
+            "a frozen FSDP1 module with an input that requires grad reshards without an unshard: related",
+        ),
+    ),
+)
+def _whole_unit_frozen_with_orig_params(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    if not (scenario.freeze_untaken and scenario.fsdp.use_orig_params):
+        return False
+    return _all_failed_with(observations, violations, (Kind.STEP_FAILED,), "ValueError", TRAINING_STATE_ERROR)
+
+
+def _stepped_while_unsharded(scenario: Scenario, step: int) -> bool:
+    """Before ``step``, an optimizer step came after a training-mode forward
+    with grad that no backward had followed."""
+    for rank_steps in scenario.ranks:
+        pending = False
+        for current in rank_steps[:step]:
+            if current.backward:
+                pending = False
+            elif current.training and current.forwards and current.grad_enabled:
+                pending = True
+            if pending and current.optimizer_step:
+                return True
+    return False
+
+
+@known_issue(
+    "optimizer-step-before-backward-uses-stale-params",
+    priority=150,
+    description="""
+        A training-mode forward with grad that no backward follows leaves the root unit's parameters unsharded
+        (FSDP keeps the root unsharded for the backward it expects). An optimizer step then updates the sharded
+        parameters, but the next forward does not all-gather again and computes with the stale unsharded ones:
+        outputs and gradients are silently wrong, at any debug level. Found with FULL_SHARD,
+        use_orig_params=False, an eval step between.
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#144289",
+            "a maintainer describes this FSDP1 hazard: 'the sharded parameters were registered and modified by "
+            "the user but we did not re-all-gather unsharded parameters ... since the unsharded parameters were "
+            "already allocated'; FSDP2 was designed to rule it out: acknowledged",
+        ),
+        Upstream(
+            "pytorch/pytorch#137348",
+            "FSDP2: an unshard without a wait made the next unshard a no-op that 'can unexpectedly not propagate "
+            "the optimizer update'; fixed there: same symptom",
+        ),
+        Upstream(
+            "pytorch/pytorch#131965",
+            "the root staying unsharded after forward is by design, the precondition of this record: related",
+        ),
+    ),
+)
+def _optimizer_step_leaves_stale_unsharded_params(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    return all(v.clause == Clause.REFERENCE and _stepped_while_unsharded(scenario, v.step) for v in violations)
+
+
+def markdown_table() -> str:
+    """The README's table of known issues, by priority."""
+    rows = ["| name | what | upstream |", "| --- | --- | --- |"]
+    for issue in by_priority():
+        threads = ", ".join(f"[{u.thread}]({u.url})" for u in issue.upstream) or "none found"
+        rows.append(f"| `{issue.name}` | {issue.description} | {threads} |")
+    return "\n".join(rows)
