@@ -36,7 +36,7 @@ def reproducer_script(scenario: Scenario, *, title: str = "", notes: str = "") -
             "# The scenario " + "-" * 85,
             "",
             _scenario_comment(),
-            f"SCENARIO = {_literal(scenario_to_json(scenario, complete=True), 0, len('SCENARIO = '))}",
+            f"SCENARIO = {_literal(_without_description(scenario), 0, len('SCENARIO = '))}",
             "",
             "",
             'if __name__ == "__main__":',
@@ -129,3 +129,10 @@ def _literal(value: Any, indent: int, column: int) -> str:
         items = [pad + _literal(item, indent + 4, indent + 4) + "," for item in value]
         opener, closer = "[", "]"
     return opener + "\n" + "\n".join(items) + "\n" + " " * indent + closer
+
+
+def _without_description(scenario: Scenario) -> dict[str, Any]:
+    """The executor's input; the description opens the docstring instead."""
+    encoded = scenario_to_json(scenario, complete=True)
+    del encoded["description"]
+    return encoded

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import ast
 from pathlib import Path
 
 import pytest
 from fsdp_fuzz.cli import _duration, main
+from fsdp_fuzz.corpus import load_entry
+from fsdp_fuzz.data import scenario_to_json
 
 CORPUS = Path(__file__).resolve().parent.parent / "corpus"
 FIRST_ITERATION = CORPUS / "seed" / "invalid_first_iter_order-full_shard.json"
@@ -27,7 +30,8 @@ def test_show_draws_the_model_units_and_steps_side_by_side(capsys):
 def test_show_names_the_known_issue_and_its_upstream_reference(capsys):
     assert main(["show", str(CORPUS / "known" / "hybrid-order-check-intra-node-only.json")]) == 0
     shown = capsys.readouterr().out
-    assert "known issue hybrid-order-check-intra-node-only:" in shown and "upstream:" in shown
+    assert "known issue hybrid-order-check-intra-node-only:" in shown
+    assert "upstream https://github.com/pytorch/pytorch/issues/108331: " in shown
 
 
 @pytest.mark.parametrize("command", ["show", "repro", "replay"])
@@ -73,9 +77,12 @@ def test_repro_writes_a_script_where_asked(tmp_path, capsys):
     output = tmp_path / "first.py"
     assert main(["repro", str(FIRST_ITERATION), "-o", str(output)]) == 0
     assert f"wrote {output}" in capsys.readouterr().out
-    script = output.read_text()
-    assert "Forward order differs" in script or "seed test_invalid_first_iter_order" in script
-    compile(script, str(output), "exec")
+    tree = ast.parse(output.read_text())
+    assigned = {getattr(node.targets[0], "id", None): node.value for node in tree.body if isinstance(node, ast.Assign)}
+    literal = assigned["SCENARIO"]
+    scenario = load_entry(FIRST_ITERATION).scenario
+    assert ast.literal_eval(literal) == scenario_to_json(scenario, complete=True)
+    assert scenario.description in ast.get_docstring(tree)
 
 
 def test_show_of_a_saved_finding_prints_its_recorded_verdict(tmp_path, capsys, recorded):

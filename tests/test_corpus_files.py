@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 from fsdp_fuzz.corpus import CorpusEntry, corpus_files, load_entry, save_finding, scenario_id, signature
-from fsdp_fuzz.data import ScenarioError, dumps
+from fsdp_fuzz.data import Clause, ScenarioError, Violation, ViolationKind, dumps
 from fsdp_fuzz.generate.seed_family import seed_scenarios
 from fsdp_fuzz.judge.known_issues import KNOWN_ISSUES
-from fsdp_fuzz.judge.oracles import Violation, judge
+from fsdp_fuzz.judge.oracles import judge
 from fsdp_fuzz.replay import BROKEN, CHANGED, FIXED, KEEPS_CONTRACT, REPRODUCES, replay_result
 
 CORPUS = Path(__file__).resolve().parent.parent / "corpus"
@@ -32,7 +32,7 @@ def test_seed_files_are_the_seed_tests_exactly():
 
 def test_every_known_issue_has_a_reproducer():
     reproduced = {load_entry(path).known_issue for path in corpus_files(CORPUS)}
-    assert {issue.name for issue in KNOWN_ISSUES} <= reproduced
+    assert set(KNOWN_ISSUES) <= reproduced
 
 
 def test_every_corpus_file_loads():
@@ -93,7 +93,7 @@ def test_replay_of_a_finding_that_fails_the_same_way_still_reproduces(tmp_path, 
 
 def test_replay_of_a_finding_that_no_longer_fails_is_fixed(tmp_path, recorded):
     scenario, observations = recorded("train_eval-full_shard")
-    claimed = (Violation("clean run", 0, 1, "made up for this test"),)
+    claimed = (Violation(Clause.CLEAN_RUN, ViolationKind.STEP_FAILED, 0, 1, "made up for this test"),)
     path, _ = save_finding(tmp_path, scenario, observations, claimed)
     result = replay_result(load_entry(path), observations)
     assert (result.status, result.passed) == (FIXED, False)
@@ -102,7 +102,7 @@ def test_replay_of_a_finding_that_no_longer_fails_is_fixed(tmp_path, recorded):
 
 def test_replay_of_a_finding_that_fails_differently_shows_both(tmp_path, recorded):
     scenario, observations = recorded("hybrid-order-check-intra-node-only")
-    claimed = (Violation("clean run", 3, 0, "recorded failure"),)
+    claimed = (Violation(Clause.CLEAN_RUN, ViolationKind.STEP_FAILED, 3, 0, "recorded failure"),)
     path, _ = save_finding(tmp_path, scenario, observations, claimed)
     result = replay_result(load_entry(path), observations)
     assert (result.status, result.passed) == (CHANGED, False)

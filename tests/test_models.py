@@ -6,7 +6,19 @@ import pytest
 import torch
 from fsdp_fuzz.execute.executor import build_model, freeze_untaken_alternatives
 from fsdp_fuzz.models.seed import SEED_CHOICE, seed_model
-from fsdp_fuzz.models.spec import Choice, Linear, ModelSpec, Sequential, SpecError, numel, unit_numel, validate
+from fsdp_fuzz.models.spec import (
+    Choice,
+    Linear,
+    ModelSpec,
+    Sequential,
+    SpecError,
+    numel,
+    spec_to_json,
+    unit_numel,
+    validate,
+)
+
+SEED_MODEL = spec_to_json(seed_model(), complete=True)
 
 
 def test_seed_alternatives_have_equal_numel():
@@ -19,14 +31,14 @@ def test_seed_units_own_the_seed_parameters():
 
 
 def test_same_seed_gives_identical_parameters_and_another_seed_does_not():
-    first, second, other = (build_model(seed_model(), seed).module for seed in (7, 7, 8))
+    first, second, other = (build_model(SEED_MODEL, seed, False).module for seed in (7, 7, 8))
     for a, b, c in zip(first.parameters(), second.parameters(), other.parameters(), strict=True):
         assert torch.equal(a, b)
         assert not torch.equal(a, c)
 
 
 def test_forward_follows_the_path_set_before_it():
-    built = build_model(seed_model(), seed=0)
+    built = build_model(SEED_MODEL, 0, False)
     x = torch.randn(4, 5)
     outputs = {}
     for path in ((0,), (1,), (), (1, 0)):
@@ -39,7 +51,7 @@ def test_forward_follows_the_path_set_before_it():
 
 
 def test_freezing_follows_the_path_like_the_seed_flip():
-    built = build_model(seed_model(), seed=0, freeze_untaken=True)
+    built = build_model(SEED_MODEL, 0, True)
     trainable = {name for name, p in built.module.named_parameters() if p.requires_grad}
     assert trainable == {"layer0.0.weight", "layer0.0.bias", "branch.layer1.0.weight"}
     freeze_untaken_alternatives(built, {SEED_CHOICE: (1,)})

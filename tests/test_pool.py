@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fsdp_fuzz.data import CRASH, ERROR, HANG, OK
+from fsdp_fuzz.data import Status
 from fsdp_fuzz.execute.pool import RankPool
 from fsdp_fuzz.execute.spawn import run_scenario
 from fsdp_fuzz.generate.seed_family import (
@@ -54,16 +54,16 @@ def test_hang_is_recorded_with_its_stack_and_costs_at_most_two_timeouts(pool):
     started = time.monotonic()
     observations = pool.run(order_ends_early())
     elapsed = time.monotonic() - started
-    assert statuses(observations) == [[HANG], [OK]]
+    assert statuses(observations) == [[Status.HANG], [Status.OK]]
     assert "all_gather" in observations.ranks[0].steps[0].stack
     assert elapsed <= 2 * TIMEOUT_S, f"a hang cost {elapsed:.2f} s"
-    assert statuses(pool.run(CLEAN)) == [[OK] * 4] * 2
+    assert statuses(pool.run(CLEAN)) == [[Status.OK] * 4] * 2
 
 
 def test_raising_scenario_then_clean(pool):
     observations = pool.run(invalid_first_iter_order("FULL_SHARD"))
-    assert statuses(observations) == [[ERROR], [ERROR]]
-    assert statuses(pool.run(CLEAN)) == [[OK] * 4] * 2
+    assert statuses(observations) == [[Status.ERROR], [Status.ERROR]]
+    assert statuses(pool.run(CLEAN)) == [[Status.OK] * 4] * 2
 
 
 def test_same_scenario_same_observation_as_fresh_processes(pool):
@@ -81,9 +81,9 @@ def test_killed_worker_is_a_crash_and_the_pool_respawns():
         killer.start()
         observations = pool.run(order_ends_early())
         killer.join()
-        assert observations.ranks[0].steps[0].status == CRASH
+        assert observations.ranks[0].steps[0].status == Status.CRASH
         assert "died" in observations.ranks[0].steps[0].error_message
-        assert statuses(pool.run(CLEAN)) == [[OK] * 4] * 2
+        assert statuses(pool.run(CLEAN)) == [[Status.OK] * 4] * 2
         assert (pool.stats.crashes, pool.stats.respawns) == (1, 1)
         assert victim not in pool.pids()
 

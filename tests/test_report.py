@@ -30,10 +30,10 @@ def test_report_counts_outcomes_clauses_and_keeps_the_last_finding(recorded):
     assert tally["examples"] == 3
     # setup plus every step, per rank: 2 x (1 + 12) for train_eval, 2 x (1 + 1) twice for the eval mismatch
     assert tally["outcomes"] == {"ok": 26 + 2 * 4}
-    assert tally["clauses"] == {"no silent mismatch": 2}
+    assert tally["clauses"] == {"no-silent-mismatch": 2}
     assert tally["known_issues"] == {"eval-order-unchecked": 1}
     (finding,) = encoded["findings"]
-    assert finding["clauses"] == ["no silent mismatch"] and finding["scenario"]["world_size"] == 2
+    assert finding["clauses"] == ["no-silent-mismatch"] and finding["scenario"]["world_size"] == 2
 
 
 def run_pytest(*arguments: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

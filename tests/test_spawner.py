@@ -11,8 +11,9 @@ import time
 
 import pytest
 import torch
-from fsdp_fuzz.data import CRASH, ERROR, HANG, OK
-from fsdp_fuzz.execute.spawn import DeviceError, Placement, run_scenario
+from fsdp_fuzz.data import Status
+from fsdp_fuzz.execute.executor import DeviceError, Placement
+from fsdp_fuzz.execute.spawn import run_scenario
 from fsdp_fuzz.generate.seed_family import invalid_first_iter_order, order_ends_early, train_eval
 
 
@@ -20,26 +21,30 @@ def statuses(observations):
     return [[step.status for step in rank.steps] for rank in observations.ranks]
 
 
-def test_clean_scenario_is_ok_on_every_rank_with_identical_losses():
+def test_clean_scenario_is_ok_on_every_rank_and_computes_what_one_process_computes():
     observations = run_scenario(train_eval("FULL_SHARD", iterations=2, epochs=1))
-    assert statuses(observations) == [[OK] * 4] * 2
+    assert statuses(observations) == [[Status.OK] * 4] * 2
     assert observations.backend == "gloo" and observations.torch_version == torch.__version__
-    sums = [[step.output_sum for step in rank.steps] for rank in observations.ranks]
-    assert all(value is not None for rank in sums for value in rank)
+    for index, expected in enumerate(observations.reference):
+        outputs = [rank.steps[index].output_sum for rank in observations.ranks]
+        assert outputs == pytest.approx(list(expected.output_sums), rel=1e-5)
+        if expected.grad_sum is not None:
+            grads = sum(rank.steps[index].grad_sum for rank in observations.ranks)
+            assert grads == pytest.approx(expected.grad_sum, rel=1e-5)
 
 
 def test_raising_scenario_records_type_and_message():
     observations = run_scenario(invalid_first_iter_order("SHARD_GRAD_OP"))
     for rank in observations.ranks:
         (step,) = rank.steps
-        assert (step.status, step.error_type) == (ERROR, "RuntimeError")
+        assert (step.status, step.error_type) == (Status.ERROR, "RuntimeError")
         assert step.error_message.startswith("Forward order differs across ranks")
 
 
 def test_hanging_rank_is_recorded_at_its_step_within_the_group_timeout():
     started = time.monotonic()
     observations = run_scenario(order_ends_early(), group_timeout_s=2)
-    assert statuses(observations) == [[HANG], [OK]]
+    assert statuses(observations) == [[Status.HANG], [Status.OK]]
     assert "Timed out" in observations.ranks[0].steps[0].error_message
     assert time.monotonic() - started < 60
 
@@ -57,7 +62,7 @@ def test_killed_ranks_are_crashes():
     runner.join(timeout=120)
     (observations,) = results
     for rank in observations.ranks:
-        assert CRASH in {rank.setup.status} | {step.status for step in rank.steps}
+        assert Status.CRASH in {rank.setup.status} | {step.status for step in rank.steps}
 
 
 def test_two_runs_at_once_do_not_collide():
@@ -68,7 +73,7 @@ def test_two_runs_at_once_do_not_collide():
         thread.start()
     for thread in threads:
         thread.join()
-    assert [statuses(r) for r in results] == [[[OK, OK]] * 2] * 2
+    assert [statuses(r) for r in results] == [[[Status.OK, Status.OK]] * 2] * 2
     assert results[0] == results[1]
 
 

@@ -10,8 +10,16 @@ from dataclasses import fields
 
 import pytest
 import torch
-from fsdp_fuzz.data import OK, FsdpSettings, Scenario, dumps, scenario_from_json, validate_scenario
-from fsdp_fuzz.execute.executor import BuiltModel, build_model, freeze_untaken_alternatives
+from fsdp_fuzz.data import (
+    FsdpSettings,
+    Scenario,
+    Status,
+    dumps,
+    scenario_from_json,
+    scenario_to_json,
+    validate_scenario,
+)
+from fsdp_fuzz.execute.executor import BuiltModel, build_model, run_forwards
 from fsdp_fuzz.execute.spawn import run_scenario
 from fsdp_fuzz.generate.seed_family import seed_scenarios
 from fsdp_fuzz.generate.strategies import (
@@ -113,14 +121,16 @@ def test_hybrid_sharding_and_sync_module_states_only_where_asked_and_possible():
     assert any(fsdp.sync_module_states for fsdp in drawn_settings(2, device="cuda"))
 
 
-def unit_modules(built: BuiltModel) -> dict[str, torch.nn.Module]:
-    return {unit.name: built.modules_by_name[unit.name] for unit in built.spec.units()}
+def unit_modules(spec: ModelSpec, built: BuiltModel) -> dict[str, torch.nn.Module]:
+    by_name = {qualified.rsplit(".", 1)[-1]: module for qualified, module in built.module.named_modules()}
+    by_name[spec.root.name] = built.module
+    return {unit.name: by_name[unit.name] for unit in spec.units()}
 
 
-def assert_flat_parameters_uniform(built: BuiltModel) -> None:
+def assert_flat_parameters_uniform(spec: ModelSpec, built: BuiltModel) -> None:
     """What FSDP checks with ``use_orig_params=False``: the parameters a unit
     flattens (its own, not its nested units') agree on ``requires_grad``."""
-    units = unit_modules(built)
+    units = unit_modules(spec, built)
     owned = {name: {id(p): p for p in module.parameters()} for name, module in units.items()}
     for name, module in units.items():
         own = dict(owned[name])
@@ -136,9 +146,10 @@ def assert_flat_parameters_uniform(built: BuiltModel) -> None:
 def test_every_scenario_builds_identically_and_runs_on_every_rank_without_fsdp(scenario: Scenario):
     model = scenario.model
     width = features(model.root, model.in_features)
+    encoded = scenario_to_json(scenario, complete=True)
     reference = None
     for rank, steps in enumerate(scenario.ranks):
-        built = build_model(model, scenario.seed, freeze_untaken=scenario.freeze_untaken)
+        built = build_model(encoded["model"], scenario.seed, scenario.freeze_untaken)
         state = {key: value.detach().clone() for key, value in built.module.state_dict().items()}
         if reference is None:
             reference = state
@@ -146,21 +157,14 @@ def test_every_scenario_builds_identically_and_runs_on_every_rank_without_fsdp(s
         assert all(torch.equal(state[key], reference[key]) for key in state)
         optimizer = torch.optim.SGD(built.module.parameters(), lr=0.01)
         for index, step in enumerate(steps):
-            built.module.train(step.training)
-            built.set_path(step.path)
-            if scenario.freeze_untaken:
-                freeze_untaken_alternatives(built, step.path)
+            total = run_forwards(encoded, built, rank, index, torch.device("cpu"))
             if not scenario.fsdp.use_orig_params:
-                assert_flat_parameters_uniform(built)
-            generator = torch.Generator().manual_seed(rank * 1000 + index)
-            with torch.set_grad_enabled(step.grad_enabled):
-                outputs = [
-                    built.module(torch.randn(scenario.batch_size, model.in_features, generator=generator))
-                    for _ in range(step.forwards)
-                ]
-            assert all(output.shape == (scenario.batch_size, width) for output in outputs)
+                assert_flat_parameters_uniform(model, built)
+            if step.forwards:
+                probe = built.module(torch.zeros(scenario.batch_size, model.in_features))
+                assert probe.shape == (scenario.batch_size, width)
             if step.backward:
-                torch.stack([output.sum() for output in outputs]).sum().backward()
+                total.backward()
             if step.optimizer_step:
                 optimizer.step()
                 optimizer.zero_grad()
@@ -207,7 +211,7 @@ def test_spawned__generated_scenarios_wrap_in_fsdp_on_every_rank():
     for scenario in covering(pool, SETUP_FEATURES, 3):
         observations = run_scenario(scenario)
         setups = [rank.setup for rank in observations.ranks]
-        assert all(setup.status == OK for setup in setups), (dumps(scenario), setups)
+        assert all(setup.status == Status.OK for setup in setups), (dumps(scenario), setups)
 
 
 # Statistics --------------------------------------------------------------------

@@ -87,7 +87,10 @@ def by_priority() -> list[KnownIssue]:
 def triage(scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]) -> KnownIssue | None:
     """The first record, by priority, that explains every violation; failing
     that, when each violation is explained by some record on its own (a
-    shrunk case that hits two of them), the one that explains the first."""
+    shrunk case that hits two of them), the one that explains the first.
+    A case without violations has nothing to explain."""
+    if not violations:
+        return None
     issues = by_priority()
     for issue in issues:
         if issue.matches(scenario, observations, violations):

@@ -1,0 +1,249 @@
+"""Triage on recorded observations, both ways, for every known issue.
+
+Each record's reproducers (the recorded runs named after it) must triage to
+it, and a near miss must not: the same case with one fact changed, in the
+scenario, the verdict or what FSDP did, so that the record's cause or symptom
+is gone. A near miss is a realistic neighbour, the case a predicate that grew
+too broad would swallow, so each one says what its record keys on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from fsdp_fuzz.data import Status, StepOutcome
+from fsdp_fuzz.judge.known_issues import KNOWN_ISSUES, triage
+from fsdp_fuzz.judge.oracles import judge
+
+RECORDED = Path(__file__).parent / "recorded"
+
+
+def reproducers(name):
+    """The recorded runs whose names start with the record's name."""
+    stems = (path.stem for path in RECORDED.glob("*.json"))
+    return sorted(stem for stem in stems if stem == name or stem.startswith(f"{name}-"))
+
+
+TWO_ISSUE_CASES = {"two-known-issues-in-one-case": "refreeze-after-forward-without-backward"}
+"""Recorded runs that hit two records, each explaining some of the
+violations: no record explains them all, and triage names the one that
+explains the first."""
+
+POSITIVES = sorted(
+    [(name, stem) for name in KNOWN_ISSUES for stem in reproducers(name)]
+    + [(name, stem) for stem, name in TWO_ISSUE_CASES.items()]
+)
+
+
+# Changing one fact ----------------------------------------------------------------
+
+
+def with_steps(scenario, indices, ranks=None, **changes):
+    """The scenario with ``changes`` made to the steps ``indices`` of
+    ``ranks`` (every rank by default)."""
+    ranks = range(scenario.world_size) if ranks is None else ranks
+    return replace(
+        scenario,
+        ranks=tuple(
+            tuple(
+                replace(step, **changes) if rank in ranks and index in indices else step
+                for index, step in enumerate(steps)
+            )
+            for rank, steps in enumerate(scenario.ranks)
+        ),
+    )
+
+
+def with_fsdp(scenario, **changes):
+    return replace(scenario, fsdp=replace(scenario.fsdp, **changes))
+
+
+def with_outcome(observations, index, outcome):
+    """The observations with every rank's step ``index`` ending as ``outcome``."""
+    return replace(
+        observations,
+        ranks=tuple(
+            replace(rank, steps=tuple(outcome if i == index else step for i, step in enumerate(rank.steps)))
+            for rank in observations.ranks
+        ),
+    )
+
+
+def rejudged(scenario, observations):
+    """The case as the judge sees it, verdict included."""
+    return scenario, observations, judge(scenario, observations)
+
+
+GLOO_TIMEOUT = StepOutcome(
+    Status.HANG,
+    error_type="RuntimeError",
+    error_message="[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to complete",
+)
+
+
+# The near misses, one per record --------------------------------------------------
+
+
+def eval_forwards_agree(scenario, observations):
+    """Rank 1's eval forward takes layer1, as rank 0's does: with no eval
+    divergence, units paired silently are a new bug."""
+    return rejudged(with_steps(scenario, [0], ranks=[1], path={"branch": (0,)}), observations)
+
+
+def hang_before_the_deviation(scenario, observations):
+    """The ranks hang one step early, in the eval step they agree on: no
+    rank had deviated and been warned yet, so nothing was unchecked."""
+    return scenario, observations, tuple(replace(v, step=1) for v in judge(scenario, observations))
+
+
+def eval_forward_without_grad(scenario, observations):
+    """The eval forward runs without grad, so it registers no post-backward
+    hooks for the refreeze to strand: wrong gradients after it are a new bug."""
+    return rejudged(with_steps(scenario, [1], grad_enabled=False), observations)
+
+
+def node_diverges_internally(scenario, observations):
+    """Rank 1 takes layer2 as well, so node 0 disagrees within itself: its
+    own intra-node check sees the divergence, and its missing error is a
+    new bug (only ranks of internally agreeing nodes are blind)."""
+    return rejudged(with_steps(scenario, [0], ranks=[1], path={"branch": (1,)}), observations)
+
+
+def one_forward_per_iteration(scenario, observations):
+    """One forward before each backward, so no unit repeats in an iteration:
+    warnings about the unchanged schedule are a new bug."""
+    return rejudged(with_steps(scenario, range(scenario.num_steps), forwards=1), observations)
+
+
+def unit_replaced_not_dropped(scenario, observations):
+    """The second iteration takes layer2 instead of skipping the branch: a
+    different unit where layer1 was, which FSDP's later check compares, so
+    the missing warning is a new bug."""
+    return rejudged(with_steps(scenario, [1], path={"branch": (1,)}), observations)
+
+
+def both_orders_reach_the_divergence(scenario, observations):
+    """Rank 1 takes layer2 instead of skipping the branch: both ranks issue
+    the check's collectives for position 1, they pair up, and the order
+    error must come."""
+    return rejudged(with_steps(scenario, [0], ranks=[1], path={"branch": (1,)}), observations)
+
+
+def parameters_are_not_views(scenario, observations):
+    """Without use_orig_params the module's parameters are not views of the
+    unsharded flat parameter: setting requires_grad on them must work."""
+    return rejudged(with_fsdp(scenario, use_orig_params=False), observations)
+
+
+def at_detail(scenario, observations):
+    """At DETAIL the first-iteration divergence is checked: a silent
+    pairing instead of the order error is a new bug."""
+    return rejudged(replace(scenario, debug_level="DETAIL"), observations)
+
+
+def hang_instead_of_key_error(scenario, observations):
+    """The ranks hang where the order error was due: the check went wrong,
+    but not by looking the flat parameter up."""
+    return rejudged(scenario, with_outcome(observations, 0, GLOO_TIMEOUT))
+
+
+def one_process_group(scenario, observations):
+    """Under FULL_SHARD FSDP's group is the world, so the rank it names is
+    the global rank: a warning naming another is a new bug."""
+    return rejudged(with_fsdp(scenario, sharding_strategy="FULL_SHARD"), observations)
+
+
+def every_rank_runs_the_backward(scenario, observations):
+    """Rank 0 runs the backward too: the ranks' collectives agree, so a
+    hang is a new bug."""
+    return rejudged(with_steps(scenario, [0], ranks=[0], backward=True), observations)
+
+
+def optimizer_step_before_the_freeze(scenario, observations):
+    """Step 0 ends with an optimizer step, so no gradient is waiting when
+    step 1 freezes branch1_0: wrong gradients then are a new bug."""
+    return rejudged(with_steps(scenario, [0], optimizer_step=True), observations)
+
+
+def untaken_parameters_stay_trainable(scenario, observations):
+    """Without freeze_untaken the skipped unit keeps parameters that require
+    grad (unused, which FSDP handles): the state error is a new bug."""
+    return rejudged(replace(scenario, freeze_untaken=False), observations)
+
+
+def optimizer_step_after_the_backward(scenario, observations):
+    """The optimizer step moves from step 3 to the end of step 4, after its
+    backward: no update comes before step 4's forward, so a wrong output
+    there is a new bug."""
+    moved = with_steps(with_steps(scenario, [3], optimizer_step=False), [4], optimizer_step=True)
+    return rejudged(moved, observations)
+
+
+NEAR_MISSES = {
+    "eval-order-unchecked": ("eval-order-unchecked-full_shard-silent", eval_forwards_agree),
+    "unchecked-after-deviation": ("unchecked-after-deviation-full_shard", hang_before_the_deviation),
+    "refreeze-after-forward-without-backward": (
+        "refreeze-after-forward-without-backward-shard_grad_op-silent",
+        eval_forward_without_grad,
+    ),
+    "hybrid-order-check-intra-node-only": ("hybrid-order-check-intra-node-only", node_diverges_internally),
+    "later-check-ignores-repeats": ("later-check-ignores-repeats", one_forward_per_iteration),
+    "later-check-misses-dropped-units": ("later-check-misses-dropped-units", unit_replaced_not_dropped),
+    "first-iteration-order-ends-early": ("first-iteration-order-ends-early", both_orders_reach_the_divergence),
+    "refreeze-hits-unsharded-views": ("refreeze-hits-unsharded-views", parameters_are_not_views),
+    "order-unchecked-below-detail": ("order-unchecked-below-detail", at_detail),
+    "order-error-key-error-with-orig-params": ("order-error-key-error-with-orig-params", hang_instead_of_key_error),
+    "hybrid-warning-names-intra-node-rank": ("hybrid-warning-names-intra-node-rank", one_process_group),
+    "backward-on-some-ranks-only": ("backward-on-some-ranks-only", every_rank_runs_the_backward),
+    "refreeze-drops-accumulated-grads-with-orig-params": (
+        "refreeze-drops-accumulated-grads-with-orig-params",
+        optimizer_step_before_the_freeze,
+    ),
+    "frozen-unit-backward-state-error-with-orig-params": (
+        "frozen-unit-backward-state-error-with-orig-params",
+        untaken_parameters_stay_trainable,
+    ),
+    "optimizer-step-before-backward-uses-stale-params": (
+        "optimizer-step-before-backward-uses-stale-params",
+        optimizer_step_after_the_backward,
+    ),
+}
+
+
+# The tests ------------------------------------------------------------------------
+
+
+def test_every_known_issue_is_tested_both_ways():
+    """A new record fails here until it has a reproducer and a near miss."""
+    assert set(NEAR_MISSES) == set(KNOWN_ISSUES)
+    assert {name for name, _ in POSITIVES} == set(KNOWN_ISSUES)
+    for name, (stem, _) in NEAR_MISSES.items():
+        assert stem in reproducers(name), f"{name}'s near miss must start from one of its reproducers"
+
+
+@pytest.mark.parametrize("name, stem", [pytest.param(name, stem, id=stem) for name, stem in POSITIVES])
+def test_a_reproducer_triages_to_its_known_issue(recorded, name, stem):
+    scenario, observations = recorded(stem)
+    violations = judge(scenario, observations)
+    assert violations, "a reproducer breaks the contract"
+    assert triage(scenario, observations, violations).name == name
+    explains_all = KNOWN_ISSUES[name].matches(scenario, observations, violations)
+    if stem in TWO_ISSUE_CASES:
+        assert not explains_all, "in a two-issue case the other record explains some violations"
+    else:
+        assert explains_all, "triage must name the record for its own reason, not by elimination"
+
+
+@pytest.mark.parametrize("name", sorted(NEAR_MISSES))
+def test_a_near_miss_does_not_triage_to_the_known_issue(recorded, name):
+    stem, near_miss = NEAR_MISSES[name]
+    scenario, observations = recorded(stem)
+    original = (scenario, observations, judge(scenario, observations))
+    scenario, observations, violations = near_miss(scenario, observations)
+    assert (scenario, observations, violations) != original, "a near miss changes a fact"
+    assert violations, "a near miss still breaks the contract"
+    assert not KNOWN_ISSUES[name].matches(scenario, observations, violations)
+    triaged = triage(scenario, observations, violations)
+    assert triaged is None or triaged.name != name
