@@ -14,15 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from fsdp_fuzz.execute.pool import RankPool  # noqa: E402
-from fsdp_fuzz.execute.spawn import run_scenario  # noqa: E402
-from fsdp_fuzz.generate.seed_family import seed_scenarios  # noqa: E402
+from fsdp_fuzz.execute.pool import RankPool
+from fsdp_fuzz.execute.spawn import run_scenario
+from fsdp_fuzz.generate.seed_family import seed_scenarios
 
 PHASES = ("group", "build", "wrap", "steps")
 

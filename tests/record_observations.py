@@ -15,20 +15,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from fsdp_fuzz.corpus import load_entry  # noqa: E402
-from fsdp_fuzz.data import (  # noqa: E402
+from fsdp_fuzz.corpus import load_entry
+from fsdp_fuzz.data import (
     FsdpSettings,
     Scenario,
     Step,
-    observations_to_json,  # noqa: E402
+    observations_to_json,
     scenario_to_json,
 )
-from fsdp_fuzz.execute.spawn import run_scenario  # noqa: E402
-from fsdp_fuzz.jsonfmt import format_json  # noqa: E402
-from fsdp_fuzz.models.seed import seed_model  # noqa: E402
+from fsdp_fuzz.execute.spawn import run_scenario
+from fsdp_fuzz.jsonfmt import format_json
+from fsdp_fuzz.models.seed import seed_model
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def clean_runs() -> dict[str, Scenario]:

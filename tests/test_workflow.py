@@ -5,21 +5,21 @@ turns it into a script that reproduces it in a clean interpreter."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from fsdp_fuzz.corpus import corpus_files, load_entry
+from fsdp_fuzz.data import outcome_from_json
+from fsdp_fuzz.judge.oracles import order_warnings
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER_WARNING = "Forward order differs"
 
 
 def fuzz(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    """``python -m fsdp_fuzz``, as an installed package runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "fuzz", *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "fsdp_fuzz", *args], cwd=cwd, capture_output=True, text=True, timeout=600
     )
 
 
@@ -48,13 +48,13 @@ def test_a_saved_finding_replays_and_becomes_a_standalone_reproducer(tmp_path):
     (line,) = [line for line in clean.stdout.splitlines() if line.startswith("REPRO-RESULT ")]
     reproduced = json.loads(line.removeprefix("REPRO-RESULT "))["ranks"]
     recorded = entry.finding.observations.ranks
-    for rank, (script_steps, observed) in enumerate(zip(reproduced, recorded, strict=True)):
-        for step, (by_script, by_fuzzer) in enumerate(zip(script_steps, observed.steps, strict=True)):
-            warned = sum(w.message.startswith(ORDER_WARNING) for w in by_fuzzer.warnings)
-            assert (by_script["status"], by_script["error_type"], len(by_script["order_warnings"])) == (
+    for rank, (script_outcomes, observed) in enumerate(zip(reproduced, recorded, strict=True)):
+        for step, (by_script, by_fuzzer) in enumerate(zip(script_outcomes[1:], observed.steps, strict=True)):
+            by_script = outcome_from_json(by_script)
+            assert (by_script.status, by_script.error_type, order_warnings(by_script)) == (
                 by_fuzzer.status,
                 by_fuzzer.error_type,
-                warned,
+                order_warnings(by_fuzzer),
             ), f"rank {rank}, step {step}"
 
 

@@ -1,0 +1,68 @@
+"""The package's shape as a user meets it: one top-level name, stages that
+import only what they may, and one vocabulary between executor and judge."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+from fsdp_fuzz.data import Purpose, Status
+from fsdp_fuzz.execute import executor
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_python(code: str, cwd: Path, **environment: str) -> subprocess.CompletedProcess:
+    """In a fresh interpreter with only ``environment`` set."""
+    command = [sys.executable, "-c", code]
+    return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=300)
+
+
+def test_an_install_adds_one_top_level_name_and_leaves_a_users_models_package_alone(tmp_path):
+    """A user's project with its own ``models`` package installs the fuzzer
+    beside it: both import, each the right one."""
+    site = tmp_path / "site"
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", *isolation, "--target", str(site), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    top_level = {path.name for path in site.iterdir() if not path.name.endswith(".dist-info")}
+    assert top_level <= {"fsdp_fuzz", "bin"}, top_level
+    project = tmp_path / "project"
+    (project / "models").mkdir(parents=True)
+    (project / "models" / "__init__.py").write_text("OWNER = 'the user'\n")
+    both = run_python(
+        "import models, fsdp_fuzz.models.spec, fsdp_fuzz.data\n"
+        "assert models.OWNER == 'the user', models.__file__\n"
+        "print(fsdp_fuzz.models.spec.__file__)",
+        cwd=project,
+        PYTHONPATH=f"{project}:{site}",
+    )
+    assert both.returncode == 0, both.stderr
+    assert both.stdout.strip().startswith(str(site / "fsdp_fuzz" / "models"))
+
+
+def test_the_judge_imports_no_torch():
+    """Judging is pure: no process group, no torch.distributed, so recorded
+    observations can be judged anywhere."""
+    judged = run_python(
+        "import sys\n"
+        "import fsdp_fuzz.data, fsdp_fuzz.judge.orders, fsdp_fuzz.judge.oracles, fsdp_fuzz.judge.known_issues\n"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] == 'torch'))",
+        cwd=ROOT,
+    )
+    assert judged.returncode == 0, judged.stderr
+    assert judged.stdout.strip() == "[]"
+
+
+def test_the_executor_speaks_the_data_vocabulary():
+    """The executor reports plain strings (it may import only torch); the
+    data module's enums parse exactly those."""
+    assert {executor.OK, executor.ERROR, executor.HANG, executor.CRASH, executor.NOT_RUN} == {s.value for s in Status}
+    assert {hook.purpose for hook in executor.Fsdp1.unit_hooks} == {p.value for p in Purpose}
