@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fsdp_fuzz.data import Purpose, Status
 from fsdp_fuzz.execute import executor
+from fsdp_fuzz.judge.known_issues import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,3 +67,12 @@ def test_the_executor_speaks_the_data_vocabulary():
     data module's enums parse exactly those."""
     assert {executor.OK, executor.ERROR, executor.HANG, executor.CRASH, executor.NOT_RUN} == {s.value for s in Status}
     assert {hook.purpose for hook in executor.Fsdp1.unit_hooks} == {p.value for p in Purpose}
+
+
+def test_the_readme_table_of_known_issues_is_generated_from_the_records():
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("<!-- known-issues:start -->\n", 1)[1].split("\n<!-- known-issues:end -->", 1)[0]
+    assert table == markdown_table(), (
+        "README.md's known-issue table differs from the records; regenerate it with "
+        'python -c "from fsdp_fuzz.judge.known_issues import markdown_table; print(markdown_table())"'
+    )
