@@ -16,18 +16,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import strategies as st
+
 from fsdp_fuzz.corpus import save_finding
 from fsdp_fuzz.execute.pool import PoolSet
 from fsdp_fuzz.generate.seed_family import seed_family_scenarios
 from fsdp_fuzz.generate.strategies import scenarios
 from fsdp_fuzz.verdict import ContractCheck
-from hypothesis import HealthCheck, Phase, given, seed, settings
-from hypothesis import strategies as st
 
-TARGETS: dict[str, Callable[[], st.SearchStrategy]] = {
-    "generated": scenarios,
-    "seed": seed_family_scenarios,
+TARGETS: dict[str, Callable[[str], st.SearchStrategy]] = {
+    "generated": lambda engine: scenarios(engine=engine),
+    "seed": lambda engine: seed_family_scenarios(engine=engine),
 }
+"""What ``--target`` names, as a strategy for the given engine."""
+
+
+def target_name(target: str, engine: str) -> str:
+    return f"{target}[{engine}]"
 
 
 class BudgetSpent(BaseException):
@@ -68,10 +74,12 @@ def run_campaign(
     progress: Callable[[str], None] = print,
     progress_every_s: float = 10.0,
     random_seed: int | None = None,
+    engine: str = "fsdp1",
 ) -> CampaignResult:
-    strategy = TARGETS[target]()
-    check.target = target
-    tally = check.report.tally(target)
+    strategy = TARGETS[target](engine)
+    name = target_name(target, engine)
+    check.target = name
+    tally = check.report.tally(name)
     rng = random.Random(random_seed)
     findings: list[tuple[Path, bool]] = []
     last_progress = time.monotonic()
@@ -85,7 +93,7 @@ def run_campaign(
         check(scenario, pools.run(scenario))
         if time.monotonic() - last_progress >= progress_every_s:
             last_progress = time.monotonic()
-            progress(progress_line(check, target, budget))
+            progress(progress_line(check, name, budget))
 
     while not budget.spent(tally.examples):
         remaining = budget.examples - tally.examples if budget.examples is not None else 10**9
@@ -109,7 +117,8 @@ def run_campaign(
             if not _contract_failures(exc) or check.last_failure is None:
                 progress("the fuzzer itself failed on the scenario above (a harness bug, not an FSDP finding)")
                 raise
-            path, new = save_finding(corpus, *check.last_failure, found_by=f"python -m fuzz run --target {target}")
+            found_by = f"python -m fsdp_fuzz run --target {target} --engine {engine}"
+            path, new = save_finding(corpus, *check.last_failure, found_by=found_by)
             findings.append((path, new))
             progress(f"finding {'saved to' if new else 'already in the corpus:'} {path}")
         else:

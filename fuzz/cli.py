@@ -1,4 +1,4 @@
-"""``python -m fuzz`` (console script ``fsdp-fuzz``): run, replay, show, repro.
+"""``python -m fsdp_fuzz`` (console script ``fsdp-fuzz``): run, replay, show, repro.
 
 Exit codes: 0 all good, 1 a finding or a replay that did not pass,
 2 bad input (the message names it and the fix), 3 the fuzzer cannot observe
@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from fsdp_fuzz.campaign import TARGETS, Budget, counts, progress_line, run_campaign
+
+from fsdp_fuzz.campaign import TARGETS, Budget, CampaignResult, counts, progress_line, run_campaign, target_name
 from fsdp_fuzz.corpus import CorpusEntry, corpus_files, load_entry
-from fsdp_fuzz.data import ScenarioError
+from fsdp_fuzz.data import ENGINES, ScenarioError
 from fsdp_fuzz.execute.executor import DeviceError, HarnessError, Placement, check_trace
 from fsdp_fuzz.execute.pool import DEFAULT_GROUP_TIMEOUT_S, PoolSet
 from fsdp_fuzz.judge.known_issues import issue_named
@@ -54,12 +55,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m fuzz", description="A property-based fuzzer for the forward paths of PyTorch FSDP."
+        prog="python -m fsdp_fuzz", description="A property-based fuzzer for the forward paths of PyTorch FSDP."
     )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="fuzz FSDP until a budget is spent; save findings to the corpus")
     run.add_argument("--target", choices=sorted(TARGETS), default="generated", help="what to generate (%(default)s)")
+    run.add_argument(
+        "--engine",
+        choices=(*ENGINES, "both"),
+        default="fsdp1",
+        help="FullyShardedDataParallel (fsdp1), fully_shard (fsdp2), or both, the budget split evenly (%(default)s)",
+    )
     budget = run.add_argument_group(f"budget (default: {DEFAULT_EXAMPLES} scenarios)")
     budget.add_argument("--examples", type=int, help="stop after this many scenarios")
     budget.add_argument("--time", type=_duration, help="stop after this long: 90s, 10m, 1h")
@@ -106,7 +113,8 @@ def _duration(text: str) -> float:
 def _pools(args: argparse.Namespace) -> PoolSet:
     placement = Placement(args.device)
     placement.check(2)
-    check_trace("fsdp1")
+    for engine in ENGINES:
+        check_trace(engine)
     return PoolSet(placement, args.group_timeout)
 
 
@@ -114,43 +122,60 @@ def _run(args: argparse.Namespace) -> int:
     if args.examples is not None and args.examples < 1:
         raise UsageProblem("--examples must be at least 1")
     examples = args.examples if args.examples is not None or args.time is not None else DEFAULT_EXAMPLES
-    budget = Budget(examples=examples, seconds=args.time)
-    check = ContractCheck(strict=args.strict)
+    engines = ENGINES if args.engine == "both" else (args.engine,)
     limits = [f"{examples} scenarios"] if examples is not None else []
     limits += [f"{args.time:.0f} s"] if args.time is not None else []
     print(
-        f"fuzzing target {args.target!r} for {' or '.join(limits)} on {args.device} "
+        f"fuzzing target {args.target!r} with {' and '.join(engines)} for {' or '.join(limits)} on {args.device} "
         f"(torch {torch.__version__}); findings go to {args.corpus / 'found'}",
         flush=True,
     )
+    check = ContractCheck(strict=args.strict)
+    findings = []
     with _pools(args) as pools:
-        result = run_campaign(
-            args.target,
-            pools,
-            check,
-            budget,
-            args.corpus,
-            progress=lambda line: print(line, flush=True),
-            random_seed=args.seed,
-        )
-    print(progress_line(check, args.target, budget))
-    tally = check.report.tally(args.target)
-    runs = result.hypothesis_runs
-    print(f"\nsummary: {result.examples} scenarios in {result.wall_s:.1f} s, {runs} Hypothesis run(s)")
-    print("  violated clauses (known issues included): " + (counts(tally.clauses) or "none"))
-    for name, count in tally.known_issues.most_common():
-        print(f"  known issue {name}: {count} run(s); upstream: {issue_named(name).upstream_summary}")
-    for path, new in result.findings:
+        for index, engine in enumerate(engines):
+            share = len(engines) - index
+            budget = Budget(
+                examples=None if examples is None else max(1, examples // share),
+                seconds=None if args.time is None else args.time / share,
+            )
+            result = run_campaign(
+                args.target,
+                pools,
+                check,
+                budget,
+                args.corpus,
+                progress=lambda line: print(line, flush=True),
+                random_seed=args.seed,
+                engine=engine,
+            )
+            print(progress_line(check, target_name(args.target, engine), budget))
+            findings += result.findings
+            if examples is not None:
+                examples -= result.examples
+            if args.time is not None:
+                args.time -= result.wall_s
+            _summarise(check, target_name(args.target, engine), result)
+    for path, new in findings:
         print(f"  finding {'NEW' if new else 'seen before'}: {path}")
-        print(f"    python -m fuzz show {path}; python -m fuzz repro {path}")
-    if not result.findings:
+        print(f"    python -m fsdp_fuzz show {path}; python -m fsdp_fuzz repro {path}")
+    if not findings:
         print("  findings: none")
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         report = check.report.to_json(profile=f"cli:{args.target}", backend=Placement(args.device).backend)
         args.report.write_text(json.dumps(report, indent=1) + "\n")
         print(f"  report written to {args.report}")
-    return 1 if result.findings else 0
+    return 1 if findings else 0
+
+
+def _summarise(check: ContractCheck, name: str, result: CampaignResult) -> None:
+    tally = check.report.tally(name)
+    runs = result.hypothesis_runs
+    print(f"\nsummary: {name}: {result.examples} scenarios in {result.wall_s:.1f} s, {runs} Hypothesis run(s)")
+    print("  violated clauses (known issues included): " + (counts(tally.clauses) or "none"))
+    for issue, count in tally.known_issues.most_common():
+        print(f"  known issue {issue}: {count} run(s); upstream: {issue_named(issue).upstream_summary}")
 
 
 def _entries(paths: Sequence[Path]) -> list[Path]:

@@ -8,14 +8,16 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
 from fsdp_fuzz.campaign import counts
 from fsdp_fuzz.corpus import corpus_root, save_finding
+from fsdp_fuzz.data import ENGINES
 from fsdp_fuzz.execute.executor import DeviceError, HarnessError, Placement, check_trace
 from fsdp_fuzz.execute.pool import DEFAULT_GROUP_TIMEOUT_S, PoolSet
 from fsdp_fuzz.judge.known_issues import issue_named
 from fsdp_fuzz.profiles import PROFILES, profile_from_environment, register_profiles, unknown_profile_message
 from fsdp_fuzz.verdict import ContractCheck
-from hypothesis import settings
 
 register_profiles()
 
@@ -62,7 +64,8 @@ def pools(pytestconfig: pytest.Config):
     placement = Placement(pytestconfig.getoption("--fuzz-device"))
     try:
         placement.check(2)
-        check_trace("fsdp1")
+        for engine in ENGINES:
+            check_trace(engine)
     except HarnessError as exc:
         pytest.exit(str(exc), returncode=3)
     except DeviceError as exc:
@@ -138,7 +141,7 @@ def _summarise_campaign(check: ContractCheck, config: pytest.Config, write) -> N
             write(f"  FINDING: {'; '.join(tally.finding['violations'])}")
     for path, new in config.stash.get(_SAVED, []):
         write(f"finding saved to {path}" if new else f"finding already in the corpus: {path}")
-        write(f"  replay: pytest fuzz/test_corpus.py -k {path.stem}; reproducer: python -m fuzz repro {path}")
+        write(f"  replay: pytest fuzz/test_corpus.py -k {path.stem}; reproducer: python -m fsdp_fuzz repro {path}")
     hits = sum((tally.known_issues for tally in check.report.targets.values()), Counter())
     if not hits:
         write("known issues matched: none")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
 from fsdp_fuzz.data import (
     Clause,
     Observations,

@@ -30,8 +30,9 @@ HYBRID_STRATEGIES = ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
 HYBRID_NODE_SIZE = 2
 """Ranks per simulated node for hybrid sharding: nodes are consecutive ranks."""
 DEBUG_LEVELS = ("OFF", "INFO", "DETAIL")
-ENGINES = ("fsdp1",)
-"""``fsdp1``: ``FullyShardedDataParallel``; the executor implements each."""
+ENGINES = ("fsdp1", "fsdp2")
+"""``fsdp1``: ``FullyShardedDataParallel``; ``fsdp2``: ``fully_shard``. The
+executor implements each (``fsdp_fuzz.execute.executor.ENGINES``)."""
 MODES = ("train", "eval")
 
 
@@ -156,6 +157,26 @@ class FsdpSettings:
 
 
 @dataclass(frozen=True)
+class Fsdp2Settings:
+    """How every ``fully_shard`` unit is set up; defaults are FSDP2's own.
+
+    ``reshard_after_forward`` is ``fully_shard``'s argument (an int applies to
+    the non-root units; the root keeps FSDP2's default). ``hsdp`` shards over
+    a 2-D (replicate x shard) mesh of simulated nodes. The other fields are
+    the ``FSDPModule`` setters of the same names, applied to the root
+    (recursively); ``forward_prefetch`` and ``backward_prefetch`` have each
+    unit prefetch the next (the previous) unit in the spec's order.
+    """
+
+    reshard_after_forward: bool | int | None = None
+    hsdp: bool = False
+    reduce_scatter_unused_params: bool = False
+    reshard_after_backward: bool = True
+    forward_prefetch: bool = False
+    backward_prefetch: bool = False
+
+
+@dataclass(frozen=True)
 class Step:
     """What one rank does in one step of the schedule.
 
@@ -163,6 +184,11 @@ class Step:
     in order; a branch point absent from it runs alternative 0 once, and an
     empty list skips it. ``forwards`` forwards run, then one backward of the
     sum of their outputs when ``backward`` is set.
+
+    FSDP2 only: ``gradient_sync`` is ``set_requires_gradient_sync`` for the
+    step (off: gradients accumulate unreduced); ``unshard`` calls every
+    unit's ``unshard()`` before the forwards, ``reshard`` every unit's
+    ``reshard()`` at the end of the step.
     """
 
     mode: str = "train"
@@ -171,6 +197,9 @@ class Step:
     backward: bool = True
     grad_enabled: bool = True
     optimizer_step: bool = False
+    gradient_sync: bool = True
+    unshard: bool = False
+    reshard: bool = False
 
     @property
     def training(self) -> bool:
@@ -183,6 +212,7 @@ class Scenario:
     ranks: tuple[tuple[Step, ...], ...]
     fsdp: FsdpSettings = FsdpSettings()
     engine: str = "fsdp1"
+    fsdp2: Fsdp2Settings = Fsdp2Settings()
     debug_level: str = "DETAIL"
     collective_checker: bool = False
     freeze_untaken: bool = False
@@ -197,6 +227,13 @@ class Scenario:
     @property
     def num_steps(self) -> int:
         return len(self.ranks[0])
+
+    @property
+    def hybrid(self) -> bool:
+        """Sharded within simulated nodes of ``HYBRID_NODE_SIZE`` ranks, replicated across them."""
+        if self.engine == "fsdp2":
+            return self.fsdp2.hsdp
+        return self.fsdp.sharding_strategy in HYBRID_STRATEGIES
 
 
 def validate_scenario(scenario: Scenario) -> None:
@@ -215,8 +252,9 @@ def validate_scenario(scenario: Scenario) -> None:
         )
     if scenario.fsdp.backward_prefetch not in BACKWARD_PREFETCH:
         raise ScenarioError(f"backward_prefetch {scenario.fsdp.backward_prefetch!r} is not one of {BACKWARD_PREFETCH}")
-    if scenario.fsdp.sharding_strategy in HYBRID_STRATEGIES and scenario.world_size % HYBRID_NODE_SIZE:
+    if scenario.hybrid and scenario.world_size % HYBRID_NODE_SIZE:
         raise ScenarioError(f"hybrid sharding simulates nodes of {HYBRID_NODE_SIZE} ranks: the world size must be even")
+    _validate_engine_settings(scenario)
     if scenario.batch_size < 1:
         raise ScenarioError("batch_size must be positive")
     alternatives = {choice.name: len(choice.alternatives) for choice in scenario.model.choices()}
@@ -239,6 +277,32 @@ def validate_scenario(scenario: Scenario) -> None:
                     )
 
 
+_FSDP2_STEP_FIELDS = ("gradient_sync", "unshard", "reshard")
+
+
+def _validate_engine_settings(scenario: Scenario) -> None:
+    """Each engine's settings only where that engine runs."""
+    if scenario.engine == "fsdp1":
+        if scenario.fsdp2 != Fsdp2Settings():
+            raise ScenarioError("'fsdp2' settings need engine 'fsdp2'")
+        for rank, steps in enumerate(scenario.ranks):
+            for index, step in enumerate(steps):
+                for name in _FSDP2_STEP_FIELDS:
+                    if getattr(step, name) != getattr(_DEFAULT_STEP, name):
+                        raise ScenarioError(f"rank {rank}, step {index}: {name!r} needs engine 'fsdp2'")
+        return
+    if scenario.fsdp != FsdpSettings():
+        raise ScenarioError("'fsdp' settings are FullyShardedDataParallel's: engine 'fsdp2' takes 'fsdp2' settings")
+    reshard = scenario.fsdp2.reshard_after_forward
+    if isinstance(reshard, int) and not isinstance(reshard, bool):
+        shard_size = HYBRID_NODE_SIZE if scenario.hybrid else scenario.world_size
+        if not 1 < reshard < shard_size or shard_size % reshard:
+            raise ScenarioError(
+                f"reshard_after_forward={reshard} must be a divisor of the shard group's size ({shard_size}) "
+                "other than 1 and itself"
+            )
+
+
 # JSON ----------------------------------------------------------------------
 
 _DEFAULT_STEP = Step()
@@ -251,14 +315,14 @@ def step_to_json(step: Step, *, complete: bool = False) -> dict[str, Any]:
         "mode": step.mode,
         "path": {name: list(taken) for name, taken in sorted(step.path.items())},
     }
-    for name in ("forwards", "backward", "grad_enabled", "optimizer_step"):
+    for name in ("forwards", "backward", "grad_enabled", "optimizer_step", *_FSDP2_STEP_FIELDS):
         if complete or getattr(step, name) != getattr(_DEFAULT_STEP, name):
             encoded[name] = getattr(step, name)
     return encoded
 
 
 def step_from_json(encoded: Mapping[str, Any]) -> Step:
-    known = {"mode", "path", "forwards", "backward", "grad_enabled", "optimizer_step"}
+    known = {"mode", "path", "forwards", "backward", "grad_enabled", "optimizer_step", *_FSDP2_STEP_FIELDS}
     unknown = set(encoded) - known
     if unknown:
         raise ScenarioError(f"unknown step fields {sorted(unknown)}")
@@ -270,6 +334,9 @@ def step_from_json(encoded: Mapping[str, Any]) -> Step:
         backward=bool(encoded.get("backward", True)),
         grad_enabled=bool(encoded.get("grad_enabled", True)),
         optimizer_step=bool(encoded.get("optimizer_step", False)),
+        gradient_sync=bool(encoded.get("gradient_sync", True)),
+        unshard=bool(encoded.get("unshard", False)),
+        reshard=bool(encoded.get("reshard", False)),
     )
 
 
@@ -290,13 +357,14 @@ def scenario_to_json(scenario: Scenario, *, complete: bool = False) -> dict[str,
             "limit_all_gathers": scenario.fsdp.limit_all_gathers,
             "sync_module_states": scenario.fsdp.sync_module_states,
         },
+        **({"fsdp2": asdict(scenario.fsdp2)} if complete or scenario.engine == "fsdp2" else {}),
         "debug_level": scenario.debug_level,
         "collective_checker": scenario.collective_checker,
         "freeze_untaken": scenario.freeze_untaken,
         "seed": scenario.seed,
         "batch_size": scenario.batch_size,
         "ranks": [[_step_json(scenario.model, step, complete) for step in steps] for steps in scenario.ranks],
-        **({"hybrid_node_size": HYBRID_NODE_SIZE} if complete else {}),
+        **({"hybrid": scenario.hybrid, "hybrid_node_size": HYBRID_NODE_SIZE} if complete else {}),
     }
 
 
@@ -323,6 +391,7 @@ def scenario_from_json(encoded: Any) -> Scenario:
             model=spec_from_json(encoded["model"]),
             ranks=ranks,
             fsdp=FsdpSettings(**encoded.get("fsdp", {})),
+            fsdp2=Fsdp2Settings(**encoded.get("fsdp2", {})),
             engine=str(encoded.get("engine", "fsdp1")),
             debug_level=str(encoded.get("debug_level", "DETAIL")),
             collective_checker=bool(encoded.get("collective_checker", False)),

@@ -6,20 +6,17 @@ from __future__ import annotations
 
 from fsdp_fuzz.data import Scenario, Step
 from fsdp_fuzz.judge.oracles import consistent, expectations
-from fsdp_fuzz.judge.orders import iterations
+from fsdp_fuzz.judge.orders import fsdp2_promises, iterations
 from fsdp_fuzz.models.spec import Choice, Linear, ModelSpec, Node, ReLU, Sequential, unit_numel
 
 
 def render_scenario(scenario: Scenario) -> str:
-    fsdp = scenario.fsdp
     lines = [
         f"{scenario.world_size} ranks, debug level {scenario.debug_level}"
         + (", collective checker" if scenario.collective_checker else "")
         + (", untaken alternatives frozen each step" if scenario.freeze_untaken else "")
         + f", seed {scenario.seed}, batch {scenario.batch_size}",
-        f"FSDP: {fsdp.sharding_strategy}, use_orig_params={fsdp.use_orig_params}, "
-        f"forward_prefetch={fsdp.forward_prefetch}, backward_prefetch={fsdp.backward_prefetch}, "
-        f"limit_all_gathers={fsdp.limit_all_gathers}, sync_module_states={fsdp.sync_module_states}",
+        _engine_line(scenario),
     ]
     if scenario.description:
         lines.insert(0, scenario.description)
@@ -27,6 +24,18 @@ def render_scenario(scenario: Scenario) -> str:
     lines += ["", "forward orders (training iterations):", *render_orders(scenario)]
     lines += ["", "the contract expects:", *render_expectations(scenario)]
     return "\n".join(lines)
+
+
+def _engine_line(scenario: Scenario) -> str:
+    if scenario.engine == "fsdp2":
+        settings = ", ".join(f"{name}={value}" for name, value in vars(scenario.fsdp2).items())
+        return f"FSDP2 (fully_shard): {settings}"
+    fsdp = scenario.fsdp
+    return (
+        f"FSDP: {fsdp.sharding_strategy}, use_orig_params={fsdp.use_orig_params}, "
+        f"forward_prefetch={fsdp.forward_prefetch}, backward_prefetch={fsdp.backward_prefetch}, "
+        f"limit_all_gathers={fsdp.limit_all_gathers}, sync_module_states={fsdp.sync_module_states}"
+    )
 
 
 def render_model(spec: ModelSpec) -> list[str]:
@@ -67,13 +76,18 @@ def render_model(spec: ModelSpec) -> list[str]:
 
 def describe_step(step: Step) -> str:
     path = " ".join(f"{name}={list(taken)}" for name, taken in sorted(step.path.items())) or "(defaults)"
-    actions = [f"{step.forwards} fwd" if step.forwards != 1 else "fwd"]
+    actions = ["unshard"] if step.unshard else []
+    actions.append(f"{step.forwards} fwd" if step.forwards != 1 else "fwd")
     if not step.grad_enabled:
         actions.append("no-grad")
     if step.backward:
         actions.append("bwd")
+    if step.backward and not step.gradient_sync:
+        actions.append("(no sync)")
     if step.optimizer_step:
         actions.append("opt")
+    if step.reshard:
+        actions.append("reshard")
     return f"{step.mode:<5} {path} {' '.join(actions)}"
 
 
@@ -99,6 +113,13 @@ def render_orders(scenario: Scenario) -> list[str]:
 
 
 def render_expectations(scenario: Scenario) -> list[str]:
+    if scenario.engine == "fsdp2":
+        if fsdp2_promises(scenario):
+            return [
+                "  FSDP2's promise holds (the same program, or the same units with unused parameters "
+                "reduce-scattered): no error or hang; results match the reference run"
+            ]
+        return ["  outside FSDP2's promise (the ranks' programs differ): whatever happens is recorded, by design"]
     if scenario.debug_level != "DETAIL":
         lines = [f"  debug level {scenario.debug_level}: no order check; clauses 4 and 5 only"]
     else:

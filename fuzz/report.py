@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from fsdp_fuzz.data import Observations, Scenario, Violation, observations_to_json, scenario_to_json
 from fsdp_fuzz.judge.known_issues import KnownIssue
 

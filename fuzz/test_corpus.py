@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from fsdp_fuzz.corpus import corpus_files, corpus_root, load_entry
 from fsdp_fuzz.data import ScenarioError
 from fsdp_fuzz.execute.pool import PoolSet

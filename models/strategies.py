@@ -39,8 +39,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import cache
 
-from fsdp_fuzz.models.spec import Choice, Linear, ModelSpec, Node, ReLU, Sequential
 from hypothesis import strategies as st
+
+from fsdp_fuzz.models.spec import Choice, Linear, ModelSpec, Node, ReLU, Sequential
 
 MIN_WIDTH = 2
 MAX_WIDTH = 8

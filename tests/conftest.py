@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from fsdp_fuzz.data import Observations, Scenario, observations_from_json, scenario_from_json
 
 RECORDED = Path(__file__).parent / "recorded"

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
 from fsdp_fuzz.corpus import CorpusEntry, corpus_files, load_entry, save_finding, scenario_id, signature
 from fsdp_fuzz.data import Clause, ScenarioError, Violation, ViolationKind, dumps
 from fsdp_fuzz.generate.seed_family import seed_scenarios

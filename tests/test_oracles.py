@@ -6,7 +6,20 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from fsdp_fuzz.data import Clause, Observations, Status, StepOutcome, Violation, ViolationKind, WarningRecord
+
+from fsdp_fuzz.data import (
+    Clause,
+    Fsdp2Settings,
+    FsdpSettings,
+    Observations,
+    Scenario,
+    Status,
+    Step,
+    StepOutcome,
+    Violation,
+    ViolationKind,
+    WarningRecord,
+)
 from fsdp_fuzz.judge.known_issues import triage
 from fsdp_fuzz.judge.oracles import (
     LATER_WARNING,
@@ -18,6 +31,7 @@ from fsdp_fuzz.judge.oracles import (
     reference_mismatch,
     silent_mismatch,
 )
+from fsdp_fuzz.models.seed import seed_model
 
 SEED_FILES = [
     "invalid_first_iter_order-full_shard",
@@ -216,11 +230,19 @@ def test_a_lost_gradient_contribution_is_a_violation(recorded):
 
 
 def test_gradients_are_counted_once_per_replica():
-    assert gradient_replicas("FULL_SHARD", 4) == 1
-    assert gradient_replicas("SHARD_GRAD_OP", 3) == 1
-    assert gradient_replicas("NO_SHARD", 3) == 3
-    assert gradient_replicas("HYBRID_SHARD", 4) == 2
-    assert gradient_replicas("_HYBRID_SHARD_ZERO2", 4) == 2
+    def replicas(world_size: int, strategy: str = "FULL_SHARD", **fsdp2) -> int:
+        scenario = Scenario(seed_model(), ((Step(),),) * world_size, FsdpSettings(sharding_strategy=strategy))
+        if fsdp2:
+            scenario = replace(scenario, fsdp=FsdpSettings(), engine="fsdp2", fsdp2=Fsdp2Settings(**fsdp2))
+        return gradient_replicas(scenario)
+
+    assert replicas(4) == 1
+    assert replicas(3, "SHARD_GRAD_OP") == 1
+    assert replicas(3, "NO_SHARD") == 3
+    assert replicas(4, "HYBRID_SHARD") == 2
+    assert replicas(4, "_HYBRID_SHARD_ZERO2") == 2
+    assert replicas(4, hsdp=False) == 1
+    assert replicas(4, hsdp=True) == 2
 
 
 def test_numbers_are_not_judged_when_orders_differ(recorded):

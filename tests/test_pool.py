@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from fsdp_fuzz.data import Status
 from fsdp_fuzz.execute.pool import RankPool
 from fsdp_fuzz.execute.spawn import run_scenario

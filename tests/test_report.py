@@ -59,7 +59,7 @@ def test_unknown_profiles_are_refused_by_name():
 def test_fuzz_report_is_written(tmp_path):
     path = tmp_path / "report.json"
     result = run_pytest(
-        "fuzz/test_seed_family.py",
+        "fuzz/test_seed_family.py::test_seed_family_keeps_the_contract",
         "--hypothesis-profile=ci",
         "--hypothesis-seed=0",
         f"--fuzz-report={path}",
@@ -76,7 +76,7 @@ def test_fuzz_report_is_written(tmp_path):
 def test_a_failing_target_saves_its_shrunk_finding_to_the_corpus(tmp_path):
     corpus = tmp_path / "corpus"
     result = run_pytest(
-        "fuzz/test_seed_family.py",
+        "fuzz/test_seed_family.py::test_seed_family_keeps_the_contract",
         "--hypothesis-profile=ci",
         "--strict-contract",
         f"--corpus={corpus}",
@@ -85,7 +85,7 @@ def test_a_failing_target_saves_its_shrunk_finding_to_the_corpus(tmp_path):
     assert result.returncode == 1, result.stdout[-2000:]
     (saved,) = sorted((corpus / "found").glob("*.json"))
     assert f"finding saved to {saved}" in result.stdout
-    assert f"python -m fuzz repro {saved}" in result.stdout
+    assert f"python -m fsdp_fuzz repro {saved}" in result.stdout
     document = json.loads(saved.read_text())
     assert document["finding"]["found_by"] == "fuzz/test_seed_family.py::test_seed_family_keeps_the_contract"
     assert document["known_issue"] is not None, "--strict-contract fails known issues, and says which"

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from fsdp_fuzz.corpus import corpus_files, load_entry
 from fsdp_fuzz.data import Status, outcome_from_json
 from fsdp_fuzz.execute import executor
@@ -82,7 +83,12 @@ def test_docstring_carries_title_and_notes(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "stem", ["invalid_later_iter_order-full_shard-iters1", "hybrid-warning-names-intra-node-rank"]
+    "stem",
+    [
+        "invalid_later_iter_order-full_shard-iters1",
+        "hybrid-warning-names-intra-node-rank",
+        "fsdp2-assumes-the-same-program-experts",
+    ],
 )
 def test_script_in_a_clean_interpreter_observes_what_the_fuzzer_recorded(stem, tmp_path, recorded):
     """Same statuses, errors, warnings, output and gradient sums, and the same

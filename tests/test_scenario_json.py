@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from fsdp_fuzz.data import SCHEMA_VERSION, ScenarioError, Step, load_scenario, scenario_from_json, scenario_to_json
 from fsdp_fuzz.generate.seed_family import seed_scenarios
 

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+
 from fsdp_fuzz.data import Status
 from fsdp_fuzz.execute.executor import DeviceError, Placement
 from fsdp_fuzz.execute.spawn import run_scenario

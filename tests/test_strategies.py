@@ -10,6 +10,9 @@ from dataclasses import fields
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis.statistics import collector
+
 from fsdp_fuzz.data import (
     FsdpSettings,
     Scenario,
@@ -34,8 +37,6 @@ from fsdp_fuzz.models.seed import seed_model
 from fsdp_fuzz.models.spec import Choice, Linear, ModelSpec, Node, Sequential, features, numel, validate
 from fsdp_fuzz.models.strategies import MAX_WIDTH, MIN_WIDTH, first_stacks, model_specs, stacks_by_numel
 from fsdp_fuzz.profiles import PROFILES, profile_from_environment
-from hypothesis import HealthCheck, given, settings
-from hypothesis.statistics import collector
 
 GENERATE = settings(deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from fsdp_fuzz.cli import main
 from fsdp_fuzz.data import FsdpSettings, Purpose, Scenario, Status, Step
 from fsdp_fuzz.execute.executor import ENGINES, Fsdp1, HarnessError, UnitHook, check_trace, missing_hooks

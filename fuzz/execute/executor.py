@@ -329,8 +329,94 @@ class Fsdp1:
         """id of each unit's flat-parameter handle (what the hooks receive) -> its spec name."""
         return {id(unit._handle): name for name, unit in built.units.items() if unit._handle is not None}
 
+    def before_step(self, built: BuiltModel, step: Json) -> None:
+        pass
 
-ENGINES: dict[str, Fsdp1] = {"fsdp1": Fsdp1()}
+    def after_step(self, built: BuiltModel, step: Json) -> None:
+        pass
+
+
+def _units_in_spec_order(node: Json) -> Iterator[str]:
+    """The non-root units below ``node``, outer before inner, as the spec lists them."""
+    for child in _children(node):
+        if _named(child) is not None:
+            if child["fsdp_unit"]:
+                yield _named(child)
+            yield from _units_in_spec_order(child)
+
+
+class Fsdp2:
+    """``fully_shard``: every unit of the spec sharded, innermost first, then
+    the root, on a mesh built from the scenario's groups (1-D, or replicate x
+    shard for HSDP over simulated nodes)."""
+
+    unit_hooks = (
+        UnitHook("torch.distributed.fsdp._fully_shard._fsdp_param_group", "FSDPParamGroup", "unshard", UNSHARD, 0),
+        UnitHook(
+            "torch.distributed.fsdp._fully_shard._fsdp_param_group", "FSDPParamGroup", "post_backward", REDUCE_GRAD, 0
+        ),
+    )
+
+    def wrap(self, built: BuiltModel, scenario: Json, group: Any, device: torch.device) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        settings = scenario["fsdp2"]
+        mesh = self._mesh(scenario, group, device)
+        reshard = settings["reshard_after_forward"]
+        built.module.to(device)
+
+        def shard_below(node: Json, module: nn.Module) -> None:
+            for child in _children(node):
+                name = _named(child)
+                if name is not None:
+                    shard_below(child, getattr(module, name))
+                    if child["fsdp_unit"]:
+                        built.units[name] = fully_shard(getattr(module, name), mesh=mesh, reshard_after_forward=reshard)
+
+        root = built.spec["root"]
+        shard_below(root, built.module)
+        at_root = reshard if reshard is None or isinstance(reshard, bool) else None  # an int is for non-root units
+        built.units[root["sequential"]] = fully_shard(built.module, mesh=mesh, reshard_after_forward=at_root)
+        built.module.set_reduce_scatter_unused_params(settings["reduce_scatter_unused_params"])
+        built.module.set_reshard_after_backward(settings["reshard_after_backward"])
+        order = [built.units[name] for name in _units_in_spec_order(root)]
+        for earlier, later in zip(order, order[1:], strict=False):
+            if settings["forward_prefetch"]:
+                earlier.set_modules_to_forward_prefetch([later])
+            if settings["backward_prefetch"]:
+                later.set_modules_to_backward_prefetch([earlier])
+
+    @staticmethod
+    def _mesh(scenario: Json, group: Any, device: torch.device):
+        from torch.distributed.device_mesh import DeviceMesh
+
+        if not scenario["hybrid"]:
+            return DeviceMesh.from_group(group, device.type)
+        intra, inter = group
+        layout = torch.arange(scenario["world_size"]).reshape(-1, scenario["hybrid_node_size"])
+        return DeviceMesh.from_group([inter, intra], device.type, mesh=layout, mesh_dim_names=("replicate", "shard"))
+
+    def unit_keys(self, built: BuiltModel) -> dict[int, str]:
+        """id of each unit's parameter group (what the hooks receive) -> its spec name."""
+        return {
+            id(param_group): name
+            for name, unit in built.units.items()
+            for param_group in unit._get_fsdp_state()._fsdp_param_groups
+        }
+
+    def before_step(self, built: BuiltModel, step: Json) -> None:
+        built.module.set_requires_gradient_sync(step["gradient_sync"])
+        if step["unshard"]:
+            for unit in built.units.values():
+                unit.unshard()
+
+    def after_step(self, built: BuiltModel, step: Json) -> None:
+        if step["reshard"]:
+            for unit in built.units.values():
+                unit.reshard()
+
+
+ENGINES: dict[str, Fsdp1 | Fsdp2] = {"fsdp1": Fsdp1(), "fsdp2": Fsdp2()}
 
 
 # The collective trace ------------------------------------------------------------------
@@ -518,7 +604,7 @@ def new_scenario_groups(scenario: Json, rank: int, timeout_s: float) -> Scenario
     dist.set_debug_level(dist.DebugLevel.DETAIL if scenario["collective_checker"] else dist.DebugLevel.OFF)
     timeout = timedelta(seconds=timeout_s)
     try:
-        if not scenario["fsdp"]["sharding_strategy"].startswith(("HYBRID", "_HYBRID")):
+        if not scenario["hybrid"]:
             group = dist.new_group(timeout=timeout)
             return ScenarioGroups(group, [group])
         size = scenario["hybrid_node_size"]
@@ -576,20 +662,29 @@ def run_rank(
 
 def _run_step(scenario: Json, built: BuiltModel, optimizer, rank: int, index: int, device, trace) -> Json:
     step = scenario["ranks"][rank][index]
+    engine = ENGINES[scenario["engine"]]
     with _recording() as caught, tracing(trace, scenario["engine"]):
         try:
+            engine.before_step(built, step)
             total = run_forwards(scenario, built, rank, index, device)
             grad_sum = None
             if step["backward"]:
                 total.backward()
-                grads = [p.grad.sum() for p in built.module.parameters() if p.grad is not None]
+                grads = [_local(p.grad).sum() for p in built.module.parameters() if p.grad is not None]
                 grad_sum = float(sum(grads, torch.zeros((), device=device)).cpu())
             if step["optimizer_step"]:
                 optimizer.step()
                 optimizer.zero_grad()
+            engine.after_step(built, step)
             return _outcome(OK, caught, trace, output_sum=float(total.detach().cpu()), grad_sum=grad_sum)
         except Exception as exc:  # noqa: BLE001 - any failure is an observation
             return _failure(exc, caught, trace)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: FSDP2's gradients are sharded DTensors,
+    whose own ``sum`` would be a collective."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 @contextmanager

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
 from fsdp_fuzz.data import Observations, RankObservation, Scenario, outcome_from_json, scenario_to_json
 from fsdp_fuzz.execute.executor import Placement
 from fsdp_fuzz.execute.reference import reference_run

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 import torch.multiprocessing as mp
+
 from fsdp_fuzz.data import Observations, Scenario
 from fsdp_fuzz.execute.executor import (
     CPU,

@@ -11,6 +11,7 @@ same parameters, batches and forwards as the ranks.
 from __future__ import annotations
 
 import torch
+
 from fsdp_fuzz.data import ReferenceStep, Scenario, Step, scenario_to_json
 from fsdp_fuzz.execute.executor import LEARNING_RATE, build_model, run_forwards
 

@@ -9,9 +9,12 @@ between training and eval, either sharding strategy.
 
 from __future__ import annotations
 
-from fsdp_fuzz.data import FsdpSettings, Scenario, Step
-from fsdp_fuzz.models.seed import SEED_CHOICE, seed_model
+from dataclasses import replace
+
 from hypothesis import strategies as st
+
+from fsdp_fuzz.data import Fsdp2Settings, FsdpSettings, Scenario, Step
+from fsdp_fuzz.models.seed import SEED_CHOICE, seed_model
 
 SEED_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP")
 WORLD_SIZE = 2
@@ -85,12 +88,28 @@ def seed_scenarios() -> dict[str, Scenario]:
     return found
 
 
-@st.composite
-def seed_family_scenarios(draw: st.DrawFn, max_steps: int = 6) -> Scenario:
-    """Seed model, two ranks; each rank may flip its path before any step.
+def on_fsdp2(scenario: Scenario) -> Scenario:
+    """The scenario under ``fully_shard``: FULL_SHARD's resharding after
+    forward is ``reshard_after_forward=True``, SHARD_GRAD_OP's keeping the
+    parameters until backward is ``False``."""
+    return replace(
+        scenario,
+        engine="fsdp2",
+        fsdp=FsdpSettings(),
+        fsdp2=Fsdp2Settings(reshard_after_forward=scenario.fsdp.sharding_strategy == "FULL_SHARD"),
+        description=f"{scenario.description} (fully_shard)",
+    )
 
-    Shrinks toward one training step, no flips, FULL_SHARD.
-    """
+
+def seed_family_scenarios(max_steps: int = 6, engine: str = "fsdp1") -> st.SearchStrategy[Scenario]:
+    """Seed model, two ranks; each rank may flip its path before any step;
+    under ``engine``. Shrinks toward one training step, no flips, FULL_SHARD."""
+    family = _seed_family(max_steps)
+    return family.map(on_fsdp2) if engine == "fsdp2" else family
+
+
+@st.composite
+def _seed_family(draw: st.DrawFn, max_steps: int) -> Scenario:
     strategy = draw(st.sampled_from(SEED_STRATEGIES))
     modes = draw(st.lists(st.sampled_from(("train", "eval")), min_size=1, max_size=max_steps))
     ranks = []

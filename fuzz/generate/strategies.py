@@ -25,11 +25,22 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from functools import cache
 
-from fsdp_fuzz.data import BACKWARD_PREFETCH, HYBRID_NODE_SIZE, HYBRID_STRATEGIES, MODES, FsdpSettings, Scenario, Step
-from fsdp_fuzz.models.spec import Choice, ModelSpec, Node, Sequential, taken, unit_numel
-from fsdp_fuzz.models.strategies import UnitRules, model_specs
 from hypothesis import event
 from hypothesis import strategies as st
+
+from fsdp_fuzz.data import (
+    BACKWARD_PREFETCH,
+    ENGINES,
+    HYBRID_NODE_SIZE,
+    HYBRID_STRATEGIES,
+    MODES,
+    Fsdp2Settings,
+    FsdpSettings,
+    Scenario,
+    Step,
+)
+from fsdp_fuzz.models.spec import Choice, ModelSpec, Node, Sequential, taken, unit_numel
+from fsdp_fuzz.models.strategies import UnitRules, model_specs
 
 PLAIN_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
 MAX_FORWARDS = 3
@@ -71,6 +82,26 @@ def fsdp_settings(draw: st.DrawFn, world_size: int, *, device: str = "cpu", hybr
     )
 
 
+@st.composite
+def fsdp2_settings(draw: st.DrawFn, world_size: int, *, hybrid: bool = True) -> Fsdp2Settings:
+    """Every ``fully_shard`` setting; shrinks to ``Fsdp2Settings()``.
+
+    ``hsdp`` where the ranks split into simulated nodes. An int
+    ``reshard_after_forward`` is valid in a scenario but not drawn: FSDP2
+    then builds process groups of its own, with torch's default timeout of
+    30 minutes, which a pool worker cannot bound (see the README).
+    """
+    hsdp = hybrid and hybrid_allowed(world_size) and draw(_chance(1, 3))
+    return Fsdp2Settings(
+        reshard_after_forward=draw(st.sampled_from((None, True, False))),
+        hsdp=hsdp,
+        reduce_scatter_unused_params=draw(st.booleans()),
+        reshard_after_backward=not draw(_chance(1, 4)),
+        forward_prefetch=draw(_chance(1, 3)),
+        backward_prefetch=draw(_chance(1, 3)),
+    )
+
+
 @cache
 def _path_entries(count: int, named: tuple[int, int]) -> st.SearchStrategy[tuple[int, ...] | None]:
     """What a path says about a branch point of ``count`` alternatives, in one
@@ -104,14 +135,15 @@ _FORWARDS = (1, 1, 1, *(n for n in range(MAX_FORWARDS + 1) if n != 1))
 
 
 @st.composite
-def steps(draw: st.DrawFn, model: ModelSpec) -> Step:
+def steps(draw: st.DrawFn, model: ModelSpec, engine: str = "fsdp1") -> Step:
     """A valid step; shrinks to ``Step()``: train, default path, one forward
-    and its backward."""
+    and its backward. FSDP2 steps also skip gradient sync now and then, or
+    unshard or reshard every unit explicitly."""
     mode = "eval" if draw(_chance(1, 3)) else "train"
     grad_enabled = not draw(_chance(1, 4))
     forwards = draw(st.sampled_from(_FORWARDS))
     backward = (mode == "train") != draw(_chance(1, 4))
-    return Step(
+    step = Step(
         mode=mode,
         path=draw(paths(model)),
         forwards=forwards,
@@ -119,6 +151,18 @@ def steps(draw: st.DrawFn, model: ModelSpec) -> Step:
         grad_enabled=grad_enabled,
         optimizer_step=draw(_chance(1, 3)),
     )
+    if engine == "fsdp2":
+        gradient_sync, unshard, reshard = not draw(_chance(1, 4)), draw(_chance(1, 6)), draw(_chance(1, 6))
+        step = _valid(replace(step, gradient_sync=gradient_sync, unshard=unshard, reshard=reshard))
+    return step
+
+
+def _valid(step: Step) -> Step:
+    """No backward without a forward with grad; no optimizer step on
+    gradients left unreduced (``gradient_sync`` off), which a user's training
+    loop never does either."""
+    step = replace(step, backward=step.backward and step.forwards > 0 and step.grad_enabled)
+    return replace(step, optimizer_step=step.optimizer_step and step.gradient_sync)
 
 
 @dataclass(frozen=True)
@@ -133,18 +177,30 @@ class Deviation:
     grad_enabled: bool | None = None
     backward: bool | None = None
     optimizer_step: bool | None = None
+    gradient_sync: bool | None = None
+    unshard: bool | None = None
+    reshard: bool | None = None
 
     def apply(self, shared: Step) -> Step:
-        """The deviating step, kept valid: no backward without a forward with grad."""
+        """The deviating step, kept valid (``_valid``)."""
         changes = {
             name: value
-            for name in ("mode", "forwards", "grad_enabled", "backward", "optimizer_step")
+            for name in (
+                "mode",
+                "forwards",
+                "grad_enabled",
+                "backward",
+                "optimizer_step",
+                "gradient_sync",
+                "unshard",
+                "reshard",
+            )
             if (value := getattr(self, name)) is not None
         }
         step = replace(shared, **changes)
         if self.path is not None:
             step = replace(step, path={**shared.path, **self.path})
-        return replace(step, backward=step.backward and step.forwards > 0 and step.grad_enabled)
+        return _valid(step)
 
 
 @cache
@@ -155,10 +211,11 @@ def _sometimes(values: tuple, one_in: int) -> st.SearchStrategy:
 
 
 @st.composite
-def deviations(draw: st.DrawFn, model: ModelSpec) -> Deviation:
+def deviations(draw: st.DrawFn, model: ModelSpec, engine: str = "fsdp1") -> Deviation:
     """Mostly a different path; now and then a different mode, forwards,
-    grad, backward or optimizer step."""
-    return Deviation(
+    grad, backward or optimizer step (for FSDP2 also gradient sync and
+    explicit unshard or reshard)."""
+    deviation = Deviation(
         path=draw(paths(model, named=(3, 4))),
         mode=draw(_sometimes(MODES, 8)),
         forwards=draw(_sometimes(_FORWARDS, 10)),
@@ -166,6 +223,14 @@ def deviations(draw: st.DrawFn, model: ModelSpec) -> Deviation:
         backward=draw(_sometimes((True, False), 10)),
         optimizer_step=draw(_sometimes((True, False), 6)),
     )
+    if engine == "fsdp2":
+        deviation = replace(
+            deviation,
+            gradient_sync=draw(_sometimes((True, False), 10)),
+            unshard=draw(_sometimes((True, False), 12)),
+            reshard=draw(_sometimes((True, False), 12)),
+        )
+    return deviation
 
 
 MAX_CHANGES = 2
@@ -176,17 +241,19 @@ _CHANGES = ("hold", "back in line", "deviate")
 
 
 @st.composite
-def _deviating_steps(draw: st.DrawFn, model: ModelSpec, shared: tuple[Step, ...]) -> tuple[Step, ...]:
+def _deviating_steps(
+    draw: st.DrawFn, model: ModelSpec, shared: tuple[Step, ...], engine: str = "fsdp1"
+) -> tuple[Step, ...]:
     """One rank's steps: the shared ones up to a start step, then a deviation
     held until a change (back in line, or a new deviation) at a later step."""
     count = len(shared)
     start = draw(st.integers(0, count - 1))
-    changes = {start: draw(deviations(model))}
+    changes = {start: draw(deviations(model, engine))}
     at = start
     for _ in range(MAX_CHANGES):
         at += draw(st.integers(1, max(1, count - 1)))
         kind = draw(st.sampled_from(_CHANGES))
-        deviation = draw(deviations(model))
+        deviation = draw(deviations(model, engine))
         if kind != "hold" and at < count:
             changes[at] = Deviation() if kind == "back in line" else deviation
     own = []
@@ -198,7 +265,9 @@ def _deviating_steps(draw: st.DrawFn, model: ModelSpec, shared: tuple[Step, ...]
 
 
 @st.composite
-def schedules(draw: st.DrawFn, model: ModelSpec, world_size: int, max_steps: int = 6) -> tuple[tuple[Step, ...], ...]:
+def schedules(
+    draw: st.DrawFn, model: ModelSpec, world_size: int, max_steps: int = 6, engine: str = "fsdp1"
+) -> tuple[tuple[Step, ...], ...]:
     """Every rank's steps, equally many; shrinks to one shared step, no deviations.
 
     Hypothesis mutates an example by copying a part of it over another part
@@ -209,10 +278,11 @@ def schedules(draw: st.DrawFn, model: ModelSpec, world_size: int, max_steps: int
     everything drawn per step, per branch point or per change draws as many
     choices whatever it decides.
     """
-    shared = tuple(draw(steps(model)) for _ in range(draw(st.sampled_from(range(1, max_steps + 1)))))
+    shared = tuple(draw(steps(model, engine)) for _ in range(draw(st.sampled_from(range(1, max_steps + 1)))))
     deviating = draw(st.sampled_from(range(2**world_size)))
     return tuple(
-        draw(_deviating_steps(model, shared)) if deviating >> rank & 1 else shared for rank in range(world_size)
+        draw(_deviating_steps(model, shared, engine)) if deviating >> rank & 1 else shared
+        for rank in range(world_size)
     )
 
 
@@ -226,15 +296,21 @@ def scenarios(
     hybrid: bool = True,
     max_stages: int = 3,
     max_depth: int = 2,
+    engine: str = "fsdp1",
 ) -> Scenario:
-    """Valid scenarios over the whole space; shrinks toward two ranks, one
-    step, identical paths, small branch points, default settings, DETAIL.
+    """Valid scenarios over the whole space of ``engine``; shrinks toward two
+    ranks, one step, identical paths, small branch points, default settings,
+    DETAIL.
 
     Records each scenario's ``scenario_features`` as Hypothesis events, so
     ``--hypothesis-show-statistics`` shows which dimensions a run exercised.
     """
     if max_world_size < 2 or max_steps < 1:
         raise ValueError("need max_world_size >= 2 and max_steps >= 1")
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r} is not one of {ENGINES}")
+    if engine == "fsdp2":
+        return draw(_fsdp2_scenarios(max_world_size, max_steps, hybrid, max_stages, max_depth))
     world_size = draw(st.sampled_from(range(2, max_world_size + 1)))
     fsdp = draw(fsdp_settings(world_size, device=device, hybrid=hybrid))
     debug_level = draw(st.sampled_from(_DEBUG_LEVELS))
@@ -258,6 +334,34 @@ def scenarios(
     return scenario
 
 
+@st.composite
+def _fsdp2_scenarios(
+    draw: st.DrawFn, max_world_size: int, max_steps: int, hybrid: bool, max_stages: int, max_depth: int
+) -> Scenario:
+    """FSDP2 shards parameter by parameter, so frozen and trainable
+    parameters may share a unit whatever the settings; it has no order
+    check, so the debug level stays at its default."""
+    world_size = draw(st.sampled_from(range(2, max_world_size + 1)))
+    settings = draw(fsdp2_settings(world_size, hybrid=hybrid))
+    collective_checker = draw(st.booleans())
+    freeze_untaken = draw(st.booleans())
+    rules = UnitRules(frozen_are_units=False, alternatives_are_units=False)
+    model = draw(model_specs(max_stages=max_stages, max_depth=max_depth, rules=rules))
+    scenario = Scenario(
+        model=model,
+        ranks=draw(schedules(model, world_size, max_steps, engine="fsdp2")),
+        engine="fsdp2",
+        fsdp2=settings,
+        collective_checker=collective_checker,
+        freeze_untaken=freeze_untaken,
+        seed=draw(st.integers(0, 2**16)),
+        description=DESCRIPTION,
+    )
+    for feature in sorted(scenario_features(scenario)):
+        event(feature)
+    return scenario
+
+
 # Statistics ----------------------------------------------------------------
 
 
@@ -265,6 +369,7 @@ def scenario_features(scenario: Scenario) -> frozenset[str]:
     """Labels for the dimensions a scenario exercises, for statistics runs."""
     fsdp = scenario.fsdp
     found = {
+        f"engine {scenario.engine}",
         f"world size {scenario.world_size}",
         f"steps {scenario.num_steps}",
         f"sharding {fsdp.sharding_strategy}",
@@ -277,6 +382,8 @@ def scenario_features(scenario: Scenario) -> frozenset[str]:
         f"collective checker {scenario.collective_checker}",
         f"freeze_untaken {scenario.freeze_untaken}",
     }
+    if scenario.engine == "fsdp2":
+        found |= {f"fsdp2 {name} {value}" for name, value in vars(scenario.fsdp2).items()}
     found |= _model_features(scenario.model)
     for rank_steps in scenario.ranks:
         for step in rank_steps:
@@ -318,6 +425,11 @@ def _step_features(step: Step) -> set[str]:
         found.add("backward in eval" if step.mode == "eval" else "backward")
     if step.optimizer_step:
         found.add("optimizer step")
+    for name in ("unshard", "reshard"):
+        if getattr(step, name):
+            found.add(f"explicit {name}")
+    if not step.gradient_sync:
+        found.add("gradient sync off")
     for alternatives in step.path.values():
         if not alternatives:
             found.add("branch point skipped")

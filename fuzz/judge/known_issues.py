@@ -22,7 +22,13 @@ from dataclasses import dataclass
 from fsdp_fuzz.data import HYBRID_NODE_SIZE, HYBRID_STRATEGIES, Clause, Observations, Scenario, Violation
 from fsdp_fuzz.data import ViolationKind as Kind
 from fsdp_fuzz.judge.oracles import LATER_WARNING, expectations
-from fsdp_fuzz.judge.orders import deviates, eval_divergence_step, first_iteration_divergence, iterations
+from fsdp_fuzz.judge.orders import (
+    deviates,
+    eval_divergence_step,
+    first_iteration_divergence,
+    fsdp2_promises,
+    iterations,
+)
 
 Predicate = Callable[[Scenario, Observations, tuple[Violation, ...]], bool]
 
@@ -50,6 +56,8 @@ class KnownIssue:
     upstream: tuple[Upstream, ...]
     """Empty: searched for, none found."""
     matches: Predicate
+    engines: tuple[str, ...]
+    """The engines whose scenarios it can explain."""
 
     @property
     def upstream_summary(self) -> str:
@@ -60,14 +68,20 @@ KNOWN_ISSUES: dict[str, KnownIssue] = {}
 
 
 def known_issue(
-    name: str, *, priority: int, description: str, upstream: tuple[Upstream, ...] = ()
+    name: str,
+    *,
+    priority: int,
+    description: str,
+    upstream: tuple[Upstream, ...] = (),
+    engines: tuple[str, ...] = ("fsdp1",),
 ) -> Callable[[Predicate], Predicate]:
     """Register the decorated predicate as the record ``name``."""
 
     def register(predicate: Predicate) -> Predicate:
         if name in KNOWN_ISSUES or priority in {issue.priority for issue in KNOWN_ISSUES.values()}:
             raise ValueError(f"known issue {name!r}: name and priority must be unique")
-        KNOWN_ISSUES[name] = KnownIssue(name, priority, " ".join(description.split()), upstream, predicate)
+        description_text = " ".join(description.split())
+        KNOWN_ISSUES[name] = KnownIssue(name, priority, description_text, upstream, predicate, engines)
         return predicate
 
     return register
@@ -91,7 +105,7 @@ def triage(scenario: Scenario, observations: Observations, violations: tuple[Vio
     A case without violations has nothing to explain."""
     if not violations:
         return None
-    issues = by_priority()
+    issues = [issue for issue in by_priority() if scenario.engine in issue.engines]
     for issue in issues:
         if issue.matches(scenario, observations, violations):
             return issue
@@ -146,6 +160,51 @@ def _gradients_wrong_after(scenario: Scenario, violations: tuple[Violation, ...]
 
 
 # The records ----------------------------------------------------------------------
+
+
+@known_issue(
+    "fsdp2-assumes-the-same-program",
+    priority=5,
+    engines=("fsdp2",),
+    description="""
+        FSDP2 (fully_shard) checks nothing about the forward paths of the ranks: it assumes every rank runs the
+        same program, and with set_reduce_scatter_unused_params(True) at most different parameters inside the
+        same units. Ranks that diverge otherwise (another unit, another order, a skipped backward, gradient sync
+        or an explicit unshard on some ranks only) pair the collectives of different units: a hang, a crash, or
+        silently wrong outputs and gradients, with no error naming the cause. By design; the fuzzer still
+        records what happened.
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#152964",
+            "'FSDP2 assumes SPMD on every rank, meaning every rank needs to call forward/backward'; the "
+            "maintainer: 'I would recommend requiring users to make their programs SPMD': by design",
+        ),
+        Upstream(
+            "pytorch/pytorch#148334",
+            "an encoder that runs on some ranks only hangs in its all-gather; users add dummy forwards and "
+            "backwards: same symptom",
+        ),
+        Upstream(
+            "pytorch/pytorch#158719",
+            "parameters used differently across ranks (mixture of experts, conditional computation) hang; the fix "
+            "discussion is on FSDP2's parameter groups: same symptom",
+        ),
+        Upstream(
+            "pytorch/pytorch#171355",
+            "named in the fuzzer's tracker as a user report of hangs or wrong gradients under rank-divergent "
+            "control flow; not in the search index this record was checked against",
+        ),
+        Upstream(
+            "pytorch/pytorch#196996",
+            "named in the fuzzer's tracker likewise; not in the search index this record was checked against",
+        ),
+    ),
+)
+def _fsdp2_divergence_outside_its_promise(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    return not fsdp2_promises(scenario)
 
 
 @known_issue(
@@ -753,8 +812,8 @@ def _optimizer_step_leaves_stale_unsharded_params(
 
 def markdown_table() -> str:
     """The README's table of known issues, by priority."""
-    rows = ["| name | what | upstream |", "| --- | --- | --- |"]
+    rows = ["| name | engines | what | upstream |", "| --- | --- | --- | --- |"]
     for issue in by_priority():
         threads = ", ".join(f"[{u.thread}]({u.url})" for u in issue.upstream) or "none found"
-        rows.append(f"| `{issue.name}` | {issue.description} | {threads} |")
+        rows.append(f"| `{issue.name}` | {', '.join(issue.engines)} | {issue.description} | {threads} |")
     return "\n".join(rows)

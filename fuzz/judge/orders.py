@@ -119,3 +119,27 @@ def eval_divergence_step(scenario: Scenario) -> int | None:
         if len(runs) > 1:
             return index
     return None
+
+
+def same_program(scenario: Scenario) -> bool:
+    """Every rank runs the same steps, paths included."""
+    return all(steps == scenario.ranks[0] for steps in scenario.ranks)
+
+
+def same_units(scenario: Scenario) -> bool:
+    """Step by step, the ranks agree on everything but the path, and their
+    forwards use the same FSDP units in the same order: they may differ only
+    in which parameters they use inside a unit."""
+
+    def shape(step) -> tuple:
+        pathless = tuple(value for name, value in vars(step).items() if name != "path")
+        return pathless, forward_units(scenario.model, step.path) * step.forwards
+
+    return all(len({shape(steps[index]) for steps in scenario.ranks}) == 1 for index in range(scenario.num_steps))
+
+
+def fsdp2_promises(scenario: Scenario) -> bool:
+    """What ``fully_shard`` promises to run correctly: the same program on
+    every rank, or with ``set_reduce_scatter_unused_params(True)`` the same
+    units in the same order with different parameters used inside them."""
+    return same_program(scenario) or (scenario.fsdp2.reduce_scatter_unused_params and same_units(scenario))
