@@ -189,7 +189,18 @@ def unused_parameters_reduce_scattered(scenario, observations):
     return rejudged(flagged, observations)
 
 
+def resharded_after_backward(scenario, observations):
+    """With resharding after backward on (FSDP2's default) the sharded
+    parameters, gradients and all, are what the module holds after a
+    backward: the same wrong numbers are then a bug of their own."""
+    return rejudged(replace(scenario, fsdp2=replace(scenario.fsdp2, reshard_after_backward=True)), observations)
+
+
 NEAR_MISSES = {
+    "fsdp2-reshard-after-backward-off-loses-the-optimizer-step": (
+        "fsdp2-reshard-after-backward-off-loses-the-optimizer-step",
+        resharded_after_backward,
+    ),
     "fsdp2-assumes-the-same-program": ("fsdp2-assumes-the-same-program-experts", unused_parameters_reduce_scattered),
     "eval-order-unchecked": ("eval-order-unchecked-full_shard-silent", eval_forwards_agree),
     "unchecked-after-deviation": ("unchecked-after-deviation-full_shard", hang_before_the_deviation),

@@ -810,6 +810,52 @@ def _optimizer_step_leaves_stale_unsharded_params(
     return all(v.clause == Clause.REFERENCE and _stepped_while_unsharded(scenario, v.step) for v in violations)
 
 
+@known_issue(
+    "fsdp2-reshard-after-backward-off-loses-the-optimizer-step",
+    priority=160,
+    engines=("fsdp2",),
+    description="""
+        With set_reshard_after_backward(False), the parameters registered on the module after a backward are the
+        unsharded ones, without gradients: the reduced gradients sit on the sharded parameters, which
+        module.parameters() no longer returns (gradient clipping or inspection finds none). An optimizer step
+        then updates the sharded parameters, but the next forward computes with the stale unsharded copy: the
+        update is silently lost, the outputs differ from a single-process run, with no error or warning, the
+        same program on every rank. Found by the first FSDP2 campaign (clause 4); the setter's own PR shows it
+        switched off for all but the last microbatch of gradient accumulation, and nothing stops other uses.
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#124319",
+            "the PR adding set_reshard_after_backward: meant to be False only before the last microbatch "
+            "(with set_requires_gradient_sync); nothing guards an optimizer step after a backward with it off: "
+            "related",
+        ),
+        Upstream(
+            "pytorch/pytorch#137348",
+            "an unshard without a wait made the next unshard a no-op that 'can unexpectedly not propagate the "
+            "optimizer update on the sharded parameters to the unsharded parameters'; fixed for that path: same "
+            "symptom",
+        ),
+        Upstream(
+            "pytorch/pytorch#144800",
+            "set_unshard_in_backward(False) with parameters left unsharded after forward gives misleading state: "
+            "related",
+        ),
+    ),
+)
+def _reshard_after_backward_off(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    """Only numbers against the reference, after a backward, with resharding after backward off."""
+    if scenario.fsdp2.reshard_after_backward:
+        return False
+
+    def after_a_backward(step: int) -> bool:
+        return any(steps[index].backward for steps in scenario.ranks for index in range(step + 1))
+
+    return all(v.clause == Clause.REFERENCE and after_a_backward(v.step) for v in violations)
+
+
 def markdown_table() -> str:
     """The README's table of known issues, by priority."""
     rows = ["| name | engines | what | upstream |", "| --- | --- | --- | --- |"]
