@@ -7,7 +7,7 @@ import json
 import pytest
 
 from fsdp_fuzz.data import SCHEMA_VERSION, ScenarioError, Step, load_scenario, scenario_from_json, scenario_to_json
-from fsdp_fuzz.generate.seed_family import seed_scenarios
+from fsdp_fuzz.generate.seed_family import on_fsdp2, seed_scenarios
 
 
 @pytest.mark.parametrize("name", sorted(seed_scenarios()))
@@ -16,6 +16,27 @@ def test_json_round_trip_is_the_identity(name):
     encoded = scenario_to_json(scenario)
     assert scenario_from_json(json.loads(json.dumps(encoded))) == scenario
     assert encoded["schema_version"] == SCHEMA_VERSION
+
+
+@pytest.mark.parametrize("name", sorted(seed_scenarios()))
+def test_fsdp2_scenarios_round_trip_and_name_their_engine(name):
+    scenario = on_fsdp2(seed_scenarios()[name])
+    encoded = scenario_to_json(scenario)
+    assert encoded["engine"] == "fsdp2" and "fsdp2" in encoded
+    assert scenario_from_json(json.loads(json.dumps(encoded))) == scenario
+    assert "engine" not in scenario_to_json(seed_scenarios()[name]), "FSDP1 files stay as they were"
+
+
+def test_the_executor_form_spells_out_every_default():
+    scenario = seed_scenarios()["train_eval-full_shard"]
+    complete = scenario_to_json(scenario, complete=True)
+    assert complete["engine"] == "fsdp1" and complete["hybrid"] is False and complete["hybrid_node_size"] == 2
+    step = complete["ranks"][0][0]
+    fields = {"mode", "path", "forwards", "backward", "grad_enabled", "optimizer_step"}
+    assert set(step) == fields | {"gradient_sync", "unshard", "reshard"}
+    unit = complete["model"]["root"]["children"][0]
+    assert unit["fsdp_unit"] is False and unit["frozen"] is False
+    assert scenario_from_json(complete) == scenario
 
 
 def test_steps_write_only_fields_that_differ_from_the_default():
@@ -49,6 +70,17 @@ def _seed_json():
         (lambda d: d["fsdp"].update(sharding_strategy="ZERO9"), "ZERO9"),
         (lambda d: d["fsdp"].update(colour="blue"), "colour"),
         (lambda d: d.update(debug_level="LOUD"), "LOUD"),
+        (lambda d: d.update(engine="fsdp3"), "engine 'fsdp3'"),
+        (lambda d: d.update(fsdp2={"hsdp": True}), "'fsdp2' settings need engine 'fsdp2'"),
+        (lambda d: d["ranks"][0][0].update(gradient_sync=False), "'gradient_sync' needs engine 'fsdp2'"),
+        (
+            lambda d: (d.update(engine="fsdp2"), d["fsdp"].update(sharding_strategy="SHARD_GRAD_OP")),
+            "engine 'fsdp2' takes 'fsdp2' settings",
+        ),
+        (
+            lambda d: (d.update(engine="fsdp2", fsdp2={"reshard_after_forward": 2}), d.pop("fsdp")),
+            "must be a divisor of the shard group's size",
+        ),
         (
             lambda d: d["model"]["root"]["children"][1]["alternatives"][0]["children"][0].update(bias=True),
             "differ in numel",

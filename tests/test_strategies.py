@@ -81,6 +81,24 @@ def test_json_round_trip_is_the_identity(scenario: Scenario):
     assert scenario_from_json(json.loads(dumps(scenario))) == scenario
 
 
+@settings(GENERATE, max_examples=80)
+@given(scenarios(engine="fsdp2"))
+def test_fsdp2_scenarios_are_valid_and_round_trip(scenario: Scenario):
+    validate_scenario(scenario)
+    assert scenario.engine == "fsdp2" and scenario.fsdp == FsdpSettings()
+    assert scenario_from_json(json.loads(dumps(scenario))) == scenario
+    for steps in scenario.ranks:
+        assert all(step.gradient_sync or not step.optimizer_step for step in steps), "no step on unreduced gradients"
+
+
+def test_fsdp2_campaigns_mostly_run_one_program_on_every_rank():
+    """FSDP2 promises nothing for most divergence: most of the budget goes where it does."""
+    drawn = generated(200, engine="fsdp2")
+    same = sum(all(steps == scenario.ranks[0] for steps in scenario.ranks) for scenario in drawn)
+    assert same > len(drawn) / 2
+    assert same < len(drawn), "divergent programs are still drawn"
+
+
 def generated(count: int, **kwargs) -> list[Scenario]:
     found: list[Scenario] = []
 

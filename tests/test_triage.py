@@ -196,7 +196,27 @@ def resharded_after_backward(scenario, observations):
     return rejudged(replace(scenario, fsdp2=replace(scenario.fsdp2, reshard_after_backward=True)), observations)
 
 
+def root_resharded_after_forward(scenario, observations):
+    """With reshard_after_forward=True the root is resharded after its
+    forward too, so the next forward all-gathers the updated parameters."""
+    return rejudged(replace(scenario, fsdp2=replace(scenario.fsdp2, reshard_after_forward=True)), observations)
+
+
+def unsharded_by_the_forward_itself(scenario, observations):
+    """Without the explicit unshard() the path changes while the parameters
+    are sharded, as FSDP2 expects."""
+    return rejudged(with_steps(scenario, range(scenario.num_steps), unshard=False), observations)
+
+
 NEAR_MISSES = {
+    "fsdp2-optimizer-step-after-forward-uses-stale-params": (
+        "fsdp2-optimizer-step-after-forward-uses-stale-params-eval",
+        root_resharded_after_forward,
+    ),
+    "fsdp2-requires-grad-change-after-unshard-loses-gradients": (
+        "fsdp2-requires-grad-change-after-unshard-loses-gradients",
+        unsharded_by_the_forward_itself,
+    ),
     "fsdp2-reshard-after-backward-off-loses-the-optimizer-step": (
         "fsdp2-reshard-after-backward-off-loses-the-optimizer-step",
         resharded_after_backward,

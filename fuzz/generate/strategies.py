@@ -311,53 +311,29 @@ def scenarios(
         raise ValueError("need max_world_size >= 2 and max_steps >= 1")
     if engine not in ENGINES:
         raise ValueError(f"engine {engine!r} is not one of {ENGINES}")
-    if engine == "fsdp2":
-        return draw(_fsdp2_scenarios(max_world_size, max_steps, hybrid, max_stages, max_depth))
     world_size = draw(st.sampled_from(range(2, max_world_size + 1)))
-    fsdp = draw(fsdp_settings(world_size, device=device, hybrid=hybrid))
-    debug_level = draw(st.sampled_from(_DEBUG_LEVELS))
+    if engine == "fsdp2":
+        # FSDP2 shards parameter by parameter, so frozen and trainable
+        # parameters may share a unit; it has no order check, so the debug
+        # level keeps its default.
+        settings = {"engine": engine, "fsdp2": draw(fsdp2_settings(world_size, hybrid=hybrid))}
+        uniform = False
+    else:
+        fsdp = draw(fsdp_settings(world_size, device=device, hybrid=hybrid))
+        settings = {"fsdp": fsdp, "debug_level": draw(st.sampled_from(_DEBUG_LEVELS))}
+        uniform = not fsdp.use_orig_params
     collective_checker = draw(st.booleans())
     freeze_untaken = draw(st.booleans())
-    uniform = not fsdp.use_orig_params
     rules = UnitRules(frozen_are_units=uniform, alternatives_are_units=uniform and freeze_untaken)
     model = draw(model_specs(max_stages=max_stages, max_depth=max_depth, rules=rules))
     scenario = Scenario(
         model=model,
-        ranks=draw(schedules(model, world_size, max_steps)),
-        fsdp=fsdp,
-        debug_level=debug_level,
+        ranks=draw(schedules(model, world_size, max_steps, engine)),
         collective_checker=collective_checker,
         freeze_untaken=freeze_untaken,
         seed=draw(st.integers(0, 2**16)),
         description=DESCRIPTION,
-    )
-    for feature in sorted(scenario_features(scenario)):
-        event(feature)
-    return scenario
-
-
-@st.composite
-def _fsdp2_scenarios(
-    draw: st.DrawFn, max_world_size: int, max_steps: int, hybrid: bool, max_stages: int, max_depth: int
-) -> Scenario:
-    """FSDP2 shards parameter by parameter, so frozen and trainable
-    parameters may share a unit whatever the settings; it has no order
-    check, so the debug level stays at its default."""
-    world_size = draw(st.sampled_from(range(2, max_world_size + 1)))
-    settings = draw(fsdp2_settings(world_size, hybrid=hybrid))
-    collective_checker = draw(st.booleans())
-    freeze_untaken = draw(st.booleans())
-    rules = UnitRules(frozen_are_units=False, alternatives_are_units=False)
-    model = draw(model_specs(max_stages=max_stages, max_depth=max_depth, rules=rules))
-    scenario = Scenario(
-        model=model,
-        ranks=draw(schedules(model, world_size, max_steps, engine="fsdp2")),
-        engine="fsdp2",
-        fsdp2=settings,
-        collective_checker=collective_checker,
-        freeze_untaken=freeze_untaken,
-        seed=draw(st.integers(0, 2**16)),
-        description=DESCRIPTION,
+        **settings,
     )
     for feature in sorted(scenario_features(scenario)):
         event(feature)

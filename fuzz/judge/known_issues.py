@@ -29,6 +29,7 @@ from fsdp_fuzz.judge.orders import (
     fsdp2_promises,
     iterations,
 )
+from fsdp_fuzz.models.spec import taken
 
 Predicate = Callable[[Scenario, Observations, tuple[Violation, ...]], bool]
 
@@ -854,6 +855,109 @@ def _reshard_after_backward_off(
         return any(steps[index].backward for steps in scenario.ranks for index in range(step + 1))
 
     return all(v.clause == Clause.REFERENCE and after_a_backward(v.step) for v in violations)
+
+
+def _stepped_after_a_forward_without_backward(scenario: Scenario, step: int) -> bool:
+    """Before ``step``, an optimizer step came after a forward, in either
+    mode, that no backward followed."""
+    for rank_steps in scenario.ranks:
+        pending = False
+        for current in rank_steps[:step]:
+            if current.forwards:
+                pending = not current.backward
+            if pending and current.optimizer_step:
+                return True
+    return False
+
+
+@known_issue(
+    "fsdp2-optimizer-step-after-forward-uses-stale-params",
+    priority=170,
+    engines=("fsdp2",),
+    description="""
+        FSDP2's counterpart of optimizer-step-before-backward-uses-stale-params, wider: the root unit is not
+        resharded after its forward (reshard_after_forward left at its default), in training and in eval mode.
+        An optimizer step after a forward that no backward followed updates the sharded parameters, and the next
+        forward computes with the stale unsharded copy: outputs and gradients silently differ from a
+        single-process run, every rank running the same program. Found by the first FSDP2 campaign (clause 4),
+        twice: after a training forward without backward, and after an eval forward.
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#131965",
+            "'after forward before backward, root module parameters are unsharded ... want to confirm if this is by "
+            "design' (torchtune): by design, the precondition of this record",
+        ),
+        Upstream(
+            "pytorch/pytorch#154655",
+            "fully_shard(root, reshard_after_forward=True) did not reshard the root after forward; the maintainers "
+            "agreed to stop clamping it to False: related",
+        ),
+        Upstream(
+            "pytorch/pytorch#144289",
+            "a maintainer: FSDP2 was designed so that sharded parameters updated by the user are always "
+            "re-all-gathered, unlike FSDP1; this record is a case where they are not: related",
+        ),
+    ),
+)
+def _fsdp2_stepped_while_the_root_is_unsharded(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    if scenario.fsdp2.reshard_after_forward is True:
+        return False
+    return all(
+        v.clause == Clause.REFERENCE and _stepped_after_a_forward_without_backward(scenario, v.step) for v in violations
+    )
+
+
+def _thawed_after_an_explicit_unshard(scenario: Scenario, step: int) -> bool:
+    """Up to ``step``, a step that unshards every unit explicitly also
+    changes the path, so ``freeze_untaken`` changes ``requires_grad`` of
+    parameters that are unsharded by then."""
+
+    def runs(path) -> dict[str, frozenset[int]]:
+        return {choice.name: frozenset(taken(path, choice.name)) for choice in scenario.model.choices()}
+
+    for rank_steps in scenario.ranks:
+        previous = runs({})
+        for current in rank_steps[: step + 1]:
+            if current.unshard and runs(current.path) != previous:
+                return True
+            previous = runs(current.path)
+    return False
+
+
+@known_issue(
+    "fsdp2-requires-grad-change-after-unshard-loses-gradients",
+    priority=180,
+    engines=("fsdp2",),
+    description="""
+        After an explicit unshard() the module holds the unsharded parameters; making some of them trainable
+        then (requires_grad=True, as the seed's flip_path does) gives them no reduced gradient: the ranks'
+        gradients silently differ from a single-process run, every rank running the same program. Without the
+        explicit unshard, or without the requires_grad change, the same step matches. Found by the first FSDP2
+        campaign (clause 4); FSDP1's relatives are refreeze-hits-unsharded-views (an error there) and
+        refreeze-drops-accumulated-grads-with-orig-params.
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#105371",
+            "FSDP1 with SHARD_GRAD_OP: requires_grad changes made while the unsharded views are registered were "
+            "lost; the same hazard under fully_shard's explicit unshard: related",
+        ),
+        Upstream(
+            "pytorch/pytorch#91167",
+            "FSDP's design for requires_grad under use_orig_params: gradients follow the flag at the time of the "
+            "backward bookkeeping: related",
+        ),
+    ),
+)
+def _fsdp2_thawed_while_unsharded(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    if not scenario.freeze_untaken:
+        return False
+    return all(v.clause == Clause.REFERENCE and _thawed_after_an_explicit_unshard(scenario, v.step) for v in violations)
 
 
 def markdown_table() -> str:
