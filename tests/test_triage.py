@@ -213,8 +213,8 @@ NEAR_MISSES = {
         "fsdp2-optimizer-step-after-forward-uses-stale-params-eval",
         root_resharded_after_forward,
     ),
-    "fsdp2-requires-grad-change-after-unshard-loses-gradients": (
-        "fsdp2-requires-grad-change-after-unshard-loses-gradients",
+    "fsdp2-requires-grad-change-while-unsharded-loses-gradients": (
+        "fsdp2-requires-grad-change-while-unsharded-loses-gradients-explicit-unshard",
         unsharded_by_the_forward_itself,
     ),
     "fsdp2-reshard-after-backward-off-loses-the-optimizer-step": (

@@ -910,40 +910,50 @@ def _fsdp2_stepped_while_the_root_is_unsharded(
     )
 
 
-def _thawed_after_an_explicit_unshard(scenario: Scenario, step: int) -> bool:
-    """Up to ``step``, a step that unshards every unit explicitly also
-    changes the path, so ``freeze_untaken`` changes ``requires_grad`` of
-    parameters that are unsharded by then."""
+def _thawed_while_unsharded(scenario: Scenario, step: int) -> bool:
+    """Up to ``step``, a step changes the path (so ``freeze_untaken`` changes
+    ``requires_grad``) while the units are unsharded: after an explicit
+    ``unshard()`` in the same step, or after a step that left them unsharded
+    (a forward without backward and without resharding after forward, a
+    backward without resharding after backward)."""
+    resharded_after_forward = scenario.fsdp2.reshard_after_forward is True
+    resharded_after_backward = scenario.fsdp2.reshard_after_backward
 
     def runs(path) -> dict[str, frozenset[int]]:
         return {choice.name: frozenset(taken(path, choice.name)) for choice in scenario.model.choices()}
 
     for rank_steps in scenario.ranks:
-        previous = runs({})
+        previous, unsharded = runs({}), False
         for current in rank_steps[: step + 1]:
-            if current.unshard and runs(current.path) != previous:
+            if (unsharded or current.unshard) and runs(current.path) != previous:
                 return True
             previous = runs(current.path)
+            kept_after_forward = current.forwards and not current.backward and not resharded_after_forward
+            kept_after_backward = current.backward and not resharded_after_backward
+            unsharded = not current.reshard and bool(
+                kept_after_forward or kept_after_backward or (current.unshard and not current.forwards)
+            )
     return False
 
 
 @known_issue(
-    "fsdp2-requires-grad-change-after-unshard-loses-gradients",
+    "fsdp2-requires-grad-change-while-unsharded-loses-gradients",
     priority=180,
     engines=("fsdp2",),
     description="""
-        After an explicit unshard() the module holds the unsharded parameters; making some of them trainable
-        then (requires_grad=True, as the seed's flip_path does) gives them no reduced gradient: the ranks'
-        gradients silently differ from a single-process run, every rank running the same program. Without the
-        explicit unshard, or without the requires_grad change, the same step matches. Found by the first FSDP2
-        campaign (clause 4); FSDP1's relatives are refreeze-hits-unsharded-views (an error there) and
-        refreeze-drops-accumulated-grads-with-orig-params.
+        While a unit is unsharded (after an explicit unshard(), or after a forward that did not reshard it:
+        reshard_after_forward=False, or the root by default), its module holds the unsharded parameters; making
+        some of them trainable then (requires_grad=True, as the seed's flip_path does) gives them no reduced
+        gradient: the ranks' gradients silently differ from a single-process run, every rank running the same
+        program. With the parameters sharded, or without the requires_grad change, the same step matches. Found
+        twice by the first FSDP2 campaigns (clause 4). FSDP1's counterpart is refreeze-hits-unsharded-views, which
+        at least raises an error.
     """,
     upstream=(
         Upstream(
             "pytorch/pytorch#105371",
             "FSDP1 with SHARD_GRAD_OP: requires_grad changes made while the unsharded views are registered were "
-            "lost; the same hazard under fully_shard's explicit unshard: related",
+            "lost; the same hazard under fully_shard: related",
         ),
         Upstream(
             "pytorch/pytorch#91167",
@@ -957,7 +967,7 @@ def _fsdp2_thawed_while_unsharded(
 ) -> bool:
     if not scenario.freeze_untaken:
         return False
-    return all(v.clause == Clause.REFERENCE and _thawed_after_an_explicit_unshard(scenario, v.step) for v in violations)
+    return all(v.clause == Clause.REFERENCE and _thawed_while_unsharded(scenario, v.step) for v in violations)
 
 
 def markdown_table() -> str:
