@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,17 @@ def test_show_of_a_saved_finding_prints_its_recorded_verdict(tmp_path, capsys, r
     assert "recorded finding (torch " in shown and "[clean run] rank 1, step 0" in shown
     row = next(line for line in shown.splitlines() if line.strip().startswith("0 |"))
     assert [cell.strip() for cell in row.split("|")[1:]] == ["train (defaults) fwd", "train (defaults) fwd bwd"]
+
+
+def test_both_engines_split_the_budget_and_are_summarised_each(tmp_path, capsys):
+    report = tmp_path / "report.json"
+    code = main(
+        ["run", "--target", "seed", "--engine", "both", "--examples", "4", "--seed", "2"]
+        + ["--corpus", str(tmp_path / "corpus"), "--report", str(report)]
+    )
+    assert code in (0, 1)
+    shown = capsys.readouterr().out
+    assert "with fsdp1 and fsdp2" in shown
+    assert "summary: seed[fsdp1]: 2 scenarios" in shown and "summary: seed[fsdp2]: 2 scenarios" in shown
+    targets = json.loads(report.read_text())["targets"]
+    assert {name: tally["examples"] for name, tally in targets.items()} == {"seed[fsdp1]": 2, "seed[fsdp2]": 2}
