@@ -85,6 +85,19 @@ def test_a_saved_finding_reads_back_with_its_verdict(tmp_path, recorded):
     assert entry.finding.observations == observations
 
 
+def test_a_finding_saved_before_clause_ids_still_replays(tmp_path, recorded):
+    """Findings saved by earlier versions name clauses by their sentence."""
+    scenario, observations = recorded("hybrid-order-check-intra-node-only")
+    violations = judge(scenario, observations)
+    path, _ = save_finding(tmp_path, scenario, observations, violations, found_by="test")
+    document = json.loads(path.read_text())
+    assert [entry[0] for entry in document["finding"]["signature"]] == [v.clause.value for v in violations]
+    document["finding"]["signature"] = [[v.clause.sentence, v.rank, v.step] for v in violations]
+    path.write_text(json.dumps(document))
+    assert load_entry(path).finding.signature == signature(violations)
+    assert replay_result(load_entry(path), observations).status == REPRODUCES
+
+
 def test_replay_of_a_finding_that_fails_the_same_way_still_reproduces(tmp_path, recorded):
     scenario, observations = recorded("hybrid-order-check-intra-node-only")
     path, _ = save_finding(tmp_path, scenario, observations, judge(scenario, observations))
