@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -187,7 +187,7 @@ class BuiltModel:
         def walk(node: Json, module: nn.Module, enclosing: str) -> Iterator[tuple[Json, nn.Module, str]]:
             if "choice" in node:
                 yield node, module, enclosing
-            for child in _children(node) if ("linear" not in node and "relu" not in node) else ():
+            for child in _children(node):
                 name = _named(child)
                 if name is not None:
                     inner = name if "choice" in node else enclosing
@@ -213,7 +213,7 @@ def build_model(spec: Json, seed: int, freeze_untaken: bool) -> BuiltModel:
         if node.get("frozen"):
             for parameter in module.parameters():
                 parameter.requires_grad = False
-        for child in _children(node) if _named(node) else ():
+        for child in _children(node):
             if _named(child) is not None:
                 freeze(child, getattr(module, _named(child)))
 
@@ -280,6 +280,23 @@ class UnitHook:
 
     def where(self) -> str:
         return ".".join(part for part in (self.module, self.owner, self.name) if part)
+
+
+class Engine(Protocol):
+    """What an engine supplies; an instance in ``ENGINES`` plugs it in."""
+
+    unit_hooks: tuple[UnitHook, ...]
+
+    def wrap(self, built: BuiltModel, scenario: Json, group: Any, device: torch.device) -> None:
+        """Make the spec's units units of the engine, root last, recording
+        each in ``built.units`` and the root in ``built.module``."""
+
+    def unit_keys(self, built: BuiltModel) -> dict[int, str]:
+        """id of what the unit hooks receive -> the unit's spec name."""
+
+    def before_step(self, built: BuiltModel, step: Json) -> None: ...
+
+    def after_step(self, built: BuiltModel, step: Json) -> None: ...
 
 
 class Fsdp1:
@@ -416,7 +433,7 @@ class Fsdp2:
                 unit.reshard()
 
 
-ENGINES: dict[str, Fsdp1 | Fsdp2] = {"fsdp1": Fsdp1(), "fsdp2": Fsdp2()}
+ENGINES: dict[str, Engine] = {"fsdp1": Fsdp1(), "fsdp2": Fsdp2()}
 
 
 # The collective trace ------------------------------------------------------------------
