@@ -59,9 +59,10 @@ def _docstring(scenario: Scenario, title: str, notes: str) -> str:
         paragraphs.append(notes.strip())
     if scenario.description and scenario.description not in notes:
         paragraphs.append(f"Scenario: {scenario.description}")
+    settings = "fsdp2" if scenario.engine == "fsdp2" else "fsdp"
     paragraphs.append(
         f"{scenario.world_size} ranks run the steps in SCENARIO['ranks'] on the model in SCENARIO['model'], its "
-        f"units wrapped by engine {scenario.engine!r} with the settings in SCENARIO['fsdp'], at distributed "
+        f"units wrapped by engine {scenario.engine!r} with the settings in SCENARIO[{settings!r}], at distributed "
         f"debug level {scenario.debug_level}. Needs only torch:"
     )
     usage = (
