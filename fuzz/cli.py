@@ -132,12 +132,13 @@ def _run(args: argparse.Namespace) -> int:
     )
     check = ContractCheck(strict=args.strict)
     findings = []
+    seconds = args.time
     with _pools(args) as pools:
         for index, engine in enumerate(engines):
             share = len(engines) - index
             budget = Budget(
                 examples=None if examples is None else max(1, examples // share),
-                seconds=None if args.time is None else args.time / share,
+                seconds=None if seconds is None else seconds / share,
             )
             result = run_campaign(
                 args.target,
@@ -153,8 +154,8 @@ def _run(args: argparse.Namespace) -> int:
             findings += result.findings
             if examples is not None:
                 examples -= result.examples
-            if args.time is not None:
-                args.time -= result.wall_s
+            if seconds is not None:
+                seconds -= result.wall_s
             _summarise(check, target_name(args.target, engine), result)
     for path, new in findings:
         print(f"  finding {'NEW' if new else 'seen before'}: {path}")

@@ -513,12 +513,15 @@ def tracing(trace: CollectiveTrace, engine: str) -> Iterator[CollectiveTrace]:
         _active = previous
 
 
+@functools.cache
+def _trace_ops() -> None:
+    for name, (tensor_at, group_at) in TRACED_OPS.items():
+        if hasattr(dist, name):
+            setattr(dist, name, _recording_op(name, getattr(dist, name), tensor_at, group_at))
+
+
 def _install(engine: str) -> None:
-    if not _installed:
-        for name, (tensor_at, group_at) in TRACED_OPS.items():
-            if hasattr(dist, name):
-                setattr(dist, name, _recording_op(name, getattr(dist, name), tensor_at, group_at))
-        _installed.add("")
+    _trace_ops()
     if engine in _installed:
         return
     check_trace(engine)

@@ -4,18 +4,12 @@ judge reads, with the single-process reference next to the ranks'."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
-from fsdp_fuzz.data import Observations, RankObservation, Scenario, outcome_from_json, scenario_to_json
+from fsdp_fuzz.data import Observations, RankObservation, Scenario, outcome_from_json
 from fsdp_fuzz.execute.executor import Placement
 from fsdp_fuzz.execute.reference import reference_run
-
-
-def executor_input(scenario: Scenario) -> dict[str, Any]:
-    """The form the executor reads: every default spelled out."""
-    return scenario_to_json(scenario, complete=True)
 
 
 def observations_of(scenario: Scenario, placement: Placement, outcomes: Sequence[Sequence[dict]]) -> Observations:

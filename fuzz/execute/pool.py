@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch.multiprocessing as mp
 
-from fsdp_fuzz.data import Observations, Scenario
+from fsdp_fuzz.data import Observations, Scenario, scenario_to_json
 from fsdp_fuzz.execute.executor import (
     CPU,
     HANG,
@@ -36,7 +36,7 @@ from fsdp_fuzz.execute.executor import (
     join_default_group,
     serve_scenario,
 )
-from fsdp_fuzz.execute.observe import executor_input, observations_of
+from fsdp_fuzz.execute.observe import observations_of
 
 DEFAULT_GROUP_TIMEOUT_S = 2.0
 
@@ -71,6 +71,8 @@ class RankPool:
         self._reports = None
         self._workdir: str | None = None
         self._next_id = 1
+        self._traced: set[str] = set()
+        """Engines whose trace hooks this torch was checked to have."""
         self.last_timings: list[dict[str, float]] = []
 
     def __enter__(self) -> RankPool:
@@ -82,11 +84,13 @@ class RankPool:
     def run(self, scenario: Scenario) -> Observations:
         if scenario.world_size != self.world_size:
             raise ValueError(f"this pool runs {self.world_size} ranks, the scenario has {scenario.world_size}")
-        check_trace(scenario.engine)
+        if scenario.engine not in self._traced:
+            check_trace(scenario.engine)
+            self._traced.add(scenario.engine)
         if not self._workers:
             self._start()
         scenario_id, self._next_id = self._next_id, self._next_id + 1
-        encoded = executor_input(scenario)
+        encoded = scenario_to_json(scenario, complete=True)
         for commands in self._commands:
             commands.put((scenario_id, encoded))
         collected = collect_outcomes(

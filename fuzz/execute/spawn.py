@@ -8,9 +8,9 @@ and as the simplest faithful way to replay one scenario.
 
 from __future__ import annotations
 
-from fsdp_fuzz.data import Observations, Scenario
+from fsdp_fuzz.data import Observations, Scenario, scenario_to_json
 from fsdp_fuzz.execute.executor import CPU, Placement, run_fresh
-from fsdp_fuzz.execute.observe import executor_input, observations_of
+from fsdp_fuzz.execute.observe import observations_of
 
 DEFAULT_GROUP_TIMEOUT_S = 5.0
 
@@ -19,5 +19,5 @@ def run_scenario(
     scenario: Scenario, placement: Placement = CPU, group_timeout_s: float = DEFAULT_GROUP_TIMEOUT_S
 ) -> Observations:
     """Run ``scenario`` on ``world_size`` freshly spawned ranks and observe it."""
-    outcomes = run_fresh(executor_input(scenario), placement, group_timeout_s)
+    outcomes = run_fresh(scenario_to_json(scenario, complete=True), placement, group_timeout_s)
     return observations_of(scenario, placement, outcomes)
