@@ -265,4 +265,3 @@ def _notes(entry: CorpusEntry) -> str:
         lines.append(f"Found with torch {entry.finding.torch_version} ({entry.finding.backend}); the contract says:")
         lines += [f"  {line}" for line in entry.finding.violations]
     return "\n".join(lines)
-

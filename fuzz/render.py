@@ -135,4 +135,3 @@ def render_expectations(scenario: Scenario) -> list[str]:
     if consistent(scenario):
         lines.append("  every rank keeps one order: no error, warning or hang; results match the reference run")
     return lines
-

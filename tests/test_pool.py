@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from fsdp_fuzz.data import Status
-from fsdp_fuzz.execute.pool import RankPool
+from fsdp_fuzz.execute.pool import FailureHandling, RankPool
 from fsdp_fuzz.execute.spawn import run_scenario
 from fsdp_fuzz.generate.seed_family import (
     invalid_first_iter_order,
@@ -74,8 +74,31 @@ def test_same_scenario_same_observation_as_fresh_processes(pool):
     assert run_scenario(scenario, group_timeout_s=TIMEOUT_S) == first
 
 
-def test_killed_worker_is_a_crash_and_the_pool_respawns():
+def test_deadlock_is_recognised_long_before_the_group_timeout():
+    """A 30 s group timeout, yet the hang costs well under a second: every
+    unfinished rank sits blocked, so the pool asks each where it is and
+    replaces them. The same observation three times over."""
     with RankPool(2, group_timeout_s=30) as pool:
+        pool.run(CLEAN)
+        observed, costs = [], []
+        for _ in range(3):
+            started = time.monotonic()
+            observed.append(pool.run(order_ends_early()))
+            costs.append(time.monotonic() - started)
+        hung = observed[0].ranks[0].steps[0]
+        assert statuses(observed[0]) == [[Status.HANG], [Status.OK]]
+        assert hung.error_message.startswith("deadlock")
+        assert "all_gather" in hung.stack
+        assert [record.unit for record in hung.collectives][-1] == "layer1"
+        assert observed[1] == observed[0] and observed[2] == observed[0]
+        assert max(costs) < 2.0, f"hangs cost {costs}"
+        assert pool.stats.deadlocks == 3
+        assert statuses(pool.run(CLEAN)) == [[Status.OK] * 4] * 2
+
+
+def test_killed_worker_is_a_crash_and_the_pool_respawns():
+    waits_out_hangs = FailureHandling(deadlock_after_s=None)
+    with RankPool(2, group_timeout_s=30, handling=waits_out_hangs) as pool:
         pool.run(CLEAN)
         victim = pool.pids()[0]
         killer = threading.Timer(1.0, os.kill, (victim, signal.SIGKILL))
@@ -102,7 +125,7 @@ def test_workers_die_with_a_killed_campaign():
     program = textwrap.dedent(
         """
         import sys, time
-        from fsdp_fuzz.execute.pool import RankPool
+        from fsdp_fuzz.execute.pool import FailureHandling, RankPool
         from fsdp_fuzz.generate.seed_family import train_eval
         if __name__ == "__main__":
             pool = RankPool(2)

@@ -33,6 +33,7 @@ import shutil
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import traceback
 import warnings
@@ -56,6 +57,9 @@ UNSHARD, REDUCE_GRAD, ORDER_CHECK = "unshard", "reduce_grad", "order_check"
 
 STARTUP_TIMEOUT_S = 120.0
 """For a rank's first report: starting Python, importing torch, the rendezvous."""
+DEADLOCK_AFTER_S = 0.3
+"""How long every unfinished rank must sit blocked, nothing running, before
+the parent calls it a deadlock rather than wait out the group's timeout."""
 LEARNING_RATE = 0.01
 
 
@@ -637,6 +641,20 @@ def new_scenario_groups(scenario: Json, rank: int, timeout_s: float) -> Scenario
         dist.set_debug_level(previous)
 
 
+@dataclass
+class Doing:
+    """What this rank's main thread is doing: read by ``answer_inquiries``
+    while the main thread sits blocked in a collective."""
+
+    scenario_id: int | None = None
+    caught: list | None = None
+    """The warnings of the setup or step under way."""
+    trace: CollectiveTrace | None = None
+
+
+_doing = Doing()
+
+
 def run_rank(
     scenario: Json, rank: int, device: torch.device, group: Any, timings: dict[str, float] | None = None
 ) -> Iterator[Json]:
@@ -652,6 +670,7 @@ def run_rank(
     engine = ENGINES[scenario["engine"]]
     trace = CollectiveTrace()
     with _recording() as caught, tracing(trace, scenario["engine"]):
+        _doing.caught, _doing.trace = caught, trace
         try:
             started = time.perf_counter()
             built = build_model(scenario["model"], scenario["seed"], scenario["freeze_untaken"])
@@ -684,6 +703,7 @@ def _run_step(scenario: Json, built: BuiltModel, optimizer, rank: int, index: in
     step = scenario["ranks"][rank][index]
     engine = ENGINES[scenario["engine"]]
     with _recording() as caught, tracing(trace, scenario["engine"]):
+        _doing.caught, _doing.trace = caught, trace
         try:
             engine.before_step(built, step)
             total = run_forwards(scenario, built, rank, index, device)
@@ -758,11 +778,13 @@ def serve_scenario(scenario: Json, scenario_id: int, rank: int, placement: Place
     it ends, then ``done`` with the rank's timings. The id lets a pool drop
     what a previous scenario left behind."""
     started = time.perf_counter()
+    _doing.scenario_id, _doing.caught, _doing.trace = scenario_id, None, None
     groups = new_scenario_groups(scenario, rank, timeout_s)
     timings = {"group": time.perf_counter() - started}
     try:
         for outcome in run_rank(scenario, rank, placement.rank_device(rank), groups.for_fsdp, timings):
             reports.put(("outcome", rank, scenario_id, outcome))
+        _doing.caught, _doing.trace = None, None
     finally:
         # A peer still inside a collective must end by its own timeout (a
         # hang), not by this rank closing the connection under it (an error).
@@ -774,7 +796,86 @@ def serve_scenario(scenario: Json, scenario_id: int, rank: int, placement: Place
     reports.put(("done", rank, scenario_id, timings))
 
 
+DEADLOCK_MESSAGE = "deadlock: every unfinished rank sat blocked, using no CPU, for {quiet:g} s"
+
+
+def answer_inquiries(rank: int, inquiries, reports) -> None:
+    """Answer the parent's "where are you?" (a scenario id) with the outcome
+    this rank would report had its blocked collective timed out: the step's
+    warnings and collectives so far, and where the main thread waits.
+
+    Runs on a thread of its own: the main thread, blocked inside torch's C++
+    collective, has released the GIL. ``None`` ends the thread.
+    """
+    main = threading.main_thread().ident
+    while (scenario_id := inquiries.get()) is not None:
+        answer = None
+        if scenario_id == _doing.scenario_id and _doing.trace is not None:
+            caught, trace = list(_doing.caught or ()), _doing.trace
+            frame = sys._current_frames().get(main)
+            frames = traceback.extract_stack(frame)[-12:] if frame is not None else []
+            stack = "".join(f"{_short(f.filename)}:{f.lineno} in {f.name}: {f.line}\n" for f in frames)
+            answer = _outcome(HANG, caught, trace, error_type="Deadlock", stack=stack or None)
+        reports.put(("where", rank, scenario_id, answer))
+
+
 # The parent -------------------------------------------------------------------------
+
+
+class RankActivity:
+    """Tells whether ranks are moving, from what the kernel says of their
+    threads: CPU time consumed (``schedstat``, in nanoseconds) and whether any
+    is runnable. A rank blocked in a collective consumes nothing and sleeps;
+    one that is merely starved of CPU is runnable, so a loaded machine never
+    looks like a deadlock. Gloo's TCP event loops wake on a timer of their own
+    (a fraction of a millisecond every few hundred), so they are left out.
+    Linux only: elsewhere ``available`` is False."""
+
+    available = os.path.isdir("/proc/self/task")
+    IGNORED_THREADS = ("gloo_tcp_loop",)
+
+    def __init__(self, pid: Callable[[int], int | None]) -> None:
+        self._pid = pid
+
+    def sample(self, ranks: set[int]) -> tuple[int, ...] | None:
+        """CPU nanoseconds per rank, or None if any thread of any rank is
+        runnable (or a rank cannot be read)."""
+        used = []
+        for rank in sorted(ranks):
+            tasks = f"/proc/{self._pid(rank)}/task"
+            total = 0
+            try:
+                for tid in os.listdir(tasks):
+                    with open(f"{tasks}/{tid}/stat") as stat:
+                        name, state = stat.read().rsplit(")", 1)
+                    if name.split("(", 1)[1] in self.IGNORED_THREADS:
+                        continue
+                    if state.split()[0] in ("R", "D"):
+                        return None
+                    with open(f"{tasks}/{tid}/schedstat") as schedstat:
+                        total += int(schedstat.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                return None
+            used.append(total)
+        return tuple(used)
+
+
+@dataclass
+class RankHandles:
+    """How the parent reaches the processes of its ranks."""
+
+    processes: list
+    inquiries: list | None = None
+    """Per rank, a queue ``answer_inquiries`` reads; None: no answers."""
+
+    def is_alive(self, rank: int) -> bool:
+        return self.processes[rank].is_alive()
+
+    def exit_code(self, rank: int) -> int | None:
+        return self.processes[rank].exitcode
+
+    def pid(self, rank: int) -> int | None:
+        return self.processes[rank].pid
 
 
 @dataclass
@@ -786,35 +887,45 @@ class Collected:
     crashed: set[int]
     timings: list[dict[str, float]]
     """Per rank, seconds spent per phase (group, build, wrap, steps), where reported."""
+    deadlocked: bool = False
+    """Every unfinished rank was found blocked with nothing moving: the
+    ranks must be replaced, since their collectives are still pending."""
 
 
 def collect_outcomes(
     scenario: Json,
     reports,
     scenario_id: int,
-    is_alive: Callable[[int], bool],
-    exit_code: Callable[[int], int | None],
+    ranks: RankHandles,
     first_report_s: float,
     progress_s: float,
+    deadlock_after_s: float | None = None,
 ) -> Collected:
     """Gather reports until every rank is done, dies, or stops making progress.
 
     Progress means a report arrived. A rank stuck in a collective ends by its
-    group's timeout and reports a hang itself; one silent for ``progress_s``
-    is stuck elsewhere and is recorded as hung at the step it was in. Steps a
+    group's timeout and reports a hang itself. With ``deadlock_after_s``, a
+    hang is recognised sooner: when every unfinished rank has been blocked
+    that long with no thread running, nothing can move again before the
+    timeout, so each blocked rank is asked where it is (``answer_inquiries``)
+    and its answer is recorded as the hang. One silent for ``progress_s`` is
+    stuck elsewhere and is recorded as hung at the step it was in. Steps a
     rank never reached did not run.
     """
     world_size = scenario["world_size"]
+    total = 1 + len(scenario["ranks"][0])
     collected = Collected([[] for _ in range(world_size)], set(), set(), [{} for _ in range(world_size)])
     done: set[int] = set()
     anchor, limit = time.monotonic(), first_report_s
+    activity = RankActivity(ranks.pid) if deadlock_after_s is not None and RankActivity.available else None
+    quiet: tuple[float, tuple[int, ...]] | None = None
     while len(done) < world_size:
         try:
             kind, rank, tag, payload = reports.get(timeout=0.05)
         except queue.Empty:
             for rank in sorted(set(range(world_size)) - done):
-                if not is_alive(rank):
-                    message = f"rank {rank} died (exit code {exit_code(rank)})"
+                if not ranks.is_alive(rank):
+                    message = f"rank {rank} died (exit code {ranks.exit_code(rank)})"
                     collected.outcomes[rank].append({"status": CRASH, "error_message": message})
                     collected.crashed.add(rank)
                     done.add(rank)
@@ -824,42 +935,87 @@ def collect_outcomes(
                     collected.outcomes[rank].append({"status": HANG, "error_message": message})
                     collected.silent.add(rank)
                 break
+            if activity is not None and not collected.crashed and len(done) < world_size:
+                used = activity.sample(set(range(world_size)) - done)
+                if used is None or quiet is None or used != quiet[1]:
+                    quiet = None if used is None else (time.monotonic(), used)
+                elif time.monotonic() - quiet[0] >= deadlock_after_s:
+                    _record_deadlock(collected, done, total, reports, scenario_id, ranks, deadlock_after_s)
+                    break
             continue
         if tag != scenario_id:
             continue
-        anchor, limit = time.monotonic(), progress_s
+        anchor, limit, quiet = time.monotonic(), progress_s, None
         if kind == "outcome":
             collected.outcomes[rank].append(payload)
         elif kind == "done":
             collected.timings[rank] = payload
             done.add(rank)
-    total = 1 + len(scenario["ranks"][0])
     for reported in collected.outcomes:
         reported[:] = reported[:total] + [{"status": NOT_RUN}] * (total - len(reported))
     return collected
 
 
-def run_fresh(scenario: Json, placement: Placement = CPU, timeout_s: float = 5.0) -> list[list[Json]]:
+def _record_deadlock(
+    collected: Collected, done: set[int], total: int, reports, scenario_id: int, ranks: RankHandles, quiet_s: float
+) -> None:
+    """Each blocked rank's own account of its hung step, or where it has none
+    (blocked outside a step, or no way to ask) a bare hang."""
+    blocked = [
+        rank for rank in range(len(collected.outcomes)) if rank not in done and len(collected.outcomes[rank]) < total
+    ]
+    answers: dict[int, Json | None] = {}
+    if ranks.inquiries is not None:
+        for rank in blocked:
+            ranks.inquiries[rank].put(scenario_id)
+        deadline = time.monotonic() + 2.0
+        while len(answers) < len(blocked) and time.monotonic() < deadline:
+            try:
+                kind, rank, tag, payload = reports.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if tag == scenario_id and kind == "where":
+                answers[rank] = payload
+            elif tag == scenario_id and kind == "outcome":
+                collected.outcomes[rank].append(payload)
+    message = DEADLOCK_MESSAGE.format(quiet=quiet_s)
+    for rank in blocked:
+        outcome = answers.get(rank) or {"status": HANG, "error_type": "Deadlock"}
+        collected.outcomes[rank].append({**outcome, "error_message": message})
+    collected.deadlocked = True
+
+
+def run_fresh(
+    scenario: Json,
+    placement: Placement = CPU,
+    timeout_s: float = 5.0,
+    deadlock_after_s: float | None = DEADLOCK_AFTER_S,
+) -> list[list[Json]]:
     """Run the scenario on freshly spawned ranks, one process each, as the
     seed test's harness does; per rank, setup's outcome then each step's.
 
     The rendezvous is a file in a private temporary directory (no ports, so
     runs on one machine never collide). Ranks that finish wait for the others
-    before exiting, so a rank stuck in a collective always ends by its own
-    timeout, never by a peer's exit: the same scenario, the same outcomes.
+    before exiting, so a rank stuck in a collective ends by its own timeout or
+    by a deadlock the parent recognised, never by a peer's exit: the same
+    scenario, the same outcomes.
     """
     placement.check(scenario["world_size"])
     check_trace(scenario["engine"])
     context = mp.get_context("spawn")
     reports, release = context.Queue(), context.Event()
+    inquiries = [context.Queue() for _ in range(scenario["world_size"])]
     workdir = tempfile.mkdtemp(prefix="fsdp-fuzz-")
     store = os.path.join(workdir, "store")
     processes = [
         context.Process(
-            target=_fresh_rank, args=(scenario, rank, store, placement, timeout_s, reports, release), daemon=True
+            target=_fresh_rank,
+            args=(scenario, rank, store, placement, timeout_s, reports, release, inquiries[rank]),
+            daemon=True,
         )
         for rank in range(scenario["world_size"])
     ]
+    collected = None
     try:
         for process in processes:
             process.start()
@@ -867,24 +1023,27 @@ def run_fresh(scenario: Json, placement: Placement = CPU, timeout_s: float = 5.0
             scenario,
             reports,
             scenario_id=0,
-            is_alive=lambda rank: processes[rank].is_alive(),
-            exit_code=lambda rank: processes[rank].exitcode,
+            ranks=RankHandles(processes, inquiries),
             first_report_s=STARTUP_TIMEOUT_S,
             progress_s=2 * timeout_s + 1,
+            deadlock_after_s=deadlock_after_s,
         )
     finally:
         release.set()
         for process in processes:
-            process.join(timeout=5)
+            process.join(timeout=0 if collected is None or collected.deadlocked else 5)
             if process.is_alive():
                 process.kill()
                 process.join()
-        reports.close()
+        for channel in (reports, *inquiries):
+            channel.close()
+            channel.join_thread()
         shutil.rmtree(workdir, ignore_errors=True)
     return collected.outcomes
 
 
-def _fresh_rank(scenario, rank, store_path, placement, timeout_s, reports, release) -> None:
+def _fresh_rank(scenario, rank, store_path, placement, timeout_s, reports, release, inquiries) -> None:
+    threading.Thread(target=answer_inquiries, args=(rank, inquiries, reports), daemon=True).start()
     join_default_group(rank, scenario["world_size"], store_path, placement)
     serve_scenario(scenario, 0, rank, placement, timeout_s, reports)
     release.wait(timeout=STARTUP_TIMEOUT_S)

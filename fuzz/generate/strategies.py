@@ -283,8 +283,7 @@ def schedules(
     if engine == "fsdp2" and not draw(_chance(1, 4)):
         deviating = 0  # FSDP2 promises nothing for most divergence: spend most of the budget where it does
     return tuple(
-        draw(_deviating_steps(model, shared, engine)) if deviating >> rank & 1 else shared
-        for rank in range(world_size)
+        draw(_deviating_steps(model, shared, engine)) if deviating >> rank & 1 else shared for rank in range(world_size)
     )
 
 
