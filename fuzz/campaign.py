@@ -1,10 +1,14 @@
 """A campaign outside pytest: Hypothesis runs against the pool until a budget
-of scenarios or seconds is spent, saving each shrunk finding and going on.
+of scenarios or seconds is spent, saving one shrunk finding per failure class
+and going on.
 
-A finding ends one Hypothesis run (it shrinks, then raises); the campaign
-saves it to the corpus and starts the next run with a fresh seed, so one
-bug does not end the search for the next. A spent budget never cuts a
-shrink short: an unshrunk finding is worth less than the time it saves.
+Each Hypothesis run ends when it has shrunk what it found, one minimal case
+per class (``fsdp_fuzz.verdict``). The campaign saves each class once (the
+``Ledger`` says who saves it when workers share a campaign), settles it so
+that later runs count it without failing on it, and starts the next run with
+a fresh seed. Settled classes still count, so a known issue that changes
+shape shows up as a new class. A spent budget never cuts a shrink short: an
+unshrunk finding is worth less than the time it saves.
 """
 
 from __future__ import annotations
@@ -18,12 +22,16 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
+from hypothesis.database import ExampleDatabase
+from hypothesis.errors import Flaky
 
-from fsdp_fuzz.corpus import save_finding
+from fsdp_fuzz.corpus import save_finding, scenario_id
 from fsdp_fuzz.execute.pool import PoolSet
 from fsdp_fuzz.generate.seed_family import seed_family_scenarios
 from fsdp_fuzz.generate.strategies import scenarios
-from fsdp_fuzz.verdict import ContractCheck
+from fsdp_fuzz.ledger import Ledger
+from fsdp_fuzz.report import TargetTally
+from fsdp_fuzz.verdict import ContractCheck, failures_in, only_contract_violations
 
 TARGETS: dict[str, Callable[[str], st.SearchStrategy]] = {
     "generated": lambda engine: scenarios(engine=engine),
@@ -31,13 +39,17 @@ TARGETS: dict[str, Callable[[str], st.SearchStrategy]] = {
 }
 """What ``--target`` names, as a strategy for the given engine."""
 
+RUN_EXAMPLES = 400
+"""Scenarios per Hypothesis run at most: runs end regularly, so that the
+target phase steers towards rare classes and new settled classes apply."""
+
 
 def target_name(target: str, engine: str) -> str:
     return f"{target}[{engine}]"
 
 
-class BudgetSpent(BaseException):
-    """Stops a Hypothesis run at once: not an ``Exception``, so Hypothesis
+class Stop(BaseException):
+    """Ends a Hypothesis run at once: not an ``Exception``, so Hypothesis
     neither catches nor shrinks it."""
 
 
@@ -63,6 +75,8 @@ class CampaignResult:
     findings: list[tuple[Path, bool]]
     """Saved corpus files, and whether each is new."""
     hypothesis_runs: int
+    flaky: int = 0
+    """Hypothesis runs that ended because a failure did not replay."""
 
 
 def run_campaign(
@@ -71,81 +85,97 @@ def run_campaign(
     check: ContractCheck,
     budget: Budget,
     corpus: Path,
-    progress: Callable[[str], None] = print,
-    progress_every_s: float = 10.0,
+    ledger: Ledger,
+    note: Callable[[str], None] = print,
     random_seed: int | None = None,
     engine: str = "fsdp1",
+    database: ExampleDatabase | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
+    after_each: Callable[[], None] = lambda: None,
 ) -> CampaignResult:
+    """Fuzz one target with one engine until the budget is spent or
+    ``stop_requested``; ``note`` receives a line per saved finding,
+    ``after_each`` is called after every scenario."""
     strategy = TARGETS[target](engine)
     name = target_name(target, engine)
     check.target = name
     tally = check.report.tally(name)
+    started_examples = tally.examples
     rng = random.Random(random_seed)
     findings: list[tuple[Path, bool]] = []
-    last_progress = time.monotonic()
-    runs = 0
+    runs = flaky = 0
+
+    saved_scenarios: frozenset[str] = frozenset()
 
     def one_scenario(scenario) -> None:
-        nonlocal last_progress
-        shrinking = check.last_failure is not None
-        if budget.spent(tally.examples) and not shrinking:
-            raise BudgetSpent
-        check(scenario, pools.run(scenario))
-        if time.monotonic() - last_progress >= progress_every_s:
-            last_progress = time.monotonic()
-            progress(progress_line(check, name, budget))
+        if stop_requested() or (budget.spent(tally.examples - started_examples) and not check.failed):
+            raise Stop
+        if saved_scenarios and scenario_id(scenario) in saved_scenarios:
+            tally.replayed_findings += 1
+        try:
+            check(scenario, pools.run(scenario))
+        finally:
+            after_each()
 
-    while not budget.spent(tally.examples):
-        remaining = budget.examples - tally.examples if budget.examples is not None else 10**9
+    one_scenario._hypothesis_internal_add_digest = name.encode()  # one database key per target, in every worker
+    while not budget.spent(tally.examples - started_examples) and not stop_requested():
+        done = tally.examples - started_examples
+        remaining = budget.examples - done if budget.examples is not None else RUN_EXAMPLES
         runs += 1
-        check.last_failure = None
+        check.failed = False
+        claims = ledger.claims()
+        saved_scenarios = frozenset(claims.values())
+        check.settled = claims.__contains__
         hypothesis_run = seed(rng.getrandbits(64))(
             settings(
-                max_examples=max(1, remaining),
+                max_examples=max(1, min(remaining, RUN_EXAMPLES)),
                 deadline=None,
-                database=None,
-                phases=(Phase.generate, Phase.target, Phase.shrink),
+                database=database,
+                phases=(Phase.reuse, Phase.generate, Phase.target, Phase.shrink),
                 suppress_health_check=list(HealthCheck),
                 print_blob=False,
             )(given(strategy)(one_scenario))
         )
         try:
             hypothesis_run()
-        except BudgetSpent:
+        except Stop:
             break
+        except Flaky as exc:
+            flaky += 1
+            note(f"a failure did not replay, run dropped (nondeterministic observation?): {str(exc).splitlines()[0]}")
         except Exception as exc:
-            if not _contract_failures(exc) or check.last_failure is None:
-                progress("the fuzzer itself failed on the scenario above (a harness bug, not an FSDP finding)")
+            if not only_contract_violations(exc):
+                note("the fuzzer itself failed on the scenario above (a harness bug, not an FSDP finding)")
                 raise
             found_by = f"python -m fsdp_fuzz run --target {target} --engine {engine}"
-            path, new = save_finding(corpus, *check.last_failure, found_by=found_by)
-            findings.append((path, new))
-            progress(f"finding {'saved to' if new else 'already in the corpus:'} {path}")
-        else:
-            break
+            for failure in failures_in(exc):
+                if not ledger.claim(failure.failure_class, scenario_id(failure.scenario)):
+                    note(f"{failure.failure_class.name}: saved already by another worker")
+                    continue
+                path, new = save_finding(
+                    corpus, failure.scenario, failure.observations, failure.violations, failure.known, found_by
+                )
+                findings.append((path, new))
+                check.report.record_saved(name, failure.failure_class, str(path), new)
+                where = "saved to" if new else "already in the corpus:"
+                note(f"finding [{failure.failure_class.name}] {where} {path}")
     tally.wall_s += budget.elapsed()
-    return CampaignResult(tally.examples, budget.elapsed(), findings, runs)
+    return CampaignResult(tally.examples - started_examples, budget.elapsed(), findings, runs, flaky)
 
 
-def _contract_failures(exc: BaseException) -> bool:
-    """Whether Hypothesis raised contract violations only (``ContractCheck``
-    raises ``AssertionError``; several distinct ones come as a group)."""
-    grouped = getattr(exc, "exceptions", None)  # an ExceptionGroup, also the backport's on Python 3.10
-    if isinstance(grouped, tuple):
-        return all(_contract_failures(inner) for inner in grouped)
-    return isinstance(exc, AssertionError)
-
-
-def progress_line(check: ContractCheck, target: str, budget: Budget) -> str:
-    tally = check.report.tally(target)
-    elapsed = budget.elapsed()
-    rate = tally.examples / elapsed if elapsed else 0.0
+def progress_line(tallies: list[TargetTally], elapsed: float, budget: Budget, workers: int = 1) -> str:
+    """One line for the terminal: scenarios, rate, classes seen and saved, outcomes."""
+    examples = sum(tally.examples for tally in tallies)
+    rate = examples / elapsed if elapsed else 0.0
     of = f"/{budget.examples}" if budget.examples is not None else ""
     left = f", {max(0.0, budget.seconds - elapsed):.0f} s left" if budget.seconds is not None else ""
-    known = sum(tally.known_issues.values())
+    seen = {name for tally in tallies for name in tally.classes}
+    saved = {name for tally in tallies for name in tally.saved}
+    outcomes = sum((tally.outcomes for tally in tallies), Counter())
+    on = f" on {workers} workers" if workers > 1 else ""
     return (
-        f"[{elapsed:6.0f} s] {tally.examples}{of} scenarios ({rate:.1f}/s{left}); "
-        f"known-issue runs {known}; {counts(tally.outcomes)}"
+        f"[{elapsed:5.0f} s] {examples}{of} scenarios{on} ({rate:.1f}/s{left}); "
+        f"classes: {len(seen)} seen, {len(saved)} saved; steps: {counts(outcomes)}"
     )
 
 

@@ -2,22 +2,26 @@
 
 Exit codes: 0 all good, 1 a finding or a replay that did not pass,
 2 bad input (the message names it and the fix), 3 the fuzzer cannot observe
-FSDP on this torch (a hook it relies on is gone), 4 the device cannot run it.
+FSDP on this torch (a hook it relies on is gone), 4 the device cannot run it,
+130 and 143 a campaign stopped by SIGINT or SIGTERM (after its summary).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import signal
 import sys
+import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from fsdp_fuzz.campaign import TARGETS, Budget, CampaignResult, counts, progress_line, run_campaign, target_name
+from fsdp_fuzz.campaign import TARGETS, Budget, counts, progress_line
 from fsdp_fuzz.corpus import CorpusEntry, corpus_files, load_entry
 from fsdp_fuzz.data import ENGINES, ScenarioError
 from fsdp_fuzz.execute.executor import DeviceError, HarnessError, Placement, check_trace
@@ -25,10 +29,15 @@ from fsdp_fuzz.execute.pool import DEFAULT_GROUP_TIMEOUT_S, PoolSet
 from fsdp_fuzz.judge.known_issues import issue_named
 from fsdp_fuzz.render import render_scenario
 from fsdp_fuzz.replay import PASSING, replay_result
-from fsdp_fuzz.verdict import ContractCheck
+from fsdp_fuzz.report import CampaignReport
+from fsdp_fuzz.terminal import ProgressLine
+from fsdp_fuzz.workers import EXIT_CODES, CampaignSpec, WorkerResult, open_database, run_workers
 
 DEFAULT_CORPUS = Path("corpus")
 DEFAULT_EXAMPLES = 100
+DEFAULT_WORKERS = os.cpu_count() or 1
+DEFAULT_DATABASE = Path(".hypothesis") / "examples"
+DEFAULT_LOG_DIR = Path(".fsdp-fuzz")
 
 
 class UsageProblem(Exception):
@@ -74,6 +83,21 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--report", type=Path, help="write the campaign report as JSON here")
     run.add_argument("--strict", action="store_true", help="treat known issues as findings too")
     run.add_argument("--seed", type=int, help="Hypothesis seed, for a campaign that can be repeated")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=DEFAULT_WORKERS,
+        help="campaign processes side by side, each with its own ranks (default: one per core, %(default)s here)",
+    )
+    run.add_argument(
+        "--database",
+        default=str(DEFAULT_DATABASE),
+        help="Hypothesis example database the workers share: a directory, or redis://HOST:PORT/DB for workers "
+        "on several machines (default %(default)s); 'none' for none",
+    )
+    run.add_argument(
+        "--log-dir", type=Path, default=DEFAULT_LOG_DIR, help="each campaign's directory: ranks' output (%(default)s)"
+    )
     _add_device_options(run)
     run.set_defaults(command=_run, name="run")
 
@@ -121,62 +145,87 @@ def _pools(args: argparse.Namespace) -> PoolSet:
 def _run(args: argparse.Namespace) -> int:
     if args.examples is not None and args.examples < 1:
         raise UsageProblem("--examples must be at least 1")
+    if args.workers < 1:
+        raise UsageProblem("--workers must be at least 1")
     examples = args.examples if args.examples is not None or args.time is not None else DEFAULT_EXAMPLES
     engines = ENGINES if args.engine == "both" else (args.engine,)
+    _pools(args).close()  # refuse a device or a torch that cannot run it, before any worker starts
+    try:
+        open_database(args.database)
+    except ValueError as exc:
+        raise UsageProblem(str(exc)) from None
+    directory = args.log_dir / time.strftime(f"run-%Y%m%d-%H%M%S-{os.getpid()}")
+    directory.mkdir(parents=True, exist_ok=True)
+    spec = CampaignSpec(
+        target=args.target,
+        engines=engines,
+        examples=None if examples is None else max(1, examples // args.workers),
+        seconds=args.time,
+        corpus=args.corpus,
+        strict=args.strict,
+        seed=args.seed,
+        database=args.database,
+        device=args.device,
+        group_timeout_s=args.group_timeout,
+        directory=directory,
+    )
     limits = [f"{examples} scenarios"] if examples is not None else []
     limits += [f"{args.time:.0f} s"] if args.time is not None else []
     print(
         f"fuzzing target {args.target!r} with {' and '.join(engines)} for {' or '.join(limits)} on {args.device} "
-        f"(torch {torch.__version__}); findings go to {args.corpus / 'found'}",
+        f"(torch {torch.__version__}), {args.workers} worker(s); findings go to {args.corpus / 'found'}",
         flush=True,
     )
-    check = ContractCheck(strict=args.strict)
-    findings = []
-    seconds = args.time
-    with _pools(args) as pools:
-        for index, engine in enumerate(engines):
-            share = len(engines) - index
-            budget = Budget(
-                examples=None if examples is None else max(1, examples // share),
-                seconds=None if seconds is None else seconds / share,
-            )
-            result = run_campaign(
-                args.target,
-                pools,
-                check,
-                budget,
-                args.corpus,
-                progress=lambda line: print(line, flush=True),
-                random_seed=args.seed,
-                engine=engine,
-            )
-            print(progress_line(check, target_name(args.target, engine), budget))
-            findings += result.findings
-            if examples is not None:
-                examples -= result.examples
-            if seconds is not None:
-                seconds -= result.wall_s
-            _summarise(check, target_name(args.target, engine), result)
-    for path, new in findings:
-        print(f"  finding {'NEW' if new else 'seen before'}: {path}")
-        print(f"    python -m fsdp_fuzz show {path}; python -m fsdp_fuzz repro {path}")
-    if not findings:
-        print("  findings: none")
+    print(f"ranks' output: {spec.log_path}", flush=True)
+    latest: list = []
+    budget = Budget(examples=examples, seconds=args.time, started=spec.started)
+    line = ProgressLine(lambda: progress_line(latest, budget.elapsed(), budget, args.workers))
+    with line:
+        report, result, signum = run_workers(
+            spec, args.workers, line.note, lambda tallies: latest.__setitem__(slice(None), tallies)
+        )
+    _summarise(report, result, spec, args.workers)
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
-        report = check.report.to_json(profile=f"cli:{args.target}", backend=Placement(args.device).backend)
-        args.report.write_text(json.dumps(report, indent=1) + "\n")
+        document = report.to_json(profile=f"cli:{args.target}", backend=Placement(args.device).backend)
+        args.report.write_text(json.dumps(document, indent=1) + "\n")
         print(f"  report written to {args.report}")
-    return 1 if findings else 0
+    if signum is not None:
+        print(f"  stopped by {signal.Signals(signum).name}")
+        return EXIT_CODES[signum]
+    return 1 if result.findings else 0
 
 
-def _summarise(check: ContractCheck, name: str, result: CampaignResult) -> None:
-    tally = check.report.tally(name)
-    runs = result.hypothesis_runs
-    print(f"\nsummary: {name}: {result.examples} scenarios in {result.wall_s:.1f} s, {runs} Hypothesis run(s)")
-    print("  violated clauses (known issues included): " + (counts(tally.clauses) or "none"))
-    for issue, count in tally.known_issues.most_common():
-        print(f"  known issue {issue}: {count} run(s); upstream: {issue_named(issue).upstream_summary}")
+def _summarise(report: CampaignReport, result: WorkerResult, spec: CampaignSpec, workers: int) -> None:
+    wall = report.elapsed()
+    examples = sum(tally.examples for tally in report.targets.values())
+    print(
+        f"\nsummary: {examples} scenarios in {wall:.1f} s ({examples / wall if wall else 0:.1f}/s) on {workers} "
+        f"worker(s), {result.hypothesis_runs} Hypothesis run(s)"
+        + (f", {result.flaky} dropped as flaky" if result.flaky else "")
+    )
+    for name, tally in report.targets.items():
+        print(f"  {name}: {tally.examples} scenarios; steps: {counts(tally.outcomes) or 'none'}")
+        print("    violated clauses (known issues included): " + (counts(tally.clauses) or "none"))
+        if tally.replayed_findings:
+            print(f"    findings replayed from the shared database: {tally.replayed_findings} run(s)")
+        if tally.first_seen:
+            print("    classes, by time to the first run (then to the saved, shrunk finding):")
+        for class_name, first in sorted(tally.first_seen.items(), key=lambda item: item[1]["seconds"]):
+            saved = tally.saved.get(class_name)
+            when = f"saved at {saved['seconds']:.0f} s" if saved else "not saved"
+            print(
+                f"      {first['seconds']:6.1f} s (scenario {first['scenarios']}): {class_name}; "
+                f"{tally.classes[class_name]} run(s); {when}"
+            )
+        for issue, count in tally.known_issues.most_common():
+            print(f"    known issue {issue}: {count} run(s); upstream: {issue_named(issue).upstream_summary}")
+    for path, new in result.findings:
+        print(f"  finding {'NEW' if new else 'seen before'}: {path}")
+        print(f"    python -m fsdp_fuzz show {path}; python -m fsdp_fuzz repro {path}")
+    if not result.findings:
+        print("  findings: none")
+    print(f"  ranks' output: {spec.log_path}")
 
 
 def _entries(paths: Sequence[Path]) -> list[Path]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -10,14 +11,15 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from fsdp_fuzz.campaign import counts
+from fsdp_fuzz.campaign import Budget, counts, progress_line
 from fsdp_fuzz.corpus import corpus_root, save_finding
 from fsdp_fuzz.data import ENGINES
 from fsdp_fuzz.execute.executor import DeviceError, HarnessError, Placement, check_trace
 from fsdp_fuzz.execute.pool import DEFAULT_GROUP_TIMEOUT_S, PoolSet
 from fsdp_fuzz.judge.known_issues import issue_named
 from fsdp_fuzz.profiles import PROFILES, profile_from_environment, register_profiles, unknown_profile_message
-from fsdp_fuzz.verdict import ContractCheck
+from fsdp_fuzz.terminal import ProgressLine
+from fsdp_fuzz.verdict import ContractCheck, failures_in
 
 register_profiles()
 
@@ -58,6 +60,18 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(exc)) from None
 
 
+_LOG = pytest.StashKey[Path]()
+
+
+def rank_log(config: pytest.Config) -> Path:
+    """Where this session's ranks write: one file per session, named in the summary."""
+    if _LOG not in config.stash:
+        directory = config.rootpath / ".fsdp-fuzz"
+        directory.mkdir(exist_ok=True)
+        config.stash[_LOG] = directory / time.strftime(f"pytest-%Y%m%d-%H%M%S-{os.getpid()}.log")
+    return config.stash[_LOG]
+
+
 @pytest.fixture(scope="session")
 def pools(pytestconfig: pytest.Config):
     """The campaign's ranks: spawned on first use, closed at the end of the session."""
@@ -70,7 +84,7 @@ def pools(pytestconfig: pytest.Config):
         pytest.exit(str(exc), returncode=3)
     except DeviceError as exc:
         pytest.exit(str(exc), returncode=4)
-    with PoolSet(placement, pytestconfig.getoption("--group-timeout")) as campaign:
+    with PoolSet(placement, pytestconfig.getoption("--group-timeout"), log_path=rank_log(pytestconfig)) as campaign:
         yield campaign
 
 
@@ -106,15 +120,33 @@ def pytest_runtest_call(item: pytest.Item):
         return (yield)
     check = _contract_check(item.config)
     check.target = item.nodeid
-    check.last_failure = None
+    tally = check.report.tally(item.nodeid)
     started = time.monotonic()
+    writer = item.config.get_terminal_writer()
+    writer.line()
+    progress = ProgressLine(
+        lambda: f"{item.name}: " + progress_line([tally], time.monotonic() - started, Budget(started=started)),
+        stream=writer,
+        live=writer.hasmarkup,
+    )
     try:
-        return (yield)
+        with progress:
+            return (yield)
+    except BaseException as exc:
+        if not item.config.getoption("--no-save-findings"):
+            for failure in failures_in(exc):
+                path, new = save_finding(
+                    corpus_root(item.config),
+                    failure.scenario,
+                    failure.observations,
+                    failure.violations,
+                    failure.known,
+                    found_by=item.nodeid,
+                )
+                item.config.stash.setdefault(_SAVED, []).append((path, new))
+        raise
     finally:
-        check.report.tally(item.nodeid).wall_s += time.monotonic() - started
-        if check.last_failure is not None and not item.config.getoption("--no-save-findings"):
-            path, new = save_finding(corpus_root(item.config), *check.last_failure, found_by=item.nodeid)
-            item.config.stash.setdefault(_SAVED, []).append((path, new))
+        tally.wall_s += time.monotonic() - started
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
@@ -139,6 +171,8 @@ def _summarise_campaign(check: ContractCheck, config: pytest.Config, write) -> N
         )
         if tally.finding is not None:
             write(f"  FINDING: {'; '.join(tally.finding['violations'])}")
+    if _LOG in config.stash:
+        write(f"ranks' output: {config.stash[_LOG]}")
     for path, new in config.stash.get(_SAVED, []):
         write(f"finding saved to {path}" if new else f"finding already in the corpus: {path}")
         write(f"  replay: pytest fuzz/test_corpus.py -k {path.stem}; reproducer: python -m fsdp_fuzz repro {path}")

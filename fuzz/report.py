@@ -7,14 +7,18 @@ summarised on the terminal at the end of every run.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fsdp_fuzz.data import Observations, Scenario, Violation, observations_to_json, scenario_to_json
 from fsdp_fuzz.judge.known_issues import KnownIssue
+
+if TYPE_CHECKING:
+    from fsdp_fuzz.verdict import FailureClass
 
 
 @dataclass
@@ -26,16 +30,51 @@ class TargetTally:
     clauses: Counter = field(default_factory=Counter)
     """Violated clauses, known issues included."""
     known_issues: Counter = field(default_factory=Counter)
+    classes: Counter = field(default_factory=Counter)
+    """Runs per failure class (``FailureClass.name``), failing or not."""
+    first_seen: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per class, when the campaign first ran into it: seconds and scenarios."""
+    saved: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per class, when its shrunk finding was saved, and where."""
+    replayed_findings: int = 0
+    """Runs of a scenario this campaign saved as a finding (by any of its
+    workers): Hypothesis replaying its database."""
     finding: dict[str, Any] | None = None
     """The last unexplained failure: after shrinking, Hypothesis replays the minimal one last."""
+
+    def merge(self, other: TargetTally) -> None:
+        """Add another worker's tally of the same target."""
+        self.examples += other.examples
+        self.wall_s = max(self.wall_s, other.wall_s)
+        for mine, theirs in ((self.outcomes, other.outcomes), (self.clauses, other.clauses)):
+            mine.update(theirs)
+        self.known_issues.update(other.known_issues)
+        self.classes.update(other.classes)
+        for mine, theirs in ((self.first_seen, other.first_seen), (self.saved, other.saved)):
+            for name, when in theirs.items():
+                if name not in mine or when["seconds"] < mine[name]["seconds"]:
+                    mine[name] = when
+        self.replayed_findings += other.replayed_findings
+        self.finding = self.finding or other.finding
 
 
 @dataclass
 class CampaignReport:
     targets: dict[str, TargetTally] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
 
     def tally(self, target: str) -> TargetTally:
         return self.targets.setdefault(target, TargetTally())
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def record_saved(self, target: str, failure_class: FailureClass, path: str, new: bool) -> None:
+        tally = self.tally(target)
+        tally.saved.setdefault(
+            failure_class.name,
+            {"seconds": round(self.elapsed(), 1), "scenarios": tally.examples, "path": path, "new": new},
+        )
 
     def record(
         self,
@@ -45,9 +84,15 @@ class CampaignReport:
         violations: tuple[Violation, ...],
         known: KnownIssue | None,
         failed: bool,
+        failure_class: FailureClass | None = None,
     ) -> None:
         tally = self.tally(target)
         tally.examples += 1
+        if failure_class is not None:
+            tally.classes[failure_class.name] += 1
+            tally.first_seen.setdefault(
+                failure_class.name, {"seconds": round(self.elapsed(), 1), "scenarios": tally.examples}
+            )
         tally.outcomes.update(step.status.value for rank in observations.ranks for step in (rank.setup, *rank.steps))
         tally.clauses.update(violation.clause.value for violation in violations)
         if known is not None:
@@ -73,6 +118,10 @@ class CampaignReport:
                     "outcomes": dict(tally.outcomes),
                     "clauses": dict(tally.clauses),
                     "known_issues": dict(tally.known_issues),
+                    "classes": dict(tally.classes),
+                    "first_seen": tally.first_seen,
+                    "saved": tally.saved,
+                    "replayed_findings": tally.replayed_findings,
                 }
                 for name, tally in self.targets.items()
             },

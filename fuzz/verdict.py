@@ -1,9 +1,21 @@
-"""Applying the contract to one run: judge, triage, and explain."""
+"""Applying the contract to one run: judge, triage, classify, and explain.
+
+A failure reaches Hypothesis as an exception whose type names its class
+(``FailureClass``): Hypothesis tells bugs apart by exception type and
+location, so failures of different classes are shrunk and reported each on
+its own instead of sliding into the simplest one. The exception carries the
+failure itself, so whoever catches it saves exactly what Hypothesis replayed.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+
+import hypothesis
 
 from fsdp_fuzz.data import Observations, Scenario, Violation, dumps
 from fsdp_fuzz.judge.known_issues import KnownIssue, triage
@@ -11,28 +23,111 @@ from fsdp_fuzz.judge.oracles import describe, judge, order_warnings
 from fsdp_fuzz.report import CampaignReport
 
 
+@dataclass(frozen=True, order=True)
+class FailureClass:
+    """What makes two failing runs the same bug for a campaign: the known
+    issue that explains them, or for an unexplained run the clauses it
+    breaks and how (violation kinds)."""
+
+    known_issue: str | None
+    clauses: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, violations: tuple[Violation, ...], known: KnownIssue | None) -> FailureClass:
+        if known is not None:
+            return cls(known.name)
+        return cls(
+            None,
+            tuple(sorted({violation.clause.value for violation in violations})),
+            tuple(sorted({violation.kind.value for violation in violations})),
+        )
+
+    @property
+    def name(self) -> str:
+        if self.known_issue is not None:
+            return self.known_issue
+        return f"unknown: {'+'.join(self.clauses)} ({', '.join(self.kinds)})"
+
+
+@dataclass(frozen=True)
+class Failure:
+    scenario: Scenario
+    observations: Observations
+    violations: tuple[Violation, ...]
+    known: KnownIssue | None
+    failure_class: FailureClass
+
+
+class ContractViolation(AssertionError):
+    """A run that broke the contract; subclassed once per ``FailureClass``."""
+
+    failure: Failure
+
+
+_VIOLATION_TYPES: dict[FailureClass, type[ContractViolation]] = {}
+
+
+def violation_type(failure_class: FailureClass) -> type[ContractViolation]:
+    """The exception type of a class: one per class, the same every time."""
+    if failure_class not in _VIOLATION_TYPES:
+        name = f"ContractViolation[{failure_class.name}]"
+        _VIOLATION_TYPES[failure_class] = type(name, (ContractViolation,), {"__module__": __name__})
+    return _VIOLATION_TYPES[failure_class]
+
+
+def failures_in(exc: BaseException) -> Iterator[Failure]:
+    """The failures an exception from Hypothesis carries: one, or one per
+    class when several were found (an exception group)."""
+    if isinstance(exc, ContractViolation):
+        yield exc.failure
+    for inner in getattr(exc, "exceptions", ()):
+        yield from failures_in(inner)
+
+
+def only_contract_violations(exc: BaseException) -> bool:
+    """Whether an exception from Hypothesis holds contract violations only,
+    not a bug of the fuzzer's own."""
+    grouped = getattr(exc, "exceptions", None)
+    if isinstance(grouped, tuple):
+        return all(only_contract_violations(inner) for inner in grouped)
+    return isinstance(exc, ContractViolation)
+
+
 @dataclass
 class ContractCheck:
-    """Fails a run that breaks the contract, unless a known issue explains it.
+    """Fails a run that breaks the contract, unless a known issue explains it
+    or its class is already ``settled`` (saved earlier in this campaign).
 
-    Keeps count of the known issues it let through, for the end-of-run summary.
+    Keeps count of what it let through, for the end-of-run summary, and
+    steers Hypothesis (``target``) towards runs whose class is rare so far.
     """
 
     strict: bool = False
     report: CampaignReport = field(default_factory=CampaignReport)
     target: str = "(no target)"
     """The fuzz target being run; set by the pytest hooks."""
-    last_failure: tuple[Scenario, Observations, tuple[Violation, ...], KnownIssue | None] | None = None
-    """The latest run that failed: after shrinking, Hypothesis replays the minimal one last."""
+    settled: Callable[[str], bool] = lambda class_name: False
+    """Classes (by name) that count but no longer fail: a campaign saved them already."""
+    failed: bool = False
+    """Whether a run failed since this was last reset (Hypothesis is shrinking)."""
+    seen: Counter = field(default_factory=Counter)
+    """Runs per class, clean runs under None: what ``target`` steers by."""
 
     def __call__(self, scenario: Scenario, observations: Observations) -> KnownIssue | None:
         violations = judge(scenario, observations)
         known = triage(scenario, observations, violations) if violations else None
-        failed = bool(violations) and (known is None or self.strict)
-        self.report.record(self.target, scenario, observations, violations, known, failed)
+        failure_class = FailureClass.of(violations, known) if violations else None
+        self.seen[failure_class] += 1
+        if hypothesis.currently_in_test_context():
+            hypothesis.target(-math.log(self.seen[failure_class]), label="rarity of the run's class")
+        failed = bool(violations) and (known is None or self.strict) and not self.settled(failure_class.name)
+        self.report.record(self.target, scenario, observations, violations, known, failed, failure_class)
         if failed:
-            self.last_failure = (scenario, observations, violations, known)
-            raise AssertionError(explain(scenario, observations, violations, known))
+            self.failed = True
+            error = violation_type(failure_class)(explain(scenario, observations, violations, known))
+            error.failure = Failure(scenario, observations, violations, known, failure_class)
+            raise error
         return known
 
 

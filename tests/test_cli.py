@@ -105,12 +105,13 @@ def test_show_of_a_saved_finding_prints_its_recorded_verdict(tmp_path, capsys, r
 def test_both_engines_split_the_budget_and_are_summarised_each(tmp_path, capsys):
     report = tmp_path / "report.json"
     code = main(
-        ["run", "--target", "seed", "--engine", "both", "--examples", "4", "--seed", "2"]
-        + ["--corpus", str(tmp_path / "corpus"), "--report", str(report)]
+        ["run", "--target", "seed", "--engine", "both", "--examples", "4", "--seed", "2", "--workers", "1"]
+        + ["--corpus", str(tmp_path / "corpus"), "--report", str(report), "--database", "none"]
+        + ["--log-dir", str(tmp_path / "logs")]
     )
     assert code in (0, 1)
     shown = capsys.readouterr().out
     assert "with fsdp1 and fsdp2" in shown
-    assert "summary: seed[fsdp1]: 2 scenarios" in shown and "summary: seed[fsdp2]: 2 scenarios" in shown
+    assert "  seed[fsdp1]: 2 scenarios" in shown and "  seed[fsdp2]: 2 scenarios" in shown
     targets = json.loads(report.read_text())["targets"]
     assert {name: tally["examples"] for name, tally in targets.items()} == {"seed[fsdp1]": 2, "seed[fsdp2]": 2}

@@ -115,10 +115,12 @@ def test_killed_worker_is_a_crash_and_the_pool_respawns():
 def test_closing_leaves_no_process_or_directory():
     pool = RankPool(2, group_timeout_s=TIMEOUT_S)
     pool.run(CLEAN)
-    pids, workdir = pool.pids(), pool._workdir
+    sets = [pool._active, pool._spare]
+    pids = [worker.pid for ranks in sets for worker in ranks.handles().processes]
     pool.close()
+    assert len(pids) == 4
     assert not any(alive(pid) for pid in pids)
-    assert not Path(workdir).exists()
+    assert not any(Path(ranks.workdir).exists() for ranks in sets)
 
 
 def test_workers_die_with_a_killed_campaign():

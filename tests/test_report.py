@@ -73,7 +73,7 @@ def test_fuzz_report_is_written(tmp_path):
     assert tally["examples"] >= 30 and tally["wall_s"] > 0
 
 
-def test_a_failing_target_saves_its_shrunk_finding_to_the_corpus(tmp_path):
+def test_a_failing_target_saves_one_shrunk_finding_per_class_to_the_corpus(tmp_path):
     corpus = tmp_path / "corpus"
     result = run_pytest(
         "fuzz/test_seed_family.py::test_seed_family_keeps_the_contract",
@@ -83,10 +83,15 @@ def test_a_failing_target_saves_its_shrunk_finding_to_the_corpus(tmp_path):
         env={"HYPOTHESIS_PROFILE": "ci"},
     )
     assert result.returncode == 1, result.stdout[-2000:]
-    (saved,) = sorted((corpus / "found").glob("*.json"))
-    assert f"finding saved to {saved}" in result.stdout
-    assert f"python -m fsdp_fuzz repro {saved}" in result.stdout
-    document = json.loads(saved.read_text())
-    assert document["finding"]["found_by"] == "fuzz/test_seed_family.py::test_seed_family_keeps_the_contract"
-    assert document["known_issue"] is not None, "--strict-contract fails known issues, and says which"
-    assert document["finding"]["violations"] and document["observations"]["backend"] == "gloo"
+    saved = sorted((corpus / "found").glob("*.json"))
+    assert len(saved) >= 2, "the seed family breaks the strict contract in several ways, each its own finding"
+    issues = []
+    for path in saved:
+        assert f"finding saved to {path}" in result.stdout
+        assert f"python -m fsdp_fuzz repro {path}" in result.stdout
+        document = json.loads(path.read_text())
+        assert document["finding"]["found_by"] == "fuzz/test_seed_family.py::test_seed_family_keeps_the_contract"
+        assert document["finding"]["violations"] and document["observations"]["backend"] == "gloo"
+        issues.append(document["known_issue"])
+    assert None not in issues, "--strict-contract fails known issues, and says which"
+    assert len(set(issues)) == len(issues), "one finding per class"

@@ -27,7 +27,9 @@ def test_a_saved_finding_replays_and_becomes_a_standalone_reproducer(tmp_path):
     corpus = tmp_path / "corpus"
     # --strict makes the seed family's known issues findings, so a short,
     # seeded campaign is sure to find (and shrink) one.
-    campaign = fuzz("run", "--target", "seed", "--strict", "--examples", "30", "--seed", "1", "--corpus", str(corpus))
+    campaign = fuzz(
+        "run", "--target", "seed", "--strict", "--examples", "30", "--seed", "1", "--corpus", str(corpus), cwd=tmp_path
+    )
     assert campaign.returncode == 1, campaign.stdout + campaign.stderr
     assert "summary:" in campaign.stdout and "finding NEW" in campaign.stdout
     found = corpus_files(corpus / "found")
@@ -59,11 +61,10 @@ def test_a_saved_finding_replays_and_becomes_a_standalone_reproducer(tmp_path):
 
 
 def test_a_time_budget_ends_the_campaign_with_a_summary(tmp_path):
-    campaign = fuzz("run", "--target", "seed", "--time", "3s", "--seed", "3", "--corpus", str(tmp_path))
+    campaign = fuzz("run", "--target", "seed", "--time", "3s", "--seed", "3", "--corpus", str(tmp_path), cwd=tmp_path)
     assert campaign.returncode in (0, 1), campaign.stderr[-2000:]
     assert "for 3 s on cpu" in campaign.stdout
-    progress = [line for line in campaign.stdout.splitlines() if line.startswith("[")]
-    assert progress and " s left" in progress[-1]
-    scenarios = int(progress[-1].split("]")[1].split()[0])
+    (summary,) = [line for line in campaign.stdout.splitlines() if line.startswith("summary: ")]
+    scenarios = int(summary.split()[1])
     assert scenarios > 0, "the budget allowed at least one scenario"
-    assert "summary:" in campaign.stdout
+    assert "ranks' output: " in campaign.stdout

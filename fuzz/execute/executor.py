@@ -57,7 +57,7 @@ UNSHARD, REDUCE_GRAD, ORDER_CHECK = "unshard", "reduce_grad", "order_check"
 
 STARTUP_TIMEOUT_S = 120.0
 """For a rank's first report: starting Python, importing torch, the rendezvous."""
-DEADLOCK_AFTER_S = 0.3
+DEADLOCK_AFTER_S = 0.1
 """How long every unfinished rank must sit blocked, nothing running, before
 the parent calls it a deadlock rather than wait out the group's timeout."""
 LEARNING_RATE = 0.01
@@ -788,11 +788,14 @@ def serve_scenario(scenario: Json, scenario_id: int, rank: int, placement: Place
     finally:
         # A peer still inside a collective must end by its own timeout (a
         # hang), not by this rank closing the connection under it (an error).
+        started = time.perf_counter()
         try:
             dist.barrier()
         except RuntimeError:
             pass  # a peer died: nobody is left to wait for
+        timings["barrier"] = time.perf_counter() - started
         groups.destroy()
+        timings["teardown"] = time.perf_counter() - started - timings["barrier"]
     reports.put(("done", rank, scenario_id, timings))
 
 
@@ -908,7 +911,7 @@ def collect_outcomes(
     hang is recognised sooner: when every unfinished rank has been blocked
     that long with no thread running, nothing can move again before the
     timeout, so each blocked rank is asked where it is (``answer_inquiries``)
-    and its answer is recorded as the hang. One silent for ``progress_s`` is
+    and its answer is recorded as the hang. Not with the collective checker on. One silent for ``progress_s`` is
     stuck elsewhere and is recorded as hung at the step it was in. Steps a
     rank never reached did not run.
     """
@@ -917,11 +920,15 @@ def collect_outcomes(
     collected = Collected([[] for _ in range(world_size)], set(), set(), [{} for _ in range(world_size)])
     done: set[int] = set()
     anchor, limit = time.monotonic(), first_report_s
-    activity = RankActivity(ranks.pid) if deadlock_after_s is not None and RankActivity.available else None
+    # At DETAIL, torch's collective checker turns such a wait into an error
+    # naming the missing rank, after the group's timeout: that is FSDP's to
+    # say, so the wait is not cut short.
+    watch = deadlock_after_s is not None and not scenario["collective_checker"] and RankActivity.available
+    activity = RankActivity(ranks.pid) if watch else None
     quiet: tuple[float, tuple[int, ...]] | None = None
     while len(done) < world_size:
         try:
-            kind, rank, tag, payload = reports.get(timeout=0.05)
+            kind, rank, tag, payload = reports.get(timeout=0.02)
         except queue.Empty:
             for rank in sorted(set(range(world_size)) - done):
                 if not ranks.is_alive(rank):
@@ -931,11 +938,12 @@ def collect_outcomes(
                     done.add(rank)
             if time.monotonic() - anchor > limit:
                 for rank in sorted(set(range(world_size)) - done):
-                    message = f"no report from rank {rank} for {limit:.0f} s"
-                    collected.outcomes[rank].append({"status": HANG, "error_message": message})
+                    if len(collected.outcomes[rank]) < total:  # else it waits at the final barrier
+                        message = f"no report from rank {rank} for {limit:.0f} s"
+                        collected.outcomes[rank].append({"status": HANG, "error_message": message})
                     collected.silent.add(rank)
                 break
-            if activity is not None and not collected.crashed and len(done) < world_size:
+            if activity is not None and len(done) < world_size:
                 used = activity.sample(set(range(world_size)) - done)
                 if used is None or quiet is None or used != quiet[1]:
                     quiet = None if used is None else (time.monotonic(), used)

@@ -52,7 +52,7 @@ from fsdp_fuzz.execute.executor import (
 )
 from fsdp_fuzz.execute.observe import observations_of
 
-DEFAULT_GROUP_TIMEOUT_S = 2.0
+DEFAULT_GROUP_TIMEOUT_S = 1.0
 
 PRELOAD = ["torch", "torch.distributed", "torch.distributed.fsdp", "torch._dynamo", "fsdp_fuzz.execute.executor"]
 """What the fork server imports once, so that no worker imports it again
@@ -77,6 +77,7 @@ LEGACY = FailureHandling(start_method="spawn", deadlock_after_s=None)
 class PoolStats:
     scenarios: int = 0
     respawns: int = 0
+    """Rank sets replaced after a crash, a silent rank or a deadlock."""
     hangs: int = 0
     """Scenarios in which some rank hung."""
     crashes: int = 0
@@ -85,8 +86,85 @@ class PoolStats:
     """Scenarios whose hang was recognised as a deadlock, before any timeout."""
 
 
+class RankSet:
+    """One rank process per rank of a world, with the queues to reach them
+    and a private directory (their rendezvous file and stack dumps)."""
+
+    def __init__(self, pool: RankPool) -> None:
+        context = pool._context
+        self.workdir = tempfile.mkdtemp(prefix="fsdp-fuzz-pool-")
+        self.reports = context.Queue()
+        self.commands = [context.Queue() for _ in range(pool.world_size)]
+        self.inquiries = [context.Queue() for _ in range(pool.world_size)]
+        store = os.path.join(self.workdir, "store")
+        log = None if pool.log_path is None else str(pool.log_path)
+        self.workers = [
+            context.Process(
+                target=_worker_main,
+                args=(rank, pool.world_size, store, self.workdir, pool.placement, pool.group_timeout_s, log),
+                kwargs={"commands": self.commands[rank], "inquiries": self.inquiries[rank], "reports": self.reports},
+                daemon=True,
+            )
+            for rank in range(pool.world_size)
+        ]
+        self._starting = threading.Thread(target=self._start_workers, daemon=True)
+
+    def start(self, background: bool = False) -> RankSet:
+        """Start the processes; in the background, the parent goes on at once
+        (starting a process from the fork server takes tens of milliseconds)."""
+        self._starting.start()
+        if not background:
+            self._starting.join()
+        return self
+
+    def _start_workers(self) -> None:
+        for worker in self.workers:
+            worker.start()
+
+    def handles(self) -> RankHandles:
+        self._starting.join()
+        return RankHandles(self.workers, self.inquiries)
+
+    def stop(self, at_once: bool = False) -> None:
+        """End the workers: asked to, or (``at_once``, when they are stuck
+        or their group is broken) killed."""
+        if self._starting.ident is not None:
+            self._starting.join()
+        for commands, worker in zip(self.commands, self.workers, strict=True):
+            if worker.pid is not None and worker.is_alive() and not at_once:
+                commands.put(None)
+        deadline = time.monotonic() + (0 if at_once else 2)
+        for worker in self.workers:
+            if worker.pid is None:
+                continue  # never started
+            worker.join(timeout=max(0.0, deadline - time.monotonic()))
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+        for channel in [*self.commands, *self.inquiries, self.reports]:
+            channel.close()
+            channel.join_thread()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def dump_stacks(self, ranks: set[int]) -> dict[int, str]:
+        """Ask silent workers for their Python stacks (``faulthandler`` on SIGUSR1)."""
+        for rank in ranks:
+            os.kill(self.workers[rank].pid, signal.SIGUSR1)
+        time.sleep(0.5)
+        stacks = {}
+        for rank in ranks:
+            path = os.path.join(self.workdir, f"stack-{rank}.txt")
+            try:
+                with open(path) as dump:
+                    stacks[rank] = dump.read()
+            except OSError:
+                stacks[rank] = "(no stack: the worker did not answer SIGUSR1)"
+        return stacks
+
+
 class RankPool:
-    """``world_size`` worker processes that run scenarios of that size."""
+    """``world_size`` worker processes that run scenarios of that size, and
+    with ``FAST`` handling a spare set started ahead to replace them."""
 
     def __init__(
         self,
@@ -107,11 +185,8 @@ class RankPool:
         self._context = mp.get_context(handling.start_method)
         if handling.start_method == "forkserver":
             self._context.set_forkserver_preload(PRELOAD)
-        self._workers: list = []
-        self._commands: list = []
-        self._inquiries: list = []
-        self._reports = None
-        self._workdir: str | None = None
+        self._active: RankSet | None = None
+        self._spare: RankSet | None = None
         self._next_id = 1
         self._traced: set[str] = set()
         """Engines whose trace hooks this torch was checked to have."""
@@ -129,19 +204,18 @@ class RankPool:
         if scenario.engine not in self._traced:
             check_trace(scenario.engine)
             self._traced.add(scenario.engine)
-        if not self._workers:
-            self._start()
+        ranks = self._ranks()
         scenario_id, self._next_id = self._next_id, self._next_id + 1
         encoded = scenario_to_json(scenario, complete=True)
-        for commands in self._commands:
+        for commands in ranks.commands:
             commands.put((scenario_id, encoded))
         collected = collect_outcomes(
             encoded,
-            self._reports,
+            ranks.reports,
             scenario_id,
-            RankHandles(self._workers, self._inquiries),
+            ranks.handles(),
             first_report_s=STARTUP_TIMEOUT_S,
-            progress_s=2 * self.group_timeout_s,
+            progress_s=3 * self.group_timeout_s + 2,
             deadlock_after_s=self.handling.deadlock_after_s,
         )
         self.stats.scenarios += 1
@@ -149,83 +223,41 @@ class RankPool:
         if any(outcome["status"] == HANG for outcomes in collected.outcomes for outcome in outcomes):
             self.stats.hangs += 1
         if collected.silent:
-            stacks = self._dump_stacks(collected.silent)
+            stacks = ranks.dump_stacks(collected.silent)
             for rank in collected.silent:
-                hung = next(outcome for outcome in collected.outcomes[rank] if outcome["status"] == HANG)
-                hung["stack"] = stacks[rank]
+                for outcome in collected.outcomes[rank]:
+                    if outcome["status"] == HANG and "stack" not in outcome:
+                        outcome["stack"] = stacks[rank]
         if collected.crashed:
             self.stats.crashes += 1
         if collected.deadlocked:
             self.stats.deadlocks += 1
         if collected.silent or collected.crashed or collected.deadlocked:
-            self._stop(at_once=True)
-            if self.handling.start_method == "forkserver":
-                self._start()
+            ranks.stop(at_once=True)
+            self._active = None
+            self.stats.respawns += 1
         return observations_of(scenario, self.placement, collected.outcomes)
 
+    def _ranks(self) -> RankSet:
+        """The active set; a replacement comes from the spare, and a new spare
+        starts in the background at once."""
+        if self._active is None:
+            if self._spare is not None:
+                self._active, self._spare = self._spare, None
+            else:
+                self._active = RankSet(self).start()
+        if self.handling.start_method == "forkserver" and self._spare is None:
+            self._spare = RankSet(self).start(background=True)
+        return self._active
+
     def close(self) -> None:
-        self._stop()
+        for ranks in (self._active, self._spare):
+            if ranks is not None:
+                ranks.stop()
+        self._active = self._spare = None
 
     def pids(self) -> list[int]:
-        return [worker.pid for worker in self._workers]
-
-    def _start(self) -> None:
-        if self._workdir is not None:
-            self.stats.respawns += 1
-        self._workdir = tempfile.mkdtemp(prefix="fsdp-fuzz-pool-")
-        self._reports = self._context.Queue()
-        self._commands = [self._context.Queue() for _ in range(self.world_size)]
-        self._inquiries = [self._context.Queue() for _ in range(self.world_size)]
-        store = os.path.join(self._workdir, "store")
-        log = None if self.log_path is None else str(self.log_path)
-        self._workers = [
-            self._context.Process(
-                target=_worker_main,
-                args=(rank, self.world_size, store, self._workdir, self.placement, self.group_timeout_s, log),
-                kwargs={"commands": self._commands[rank], "inquiries": self._inquiries[rank], "reports": self._reports},
-                daemon=True,
-            )
-            for rank in range(self.world_size)
-        ]
-        for worker in self._workers:
-            worker.start()
-
-    def _stop(self, at_once: bool = False) -> None:
-        """End the workers: asked to, or (``at_once``, when they are stuck
-        or their group is broken) killed."""
-        for commands, worker in zip(self._commands, self._workers, strict=True):
-            if worker.pid is not None and worker.is_alive() and not at_once:
-                commands.put(None)
-        deadline = time.monotonic() + (0 if at_once else 2)
-        for worker in self._workers:
-            if worker.pid is None:
-                continue  # never started
-            worker.join(timeout=max(0.0, deadline - time.monotonic()))
-            if worker.is_alive():
-                worker.kill()
-                worker.join()
-        for channel in [*self._commands, *self._inquiries, self._reports]:
-            if channel is not None:
-                channel.close()
-                channel.join_thread()
-        self._workers, self._commands, self._inquiries, self._reports = [], [], [], None
-        if self._workdir is not None:
-            shutil.rmtree(self._workdir, ignore_errors=True)
-
-    def _dump_stacks(self, ranks: set[int]) -> dict[int, str]:
-        """Ask silent workers for their Python stacks (``faulthandler`` on SIGUSR1)."""
-        for rank in ranks:
-            os.kill(self._workers[rank].pid, signal.SIGUSR1)
-        time.sleep(0.5)
-        stacks = {}
-        for rank in ranks:
-            path = os.path.join(self._workdir, f"stack-{rank}.txt")
-            try:
-                with open(path) as dump:
-                    stacks[rank] = dump.read()
-            except OSError:
-                stacks[rank] = "(no stack: the worker did not answer SIGUSR1)"
-        return stacks
+        return [worker.pid for worker in self._active.workers] if self._active is not None else []
 
 
 class PoolSet:
@@ -264,8 +296,8 @@ class PoolSet:
         self.close()
 
 
-def _die_with_campaign() -> None:
-    """Exit when the process that started this worker dies, however it dies.
+def die_with_parent() -> None:
+    """Exit when the process that started this one dies, however it dies.
 
     Not ``PR_SET_PDEATHSIG``: a worker's parent is the fork server, which
     outlives a killed campaign as long as any worker holds its pipe.
@@ -277,7 +309,7 @@ def _die_with_campaign() -> None:
         os._exit(1)
 
     if parent is not None:
-        threading.Thread(target=watch, daemon=True, name="fsdp-fuzz-watch-campaign").start()
+        threading.Thread(target=watch, daemon=True, name="fsdp-fuzz-watch-parent").start()
 
 
 def _worker_main(
@@ -285,8 +317,9 @@ def _worker_main(
 ) -> None:
     import faulthandler
 
-    _die_with_campaign()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the campaign ends the pool, whatever signal it gets
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if log_path is not None:
         log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.dup2(log, 1)

@@ -1,0 +1,264 @@
+"""A campaign on several workers: processes side by side, each with its own
+pools and Hypothesis runs, sharing one example database, one ledger of saved
+classes and the corpus.
+
+The parent starts the workers, shows one progress line for all of them,
+merges their reports and ends them cleanly: SIGINT and SIGTERM ask every
+worker to stop after its current scenario, and the campaign still prints
+its summary and writes its report. Workers and their ranks die with the
+parent however it dies, and a campaign removes the temporary directories of
+campaigns that were killed before it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing.util
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch.multiprocessing as mp
+from hypothesis.database import DirectoryBasedExampleDatabase, ExampleDatabase
+
+from fsdp_fuzz.campaign import Budget, CampaignResult, run_campaign, target_name
+from fsdp_fuzz.execute.executor import Placement
+from fsdp_fuzz.execute.pool import PoolSet, die_with_parent
+from fsdp_fuzz.ledger import Ledger
+from fsdp_fuzz.report import CampaignReport, TargetTally
+from fsdp_fuzz.verdict import ContractCheck
+
+TEMPORARY_PREFIX = "fsdp-fuzz-campaign-"
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+"""How a campaign ends on a signal: 128 plus the signal's number, as shells do."""
+
+
+@dataclass(frozen=True)
+class CampaignSpec:
+    """Everything a worker needs, as plain data: it crosses a process start."""
+
+    target: str
+    engines: tuple[str, ...]
+    examples: int | None
+    """Per worker."""
+    seconds: float | None
+    corpus: Path
+    strict: bool
+    seed: int | None
+    database: str | None
+    """A directory, ``redis://host:port/db``, or None for no database."""
+    device: str
+    group_timeout_s: float
+    directory: Path
+    """The campaign's own: the ledger and the ranks' log."""
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "ranks.log"
+
+
+@dataclass
+class WorkerResult:
+    tallies: dict[str, TargetTally]
+    findings: list[tuple[Path, bool]]
+    hypothesis_runs: int
+    flaky: int
+
+
+class KeepingFindings(ExampleDatabase):
+    """A shared database from which no worker deletes a finding.
+
+    Hypothesis deletes a saved failure that no longer fails when it replays
+    it. In a campaign that is every finding a worker has settled, and a
+    worker that joins later must still replay it. So deletions from the
+    primary corpus (the minimal failures) are dropped; Hypothesis's other
+    corpora (``.secondary``, ``.pareto``) are tended as usual.
+    """
+
+    def __init__(self, shared: ExampleDatabase) -> None:
+        super().__init__()
+        self.shared = shared
+
+    def save(self, key: bytes, value: bytes) -> None:
+        self.shared.save(key, value)
+
+    def fetch(self, key: bytes):
+        return self.shared.fetch(key)
+
+    def delete(self, key: bytes, value: bytes) -> None:
+        if key.endswith((b".secondary", b".pareto")):
+            self.shared.delete(key, value)
+
+    def move(self, src: bytes, dest: bytes, value: bytes) -> None:
+        self.shared.move(src, dest, value)
+
+
+def open_database(location: str | None) -> ExampleDatabase | None:
+    """The example database the workers share: a directory on this machine,
+    or a Redis server that workers on other machines reach too."""
+    if location is None or location == "none":
+        return None
+    if location.startswith(("redis://", "rediss://", "unix://")):
+        try:
+            import redis
+            from hypothesis.extra.redis import RedisExampleDatabase
+        except ImportError:
+            raise ValueError(
+                f"--database {location} needs the redis client: pip install 'fsdp-path-fuzzer[redis]'"
+            ) from None
+        return KeepingFindings(RedisExampleDatabase(redis.Redis.from_url(location), key_prefix=b"fsdp-fuzz:"))
+    return KeepingFindings(DirectoryBasedExampleDatabase(location))
+
+
+def run_workers(
+    spec: CampaignSpec, workers: int, note: Callable[[str], None], show: Callable[[list[TargetTally]], None]
+) -> tuple[CampaignReport, WorkerResult, int | None]:
+    """Run the campaign on ``workers`` processes. ``note`` gets lasting lines
+    (findings), ``show`` every worker's latest tallies as they come. Returns
+    the merged report, the merged result, and the signal that ended the
+    campaign early, if any."""
+    remove_abandoned_temporaries()
+    context = mp.get_context("spawn")
+    events, stop = context.Queue(), context.Event()
+    received: list[int] = []
+
+    def request_stop(signum, frame) -> None:
+        received.append(signum)
+        stop.set()
+
+    previous = {signum: signal.signal(signum, request_stop) for signum in EXIT_CODES}
+    processes = [
+        context.Process(target=campaign_worker, args=(index, spec, events, stop), daemon=False)
+        for index in range(workers)
+    ]
+    latest: dict[int, dict[str, TargetTally]] = {}
+    results: dict[int, WorkerResult] = {}
+    try:
+        for process in processes:
+            process.start()
+        while len(results) < workers:
+            try:
+                kind, index, payload = events.get(timeout=0.2)
+            except Exception:  # queue.Empty, or EINTR on a signal
+                for index, process in enumerate(processes):
+                    if index not in results and not process.is_alive():
+                        note(f"worker {index} ended without a report (exit code {process.exitcode})")
+                        results[index] = WorkerResult(latest.get(index, {}), [], 0, 0)
+                continue
+            if kind == "note":
+                note(f"worker {index}: {payload}" if workers > 1 else payload)
+            elif kind == "progress":
+                latest[index] = payload
+                show([tally for tallies in latest.values() for tally in tallies.values()])
+            elif kind == "done":
+                results[index] = payload
+                latest[index] = payload.tallies
+    finally:
+        stop.set()
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        events.close()
+        events.join_thread()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    report = CampaignReport(started=spec.started)
+    merged = WorkerResult({}, [], 0, 0)
+    for result in results.values():
+        for name, tally in result.tallies.items():
+            report.tally(name).merge(tally)
+        merged.findings += result.findings
+        merged.hypothesis_runs += result.hypothesis_runs
+        merged.flaky += result.flaky
+    merged.tallies = report.targets
+    return report, merged, received[0] if received else None
+
+
+def campaign_worker(index: int, spec: CampaignSpec, events, stop) -> None:
+    """One worker: its own pools and Hypothesis runs, the engines one after
+    the other with the budget split between them."""
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent asks through ``stop``
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    temporary = tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{os.getpid()}-")
+    tempfile.tempdir = temporary  # the pools' and multiprocessing's own directories go in here
+    # Removed at exit after multiprocessing removes its own directory in it
+    # (a finaliser of priority -100).
+    multiprocessing.util.Finalize(None, shutil.rmtree, args=(temporary, True), exitpriority=-101)
+    check = ContractCheck(strict=spec.strict, report=CampaignReport(started=spec.started))
+    last_sent = 0.0
+
+    def send_progress(force: bool = False) -> None:
+        nonlocal last_sent
+        if force or time.monotonic() - last_sent >= 1.0:
+            last_sent = time.monotonic()
+            events.put(("progress", index, {name: _copy(tally) for name, tally in check.report.targets.items()}))
+
+    findings: list[tuple[Path, bool]] = []
+    runs = flaky = 0
+    try:
+        with PoolSet(Placement(spec.device), spec.group_timeout_s, log_path=spec.log_path) as pools:
+            examples, seconds = spec.examples, spec.seconds
+            for position, engine in enumerate(spec.engines):
+                share = len(spec.engines) - position
+                budget = Budget(
+                    examples=None if examples is None else max(1, examples // share),
+                    seconds=None if seconds is None else max(0.0, spec.started + seconds - time.monotonic()) / share,
+                )
+                check.report.tally(target_name(spec.target, engine))
+                result: CampaignResult = run_campaign(
+                    spec.target,
+                    pools,
+                    check,
+                    budget,
+                    spec.corpus,
+                    Ledger(spec.directory / "ledger"),
+                    note=lambda text: events.put(("note", index, text)),
+                    random_seed=None if spec.seed is None else spec.seed * 1000 + index,
+                    engine=engine,
+                    database=open_database(spec.database),
+                    stop_requested=stop.is_set,
+                    after_each=send_progress,
+                )
+                findings += result.findings
+                runs += result.hypothesis_runs
+                flaky += result.flaky
+                if examples is not None:
+                    examples -= result.examples
+                if stop.is_set():
+                    break
+    finally:
+        send_progress(force=True)
+        events.put(("done", index, WorkerResult(dict(check.report.targets), findings, runs, flaky)))
+        events.close()
+        events.join_thread()
+
+
+def _copy(tally: TargetTally) -> TargetTally:
+    merged = TargetTally()
+    merged.merge(tally)
+    merged.wall_s = tally.wall_s
+    return merged
+
+
+def remove_abandoned_temporaries() -> None:
+    """Remove what campaigns killed outright (SIGKILL) left in the
+    temporary directory: each directory names the process that made it."""
+    for path in Path(tempfile.gettempdir()).glob(f"{TEMPORARY_PREFIX}*"):
+        try:
+            pid = int(path.name.removeprefix(TEMPORARY_PREFIX).split("-", 1)[0])
+        except ValueError:
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            continue  # another user's, alive
