@@ -126,16 +126,15 @@ def run_campaign(
         claims = ledger.claims()
         saved_scenarios = frozenset(claims.values())
         check.settled = claims.__contains__
-        hypothesis_run = seed(rng.getrandbits(64))(
-            settings(
-                max_examples=max(1, min(remaining, RUN_EXAMPLES)),
-                deadline=None,
-                database=database,
-                phases=(Phase.reuse, Phase.generate, Phase.target, Phase.shrink),
-                suppress_health_check=list(HealthCheck),
-                print_blob=False,
-            )(given(strategy)(one_scenario))
-        )
+        # The seed goes on first: applied last, ``seed`` would turn the database off.
+        hypothesis_run = settings(
+            max_examples=max(1, min(remaining, RUN_EXAMPLES)),
+            deadline=None,
+            database=database,
+            phases=(Phase.reuse, Phase.generate, Phase.target, Phase.shrink),
+            suppress_health_check=list(HealthCheck),
+            print_blob=False,
+        )(seed(rng.getrandbits(64))(given(strategy)(one_scenario)))
         try:
             hypothesis_run()
         except Stop:

@@ -256,9 +256,19 @@ def remove_abandoned_temporaries() -> None:
             pid = int(path.name.removeprefix(TEMPORARY_PREFIX).split("-", 1)[0])
         except ValueError:
             continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):
             shutil.rmtree(path, ignore_errors=True)
-        except PermissionError:
-            continue  # another user's, alive
+
+
+def _alive(pid: int) -> bool:
+    """Running, or at least not a zombie nobody has reaped yet."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True  # no /proc: alive, as far as can be told
