@@ -172,9 +172,11 @@ def progress_line(tallies: list[TargetTally], elapsed: float, budget: Budget, wo
     saved = {name for tally in tallies for name in tally.saved}
     outcomes = sum((tally.outcomes for tally in tallies), Counter())
     on = f" on {workers} workers" if workers > 1 else ""
+    over = budget.spent(examples)
     return (
         f"[{elapsed:5.0f} s] {examples}{of} scenarios{on} ({rate:.1f}/s{left}); "
         f"classes: {len(seen)} seen, {len(saved)} saved; steps: {counts(outcomes)}"
+        + ("; budget spent, shrinking what was found" if over else "")
     )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from fsdp_fuzz.corpus import load_entry
 from fsdp_fuzz.data import Status
 from fsdp_fuzz.execute.pool import FailureHandling, RankPool
 from fsdp_fuzz.execute.spawn import run_scenario
@@ -94,6 +95,22 @@ def test_deadlock_is_recognised_long_before_the_group_timeout():
         assert max(costs) < 2.0, f"hangs cost {costs}"
         assert pool.stats.deadlocks == 3
         assert statuses(pool.run(CLEAN)) == [[Status.OK] * 4] * 2
+
+
+def test_a_crash_gives_the_same_observation_every_time_and_costs_no_respawn_wait():
+    """FSDP2 with a first-iteration divergence: gloo aborts a rank (a size
+    mismatch). The spare set takes over, so the next scenario starts at once."""
+    crashing = load_entry(ROOT / "corpus" / "seed-fsdp2" / "fsdp2-invalid_first_iter_order-full_shard.json").scenario
+    with RankPool(2, group_timeout_s=30) as pool:
+        pool.run(CLEAN)
+        observed = [pool.run(crashing) for _ in range(3)]
+        started = time.monotonic()
+        after = pool.run(CLEAN)
+        assert time.monotonic() - started < 2.0
+    assert any(Status.CRASH in row for row in statuses(observed[0]))
+    assert observed[1] == observed[0] and observed[2] == observed[0]
+    assert pool.stats.crashes == 3 and pool.stats.respawns == 3
+    assert statuses(after) == [[Status.OK] * 4] * 2
 
 
 def test_killed_worker_is_a_crash_and_the_pool_respawns():
