@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import HealthCheck, Phase, Verbosity, given, seed, settings
 from hypothesis import strategies as st
 from hypothesis.database import ExampleDatabase
 from hypothesis.errors import Flaky
@@ -134,6 +134,7 @@ def run_campaign(
             phases=(Phase.reuse, Phase.generate, Phase.target, Phase.shrink),
             suppress_health_check=list(HealthCheck),
             print_blob=False,
+            verbosity=Verbosity.quiet,  # the campaign reports its findings itself
         )(seed(rng.getrandbits(64))(given(strategy)(one_scenario)))
         try:
             hypothesis_run()
@@ -144,7 +145,7 @@ def run_campaign(
             note(f"a failure did not replay, run dropped (nondeterministic observation?): {str(exc).splitlines()[0]}")
         except Exception as exc:
             if not only_contract_violations(exc):
-                note("the fuzzer itself failed on the scenario above (a harness bug, not an FSDP finding)")
+                note("the fuzzer itself failed (a harness bug, not an FSDP finding); its traceback follows")
                 raise
             found_by = f"python -m fsdp_fuzz run --target {target} --engine {engine}"
             for failure in failures_in(exc):

@@ -2,8 +2,9 @@
 
 Exit codes: 0 all good, 1 a finding or a replay that did not pass,
 2 bad input (the message names it and the fix), 3 the fuzzer cannot observe
-FSDP on this torch (a hook it relies on is gone), 4 the device cannot run it,
-130 and 143 a campaign stopped by SIGINT or SIGTERM (after its summary).
+FSDP on this torch (a hook it relies on is gone) or failed itself, 4 the
+device cannot run it, 130 and 143 a campaign stopped by SIGINT or SIGTERM
+(after its summary).
 """
 
 from __future__ import annotations
@@ -193,6 +194,9 @@ def _run(args: argparse.Namespace) -> int:
     if signum is not None:
         print(f"  stopped by {signal.Signals(signum).name}")
         return EXIT_CODES[signum]
+    if result.error is not None:
+        print("  the fuzzer itself failed (see above): a bug of the fuzzer's own, not an FSDP finding")
+        return 3
     return 1 if result.findings else 0
 
 

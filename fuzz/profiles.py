@@ -1,7 +1,7 @@
 """Hypothesis profiles: ``dev`` (the default), ``ci`` and ``nightly``.
 
 Every example runs on real ranks of a persistent pool: tens of milliseconds,
-or a group timeout (2 s) when ranks hang, so deadlines are off and example
+or a fraction of a second when ranks hang, so deadlines are off and example
 counts are modest next to a typical Hypothesis suite.
 """
 

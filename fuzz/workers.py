@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import multiprocessing.util
 import os
+import queue
 import shutil
 import signal
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +70,8 @@ class WorkerResult:
     findings: list[tuple[Path, bool]]
     hypothesis_runs: int
     flaky: int
+    error: str | None = None
+    """The traceback of a failure of the fuzzer's own, if the worker had one."""
 
 
 class KeepingFindings(ExampleDatabase):
@@ -144,11 +148,11 @@ def run_workers(
         while len(results) < workers:
             try:
                 kind, index, payload = events.get(timeout=0.2)
-            except Exception:  # queue.Empty, or EINTR on a signal
+            except queue.Empty:
                 for index, process in enumerate(processes):
                     if index not in results and not process.is_alive():
-                        note(f"worker {index} ended without a report (exit code {process.exitcode})")
-                        results[index] = WorkerResult(latest.get(index, {}), [], 0, 0)
+                        error = f"worker {index} ended without a report (exit code {process.exitcode})"
+                        results[index] = WorkerResult(latest.get(index, {}), [], 0, 0, error)
                 continue
             if kind == "note":
                 note(f"worker {index}: {payload}" if workers > 1 else payload)
@@ -158,6 +162,8 @@ def run_workers(
             elif kind == "done":
                 results[index] = payload
                 latest[index] = payload.tallies
+                if payload.error is not None:
+                    note(f"worker {index} failed, a bug of the fuzzer's own, not an FSDP finding:\n{payload.error}")
     finally:
         stop.set()
         for process in processes:
@@ -172,6 +178,7 @@ def run_workers(
     report = CampaignReport(started=spec.started)
     merged = WorkerResult({}, [], 0, 0)
     for result in results.values():
+        merged.error = merged.error or result.error
         for name, tally in result.tallies.items():
             report.tally(name).merge(tally)
         merged.findings += result.findings
@@ -203,6 +210,7 @@ def campaign_worker(index: int, spec: CampaignSpec, events, stop) -> None:
 
     findings: list[tuple[Path, bool]] = []
     runs = flaky = 0
+    error = None
     try:
         with PoolSet(Placement(spec.device), spec.group_timeout_s, log_path=spec.log_path) as pools:
             examples, seconds = spec.examples, spec.seconds
@@ -234,9 +242,11 @@ def campaign_worker(index: int, spec: CampaignSpec, events, stop) -> None:
                     examples -= result.examples
                 if stop.is_set():
                     break
+    except Exception:  # noqa: BLE001 - reported to the parent, which ends the campaign with exit code 3
+        error = traceback.format_exc()
     finally:
         send_progress(force=True)
-        events.put(("done", index, WorkerResult(dict(check.report.targets), findings, runs, flaky)))
+        events.put(("done", index, WorkerResult(dict(check.report.targets), findings, runs, flaky, error)))
         events.close()
         events.join_thread()
 

@@ -27,7 +27,10 @@ def reproducers(name):
     return sorted(stem for stem in stems if stem == name or stem.startswith(f"{name}-"))
 
 
-TWO_ISSUE_CASES = {"two-known-issues-in-one-case": "refreeze-after-forward-without-backward"}
+TWO_ISSUE_CASES = {
+    "two-known-issues-in-one-case": "refreeze-after-forward-without-backward",
+    "two-known-issues-eval-order-and-unchecked-deviation": "unchecked-after-deviation",
+}
 """Recorded runs that hit two records, each explaining some of the
 violations: no record explains them all, and triage names the one that
 explains the first."""
@@ -208,7 +211,48 @@ def unsharded_by_the_forward_itself(scenario, observations):
     return rejudged(with_steps(scenario, range(scenario.num_steps), unshard=False), observations)
 
 
+def eval_forward_on_the_training_path(scenario, observations):
+    """The eval step runs branch0_0 alone, as the training steps do: FSDP's
+    recorded order equals the training order, so the warnings about an
+    unchanged schedule are a new bug."""
+    return rejudged(with_steps(scenario, [0], path={"branch0": (0,)}), observations)
+
+
+def eval_step_without_backward(scenario, observations):
+    """The eval step runs no backward, so FSDP's first iteration is the first
+    training step and its check runs there: a hang instead of the order error
+    is a new bug (on live ranks this schedule raises the error)."""
+    return rejudged(with_steps(scenario, [0], backward=False), observations)
+
+
+def every_rank_uses_the_unit(scenario, observations):
+    """Rank 1 runs branch0_1 instead of the empty path: branch0 gets a
+    gradient on both ranks and both reduce-scatter it, so a crash is a new
+    bug (on live ranks this schedule passes)."""
+    return rejudged(with_steps(scenario, [0], ranks=[1], path={"branch0": (1,)}), observations)
+
+
+def same_path_on_every_rank(scenario, observations):
+    """Rank 0 takes branch0_0 as rank 1 does: both freeze branch0_1 alone, so
+    every shard owner's flag agrees with every rank's gradient, and wrong
+    gradients are a new bug (on live ranks this schedule matches)."""
+    return rejudged(with_steps(scenario, [0], ranks=[0], path={"branch0": (0,)}), observations)
+
+
 NEAR_MISSES = {
+    "eval-forwards-recorded-in-first-iteration-order": (
+        "eval-forwards-recorded-in-first-iteration-order",
+        eval_forward_on_the_training_path,
+    ),
+    "eval-backward-ends-first-iteration": ("eval-backward-ends-first-iteration", eval_step_without_backward),
+    "unit-without-gradient-skips-reduce-scatter": (
+        "unit-without-gradient-skips-reduce-scatter",
+        every_rank_uses_the_unit,
+    ),
+    "rank-dependent-freeze-drops-grads-with-orig-params": (
+        "rank-dependent-freeze-drops-grads-with-orig-params",
+        same_path_on_every_rank,
+    ),
     "fsdp2-optimizer-step-after-forward-uses-stale-params": (
         "fsdp2-optimizer-step-after-forward-uses-stale-params-eval",
         root_resharded_after_forward,

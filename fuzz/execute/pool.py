@@ -149,7 +149,10 @@ class RankSet:
     def dump_stacks(self, ranks: set[int]) -> dict[int, str]:
         """Ask silent workers for their Python stacks (``faulthandler`` on SIGUSR1)."""
         for rank in ranks:
-            os.kill(self.workers[rank].pid, signal.SIGUSR1)
+            try:
+                os.kill(self.workers[rank].pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass  # died since: no stack to read
         time.sleep(0.5)
         stacks = {}
         for rank in ranks:
@@ -158,7 +161,7 @@ class RankSet:
                 with open(path) as dump:
                     stacks[rank] = dump.read()
             except OSError:
-                stacks[rank] = "(no stack: the worker did not answer SIGUSR1)"
+                stacks[rank] = "(no stack: the worker did not answer SIGUSR1, or died)"
         return stacks
 
 

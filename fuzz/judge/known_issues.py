@@ -26,10 +26,11 @@ from fsdp_fuzz.judge.orders import (
     deviates,
     eval_divergence_step,
     first_iteration_divergence,
+    forward_units,
     fsdp2_promises,
     iterations,
 )
-from fsdp_fuzz.models.spec import taken
+from fsdp_fuzz.models.spec import Choice, Linear, ModelSpec, Path, Sequential, taken
 
 Predicate = Callable[[Scenario, Observations, tuple[Violation, ...]], bool]
 
@@ -968,6 +969,280 @@ def _fsdp2_thawed_while_unsharded(
     if not scenario.freeze_untaken:
         return False
     return all(v.clause == Clause.REFERENCE and _thawed_while_unsharded(scenario, v.step) for v in violations)
+
+
+def _fsdp_first_iteration_units(scenario: Scenario, rank: int) -> tuple[str, ...]:
+    """The units FSDP1 records as the rank's first-iteration order: the first
+    use of each unit by any forward, eval mode and no-grad included, up to
+    the first backward after a forward with grad (FSDP's end of an iteration,
+    which its post-backward callback marks in eval mode too)."""
+    recorded: list[str] = []
+    with_grad = False
+    for step in scenario.ranks[rank]:
+        for unit in forward_units(scenario.model, step.path) * step.forwards:
+            if unit not in recorded:
+                recorded.append(unit)
+        with_grad = with_grad or bool(step.forwards and step.grad_enabled)
+        if step.backward and with_grad:
+            break
+    return tuple(recorded)
+
+
+def _first_uses(order: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(order))
+
+
+def _eval_units_recorded(scenario: Scenario, rank: int) -> bool:
+    """FSDP's recorded order differs from the first uses of the rank's first
+    (training) iteration, because eval-mode forwards ran before it ended."""
+    rank_iterations = iterations(scenario, rank)
+    if not rank_iterations:
+        return False
+    return _fsdp_first_iteration_units(scenario, rank) != _first_uses(rank_iterations[0].order)
+
+
+@known_issue(
+    "eval-forwards-recorded-in-first-iteration-order",
+    priority=190,
+    description="""
+        FSDP records the order that later iterations are compared with during its whole first iteration, up to
+        the first backward, in eval mode too: the check skips eval forwards, the recording does not
+        (_ExecOrderData.record_pre_forward). Eval forwards before the first backward (an evaluation before
+        training starts) put their units into the reference order, so an unchanged training schedule is warned
+        about in its second iteration ('Forward order differs from that of the first iteration'), on every rank
+        that ran them. By the same comparison a rank whose later order happens to match the eval forwards' units
+        is not warned although it deviates (in the case found that rank crashed in the step, taking its warnings
+        with it, so this half is read from the code, not observed).
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#84175",
+            "a maintainer: a dummy forward before the first backward 'is being considered as part of the 1st "
+            "iteration'; the end of an iteration is the end of a backward: same mechanism, there in training mode",
+        ),
+        Upstream(
+            "pytorch/pytorch#110138",
+            "a validation run before training leaves is_first_iter True and records the eval forwards' handles "
+            "(fixed there: a handle recorded twice, wrong prefetching); the recording in eval mode itself stayed: "
+            "related",
+        ),
+        Upstream(
+            "pytorch/pytorch#77195",
+            "the PR that stopped checking the order in eval mode ('no reliable way to know the end of an "
+            "iteration'); it left the recording on: related",
+        ),
+    ),
+)
+def _eval_forwards_recorded(scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]) -> bool:
+    """Later-iteration verdicts only, each on a rank whose eval forwards
+    changed the order FSDP recorded."""
+    return all(
+        v.clause == Clause.LATER_ITERATION
+        and v.kind in (Kind.WARNING_UNEXPECTED, Kind.WARNING_MISSING)
+        and _eval_units_recorded(scenario, v.rank)
+        for v in violations
+    )
+
+
+def _backward_ended_fsdp_first_iteration_in_eval(scenario: Scenario) -> bool:
+    """Some rank ran a backward after eval-mode forwards with grad before its
+    first training-mode forward: FSDP's first iteration (the only one it
+    checks across ranks) ended there."""
+    for rank_steps in scenario.ranks:
+        with_grad = False
+        for step in rank_steps:
+            if step.training and step.forwards:
+                break
+            with_grad = with_grad or bool(step.forwards and step.grad_enabled)
+            if step.backward and with_grad:
+                return True
+    return False
+
+
+@known_issue(
+    "eval-backward-ends-first-iteration",
+    priority=200,
+    description="""
+        FSDP ends an iteration in its post-backward callback, which runs after a backward in eval mode too
+        (gradients through an eval-mode forward). A backward after eval forwards before any training therefore
+        ends FSDP's first iteration, the only one whose order it checks across ranks: the first training
+        iteration is compared with the eval forwards' order on each rank alone, so ranks that diverge get
+        'Forward order differs from that of the first iteration' warnings and hang or pair the collectives of
+        different units, instead of the error 'Forward order differs across ranks'. Without the eval backward the
+        same divergence raises the error. FSDP's own comment assumes it cannot happen ('the post-backward
+        callback does not run' in eval mode).
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#77195",
+            "the PR that stopped checking the order in eval mode reasons that without a backward pass there is no "
+            "end of an iteration; an eval-mode backward is not considered: related",
+        ),
+        Upstream(
+            "pytorch/pytorch#84175",
+            "a maintainer: 'for FSDP, the end of an iteration is determined by the end of a backward pass': the "
+            "mechanism; no report of an eval-mode backward was found",
+        ),
+    ),
+)
+def _eval_backward_ends_first_iteration(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    """A first-iteration divergence whose error never came, or a silent
+    pairing, after an eval backward ended FSDP's first iteration."""
+    if first_iteration_divergence(scenario) is None or not _backward_ended_fsdp_first_iteration_in_eval(scenario):
+        return False
+    return all(v.clause in (Clause.FIRST_ITERATION, Clause.SILENT_MISMATCH) for v in violations)
+
+
+def _units_with_gradients(spec: ModelSpec, path: Path) -> frozenset[str]:
+    """The units one forward along ``path`` gives a gradient: those that
+    flatten a trainable parameter the forward uses."""
+    found: set[str] = set()
+
+    def visit(node, unit: str, frozen: bool) -> None:
+        if isinstance(node, Linear):
+            if not frozen:
+                found.add(unit)
+        elif isinstance(node, Sequential):
+            inner = node.name if node.fsdp_unit else unit
+            for child in node.children:
+                visit(child, inner, frozen or node.frozen)
+        elif isinstance(node, Choice):
+            inner = node.name if node.fsdp_unit else unit
+            for index in taken(path, node.name):
+                visit(node.alternatives[index], inner, frozen)
+
+    visit(spec.root, spec.root.name, False)
+    return frozenset(found)
+
+
+def gradient_units_differ(scenario: Scenario) -> int | None:
+    """First step whose backward, run by every rank after forwards that ran
+    the same units, gives some unit a gradient on some ranks only: the ranks
+    ran its module, but on the others none of its own parameters."""
+    ran: list[set[str]] = [set() for _ in scenario.ranks]
+    graded: list[set[str]] = [set() for _ in scenario.ranks]
+    for index in range(scenario.num_steps):
+        steps = [rank_steps[index] for rank_steps in scenario.ranks]
+        for rank, step in enumerate(steps):
+            if step.forwards and step.grad_enabled:
+                ran[rank].update(forward_units(scenario.model, step.path))
+                graded[rank].update(_units_with_gradients(scenario.model, step.path))
+        if all(step.backward for step in steps):
+            if len({frozenset(units) for units in ran}) == 1 and len({frozenset(units) for units in graded}) > 1:
+                return index
+            ran = [set() for _ in scenario.ranks]
+            graded = [set() for _ in scenario.ranks]
+    return None
+
+
+@known_issue(
+    "unit-without-gradient-skips-reduce-scatter",
+    priority=210,
+    description="""
+        FSDP1 reduce-scatters a unit's gradient from the post-backward hook on its flat parameter, which fires
+        only when the backward reaches one of the unit's own parameters. When every rank runs the unit's module
+        (so the forward orders agree and the first-iteration check passes) but on some ranks the forward uses none
+        of its parameters (an empty path through a branch point that the unit holds), those ranks issue no
+        reduce-scatter for it while the others do: the next collectives pair a reduce-scatter with another
+        unit's or the next step's, and gloo aborts ('Received data size doesn't match expected size'), the ranks
+        hang, or they pair silently; no error names the cause.
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#65195",
+            "'the unused parameters also could be different on different FSDP ranks, which will lead to desync "
+            "with current FSDP code': closed without a fix for FSDP1: same bug",
+        ),
+        Upstream(
+            "pytorch/pytorch#158719",
+            "open: 'FSDP fails if a parameter is used differently between different GPU ranks' (mixture models, "
+            "conditional computation): hangs, or DETAIL's collective mismatch; there under FSDP2: same symptom",
+        ),
+        Upstream(
+            "pytorch/pytorch#83129",
+            "'_post_backward_hook will not fire if ... all parameters in an FSDP module were unused'; fixed the "
+            "resharding only, on every rank alike: related",
+        ),
+    ),
+)
+def _unit_without_gradient_skips_reduce_scatter(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    return _failures_from(gradient_units_differ(scenario), violations)
+
+
+def _trainable_alternatives(spec: ModelSpec, path: Path) -> frozenset[tuple[str, int]]:
+    """The alternatives ``freeze_untaken`` leaves trainable for ``path``: those
+    it runs, inside alternatives that run (as the executor's flip_path does)."""
+    found: set[tuple[str, int]] = set()
+
+    def visit(node, active: bool) -> None:
+        if isinstance(node, Sequential):
+            for child in node.children:
+                visit(child, active)
+        elif isinstance(node, Choice):
+            runs = set(taken(path, node.name))
+            for index, alternative in enumerate(node.alternatives):
+                trainable = active and index in runs
+                if trainable:
+                    found.add((node.name, index))
+                visit(alternative, trainable)
+
+    visit(spec.root, True)
+    return frozenset(found)
+
+
+def _ranks_froze_differently(scenario: Scenario, step: int) -> bool:
+    """Up to ``step``, a backward ran while the ranks' paths left different
+    alternatives trainable."""
+    for index in range(step + 1):
+        steps = [rank_steps[index] for rank_steps in scenario.ranks]
+        if any(s.backward for s in steps) and len({_trainable_alternatives(scenario.model, s.path) for s in steps}) > 1:
+            return True
+    return False
+
+
+@known_issue(
+    "rank-dependent-freeze-drops-grads-with-orig-params",
+    priority=220,
+    description="""
+        With use_orig_params=True, FSDP1 hands a parameter its reduced gradient only where the parameter requires
+        grad on the rank that holds its shard (FlatParamHandle._use_sharded_grad_views). When ranks freeze
+        different parameters of one unit (requires_grad set by each rank's path, as the seed's flip_path does),
+        the gradient other ranks computed for a parameter is dropped wherever its shard sits on a rank that froze
+        it, and kept where the shard sits on a rank that trains it, so how much of it survives depends on the
+        sharding layout: the ranks' gradients silently differ from a single-process run, with no error or
+        warning, though every rank's forward order agrees. With the same paths on every rank, or without the
+        freezing, the same step matches.
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#91167",
+            "the design of non-uniform requires_grad under use_orig_params: 'we can still avoid forwarding a "
+            "gradient to any original parameter that does not require gradient' (done in #98221), assuming the "
+            "flag is the same on every rank: by design, for one rank",
+        ),
+        Upstream(
+            "pytorch/pytorch#99779",
+            "with use_orig_params=True each rank's parameters() shows a different slice (a weight split across "
+            "ranks, the bias on one): the layout that decides which gradients survive: related",
+        ),
+        Upstream(
+            "pytorch/pytorch#170667",
+            "an FSDP2 fix for ranks using different parameters; the maintainer asks for a practical example of a "
+            "parameter that requires grad on rank 0 but not on rank 1 ('a param should either require grad on all "
+            "ranks or does not require grad on all ranks'): related",
+        ),
+    ),
+)
+def _rank_dependent_freeze_drops_grads(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    if not (scenario.freeze_untaken and scenario.fsdp.use_orig_params):
+        return False
+    return _gradients_wrong_after(scenario, violations, _ranks_froze_differently)
 
 
 def markdown_table() -> str:
