@@ -623,22 +623,43 @@ class ScenarioGroups:
 def new_scenario_groups(scenario: Json, rank: int, timeout_s: float) -> ScenarioGroups:
     """Every rank creates every group, in the same order, as ``new_group``
     needs. torch wraps groups created at DETAIL in its collective checker,
-    so the level is the scenario's ``collective_checker`` for the creation only."""
+    so the level is the scenario's ``collective_checker`` for the creation only.
+
+    Connecting a group's ranks is not the scenario's business: a loaded
+    machine may take longer than a collective's timeout. So groups are
+    created with ``STARTUP_TIMEOUT_S`` and then given the scenario's timeout;
+    at DETAIL the checker keeps the timeout it was created with, so there it
+    is the scenario's from the start, and a creation that fails is reported
+    (``GroupsNotCreated``) rather than observed.
+    """
     previous = dist.get_debug_level()
-    dist.set_debug_level(dist.DebugLevel.DETAIL if scenario["collective_checker"] else dist.DebugLevel.OFF)
+    checked = scenario["collective_checker"]
+    dist.set_debug_level(dist.DebugLevel.DETAIL if checked else dist.DebugLevel.OFF)
     timeout = timedelta(seconds=timeout_s)
+    creation = timeout if checked else timedelta(seconds=max(timeout_s, STARTUP_TIMEOUT_S))
     try:
         if not scenario["hybrid"]:
-            group = dist.new_group(timeout=timeout)
-            return ScenarioGroups(group, [group])
-        size = scenario["hybrid_node_size"]
-        nodes, local = range(scenario["world_size"] // size), range(size)
-        intra = [dist.new_group([n * size + i for i in local], timeout=timeout) for n in nodes]
-        inter = [dist.new_group([n * size + i for n in nodes], timeout=timeout) for i in local]
-        mine = (intra[rank // size], inter[rank % size])
-        return ScenarioGroups(mine, list(mine))
+            created = [dist.new_group(timeout=creation)]
+            mine: Any = created[0]
+        else:
+            size = scenario["hybrid_node_size"]
+            nodes, local = range(scenario["world_size"] // size), range(size)
+            intra = [dist.new_group([n * size + i for i in local], timeout=creation) for n in nodes]
+            inter = [dist.new_group([n * size + i for n in nodes], timeout=creation) for i in local]
+            mine = (intra[rank // size], inter[rank % size])
+            created = list(mine)
+    except RuntimeError as exc:
+        raise GroupsNotCreated(str(exc)) from exc
     finally:
         dist.set_debug_level(previous)
+    for group in created:
+        group.set_timeout(timeout)
+    return ScenarioGroups(mine, created)
+
+
+class GroupsNotCreated(RuntimeError):
+    """The scenario's groups could not be connected: a failure of the
+    machine, not an observation of FSDP."""
 
 
 @dataclass
@@ -775,11 +796,16 @@ def _short(filename: str) -> str:
 def serve_scenario(scenario: Json, scenario_id: int, rank: int, placement: Placement, timeout_s: float, reports):
     """Run one scenario on groups of its own, putting ``(kind, rank,
     scenario_id, payload)`` on ``reports``: ``outcome`` for each outcome as
-    it ends, then ``done`` with the rank's timings. The id lets a pool drop
-    what a previous scenario left behind."""
+    it ends, then ``done`` with the rank's timings; ``no-groups`` instead if
+    its groups could not be created. The id lets a pool drop what a
+    previous scenario left behind."""
     started = time.perf_counter()
     _doing.scenario_id, _doing.caught, _doing.trace = scenario_id, None, None
-    groups = new_scenario_groups(scenario, rank, timeout_s)
+    try:
+        groups = new_scenario_groups(scenario, rank, timeout_s)
+    except GroupsNotCreated as exc:
+        reports.put(("no-groups", rank, scenario_id, str(exc)))
+        return
     timings = {"group": time.perf_counter() - started}
     try:
         for outcome in run_rank(scenario, rank, placement.rank_device(rank), groups.for_fsdp, timings):
@@ -893,6 +919,9 @@ class Collected:
     deadlocked: bool = False
     """Every unfinished rank was found blocked with nothing moving: the
     ranks must be replaced, since their collectives are still pending."""
+    no_groups: str | None = None
+    """Why the scenario's groups could not be created, if they could not:
+    nothing was observed, and the ranks must be replaced."""
 
 
 def collect_outcomes(
@@ -913,7 +942,8 @@ def collect_outcomes(
     timeout, so each blocked rank is asked where it is (``answer_inquiries``)
     and its answer is recorded as the hang. Not with the collective checker on. One silent for ``progress_s`` is
     stuck elsewhere and is recorded as hung at the step it was in. Steps a
-    rank never reached did not run.
+    rank never reached did not run; nor, for the other ranks, the step a rank
+    crashed in and those after it.
     """
     world_size = scenario["world_size"]
     total = 1 + len(scenario["ranks"][0])
@@ -954,6 +984,9 @@ def collect_outcomes(
         if tag != scenario_id:
             continue
         anchor, limit, quiet = time.monotonic(), progress_s, None
+        if kind == "no-groups":
+            collected.no_groups = payload
+            break
         if kind == "outcome":
             collected.outcomes[rank].append(payload)
         elif kind == "done":
@@ -961,6 +994,15 @@ def collect_outcomes(
             done.add(rank)
     for reported in collected.outcomes:
         reported[:] = reported[:total] + [{"status": NOT_RUN}] * (total - len(reported))
+    if collected.crashed:
+        # Whether a peer finished the step it was in when a rank died is a
+        # race: from that step on, only the crash is observed.
+        ended = min(
+            next(i for i, o in enumerate(collected.outcomes[r]) if o["status"] == CRASH) for r in collected.crashed
+        )
+        for rank, reported in enumerate(collected.outcomes):
+            if rank not in collected.crashed:
+                reported[ended:] = [{"status": NOT_RUN}] * (total - ended)
     return collected
 
 
@@ -1039,7 +1081,8 @@ def run_fresh(
     finally:
         release.set()
         for process in processes:
-            process.join(timeout=0 if collected is None or collected.deadlocked else 5)
+            stuck = collected is None or collected.deadlocked or collected.no_groups is not None
+            process.join(timeout=0 if stuck else 5)
             if process.is_alive():
                 process.kill()
                 process.join()
@@ -1047,6 +1090,8 @@ def run_fresh(
             channel.close()
             channel.join_thread()
         shutil.rmtree(workdir, ignore_errors=True)
+    if collected.no_groups is not None:
+        raise HarnessError(f"the scenario's process groups could not be created: {collected.no_groups}")
     return collected.outcomes
 
 

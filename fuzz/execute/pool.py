@@ -42,6 +42,8 @@ from fsdp_fuzz.execute.executor import (
     DEADLOCK_AFTER_S,
     HANG,
     STARTUP_TIMEOUT_S,
+    Collected,
+    HarnessError,
     Placement,
     RankHandles,
     answer_inquiries,
@@ -53,6 +55,9 @@ from fsdp_fuzz.execute.executor import (
 from fsdp_fuzz.execute.observe import observations_of
 
 DEFAULT_GROUP_TIMEOUT_S = 1.0
+GROUP_ATTEMPTS = 2
+"""Tries, each on fresh ranks, to create a scenario's groups before the
+machine, not the scenario, is blamed (``GroupsNotCreated``)."""
 
 PRELOAD = ["torch", "torch.distributed", "torch.distributed.fsdp", "torch._dynamo", "fsdp_fuzz.execute.executor"]
 """What the fork server imports once, so that no worker imports it again
@@ -207,9 +212,19 @@ class RankPool:
         if scenario.engine not in self._traced:
             check_trace(scenario.engine)
             self._traced.add(scenario.engine)
+        encoded = scenario_to_json(scenario, complete=True)
+        for _ in range(GROUP_ATTEMPTS):
+            collected = self._collect(encoded)
+            if collected.no_groups is None:
+                return observations_of(scenario, self.placement, collected.outcomes)
+        raise HarnessError(
+            f"the scenario's process groups could not be created {GROUP_ATTEMPTS} times on fresh ranks: "
+            f"{collected.no_groups}"
+        )
+
+    def _collect(self, encoded: dict) -> Collected:
         ranks = self._ranks()
         scenario_id, self._next_id = self._next_id, self._next_id + 1
-        encoded = scenario_to_json(scenario, complete=True)
         for commands in ranks.commands:
             commands.put((scenario_id, encoded))
         collected = collect_outcomes(
@@ -235,11 +250,11 @@ class RankPool:
             self.stats.crashes += 1
         if collected.deadlocked:
             self.stats.deadlocks += 1
-        if collected.silent or collected.crashed or collected.deadlocked:
+        if collected.silent or collected.crashed or collected.deadlocked or collected.no_groups is not None:
             ranks.stop(at_once=True)
             self._active = None
             self.stats.respawns += 1
-        return observations_of(scenario, self.placement, collected.outcomes)
+        return collected
 
     def _ranks(self) -> RankSet:
         """The active set; a replacement comes from the spare, and a new spare
