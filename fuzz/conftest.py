@@ -122,12 +122,12 @@ def pytest_runtest_call(item: pytest.Item):
     check.target = item.nodeid
     tally = check.report.tally(item.nodeid)
     started = time.monotonic()
-    writer = item.config.get_terminal_writer()
-    writer.line()
+    terminal = _Terminal(item.config)
+    terminal.write("\n")
     progress = ProgressLine(
         lambda: f"{item.name}: " + progress_line([tally], time.monotonic() - started, Budget(started=started)),
-        stream=writer,
-        live=writer.hasmarkup,
+        stream=terminal,
+        live=terminal.writer.hasmarkup,
     )
     try:
         with progress:
@@ -147,6 +147,22 @@ def pytest_runtest_call(item: pytest.Item):
         raise
     finally:
         tally.wall_s += time.monotonic() - started
+
+
+class _Terminal:
+    """pytest's terminal, written to while a test runs: output capture is
+    suspended for each write, as pytest's own live logging does."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.writer = config.get_terminal_writer()
+        self.capture = config.pluginmanager.getplugin("capturemanager")
+
+    def write(self, text: str) -> None:
+        with self.capture.global_and_fixture_disabled():
+            self.writer.write(text, flush=True)
+
+    def flush(self) -> None:
+        pass
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
