@@ -42,6 +42,30 @@ def run_campaign(where: Path, *options: str, timeout: float = 600) -> subprocess
     )
 
 
+def strict_seed_campaign(where: Path, workers: int, examples: int, random_seed: int, database: str):
+    """FSDP2's seed family under ``--strict``: by-design known issues
+    make findings at once, so short campaigns are sure to save some."""
+    return run_campaign(
+        where,
+        *("--target", "seed", "--engine", "fsdp2", "--strict", "--workers", str(workers)),
+        *("--examples", str(examples), "--seed", str(random_seed), "--database", database),
+    )
+
+
+def start_long_campaign(where: Path, workers: int, output: int) -> subprocess.Popen:
+    """A ten-minute campaign in a session of its own, to be ended early."""
+    return subprocess.Popen(
+        campaign_command(
+            where, "--target", "generated", "--time", "10m", "--workers", str(workers), "--database", "none"
+        ),
+        cwd=where,
+        stdout=output,
+        stderr=output,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def saved(where: Path) -> dict[str, str]:
     """Saved findings: file name to the known issue (or unknown class) they hold."""
     found = sorted((where / "corpus" / "found").glob("*.json"))
@@ -70,11 +94,7 @@ def wait_for_no_process(session: int, within_s: float = 20) -> list[int]:
 
 
 def test_two_workers_share_one_campaign_and_save_each_class_once(tmp_path):
-    result = run_campaign(
-        tmp_path,
-        "--target", "seed", "--engine", "fsdp2", "--strict", "--workers", "2", "--examples", "200", "--seed", "3",
-        "--database", str(tmp_path / "db"),
-    )  # fmt: skip
+    result = strict_seed_campaign(tmp_path, workers=2, examples=200, random_seed=3, database=str(tmp_path / "db"))
     assert result.returncode == 1, result.stdout + result.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     (tally,) = report["targets"].values()
@@ -87,18 +107,10 @@ def test_two_workers_share_one_campaign_and_save_each_class_once(tmp_path):
 
 
 def test_a_second_campaign_joins_through_redis_and_replays_the_first_ones_finding(tmp_path, redis_url):
-    first = run_campaign(
-        tmp_path / "first",
-        "--target", "seed", "--engine", "fsdp2", "--strict", "--workers", "1", "--examples", "40", "--seed", "5",
-        "--database", redis_url,
-    )  # fmt: skip
+    first = strict_seed_campaign(tmp_path / "first", workers=1, examples=40, random_seed=5, database=redis_url)
     assert first.returncode == 1, first.stdout + first.stderr
     found_first = saved(tmp_path / "first")
-    second = run_campaign(
-        tmp_path / "second",
-        "--target", "seed", "--engine", "fsdp2", "--strict", "--workers", "1", "--examples", "1", "--seed", "99",
-        "--database", redis_url,
-    )  # fmt: skip
+    second = strict_seed_campaign(tmp_path / "second", workers=1, examples=1, random_seed=99, database=redis_url)
     assert second.returncode == 1, second.stdout + second.stderr
     found_second = saved(tmp_path / "second")
     assert set(found_second) & set(found_first), (found_first, found_second)
@@ -108,14 +120,7 @@ def test_a_second_campaign_joins_through_redis_and_replays_the_first_ones_findin
 def test_a_signal_ends_a_campaign_with_its_summary_and_nothing_left(tmp_path, signum, code):
     tmp_path.mkdir(exist_ok=True)
     before = set(Path(tempfile.gettempdir()).glob(f"{TEMPORARY_PREFIX}*"))
-    process = subprocess.Popen(
-        campaign_command(tmp_path, "--target", "generated", "--time", "10m", "--workers", "2", "--database", "none"),
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    process = start_long_campaign(tmp_path, workers=2, output=subprocess.PIPE)
     try:
         time.sleep(12)  # workers started, ranks running scenarios
         process.send_signal(signum)
@@ -132,13 +137,7 @@ def test_a_signal_ends_a_campaign_with_its_summary_and_nothing_left(tmp_path, si
 
 
 def test_sigkill_leaves_no_process_and_the_next_campaign_removes_its_directories(tmp_path):
-    process = subprocess.Popen(
-        campaign_command(tmp_path, "--target", "generated", "--time", "10m", "--workers", "1", "--database", "none"),
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    process = start_long_campaign(tmp_path, workers=1, output=subprocess.DEVNULL)
     try:
         time.sleep(12)
         workers = [pid for pid in session_processes(process.pid) if pid != process.pid]
