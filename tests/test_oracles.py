@@ -381,3 +381,11 @@ def test_stale_parameters_after_an_optimizer_step_before_backward_match_their_kn
     assert triage(scenario, observations, violations).name == "optimizer-step-before-backward-uses-stale-params"
     no_step = tuple(tuple(replace(step, optimizer_step=False) for step in steps) for steps in scenario.ranks)
     assert triage(replace(scenario, ranks=no_step), observations, violations) is None
+
+
+def test_a_warning_due_in_a_step_never_run_is_not_missing(recorded):
+    """Rank 1 crashes in step 0, so rank 0's later steps are recorded as not
+    run: the order warning due in them cannot be missing."""
+    scenario, observations = recorded("warning-due-in-a-step-never-run")
+    assert [step.status for step in observations.ranks[0].steps[1:]] == [Status.NOT_RUN, Status.NOT_RUN]
+    assert {violation.kind for violation in judge(scenario, observations)} == {ViolationKind.STEP_FAILED}

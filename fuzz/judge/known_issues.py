@@ -23,6 +23,7 @@ from fsdp_fuzz.data import HYBRID_NODE_SIZE, HYBRID_STRATEGIES, Clause, Observat
 from fsdp_fuzz.data import ViolationKind as Kind
 from fsdp_fuzz.judge.oracles import LATER_WARNING, expectations
 from fsdp_fuzz.judge.orders import (
+    Divergence,
     deviates,
     eval_divergence_step,
     first_iteration_divergence,
@@ -480,7 +481,11 @@ def _later_check_misses_dropped_units(
         The first-iteration check is a pair of all-gathers per unit a rank uses; a rank whose order has ended
         (it skipped a branch, or its alternative is no unit of its own) issues none and moves on, so the other
         ranks' checks meet its backward's reduce-scatters or its next step's collectives: a crash (gloo size
-        mismatch), a hang, or a silent pairing instead of the promised error.
+        mismatch), a hang, or a silent pairing instead of the promised error. Likewise when a rank's order only
+        pauses: it used fewer units in a step and runs an eval step (all-gathers that are not checked) before
+        its next training forward, while the others' checks for those positions come first; DETAIL's collective
+        checker then reports 'Detected mismatch between collectives' instead. Without the eval step between,
+        the same orders raise the error.
     """,
     upstream=(
         Upstream(
@@ -503,9 +508,24 @@ def _first_iteration_order_ends_early(
     if scenario.debug_level != "DETAIL":
         return False
     divergence = first_iteration_divergence(scenario)
-    if divergence is None or None not in divergence.units:
+    if divergence is None or not (None in divergence.units or _unchecked_before_divergence(scenario, divergence)):
         return False
     return all(v.clause in (Clause.FIRST_ITERATION, Clause.CLEAN_RUN, Clause.SILENT_MISMATCH) for v in violations)
+
+
+def _unchecked_before_divergence(scenario: Scenario, divergence: Divergence) -> bool:
+    """The ranks run different eval steps with forwards (all-gathers that
+    FSDP does not check) between their last agreeing use and their use at
+    the divergence, so one rank's check meets another's unchecked collectives."""
+    between = set()
+    for rank in range(scenario.world_size):
+        uses = iterations(scenario, rank)[0].uses
+        after = uses[divergence.position - 1].step if divergence.position else -1
+        before = uses[divergence.position].step
+        steps = scenario.ranks[rank]
+        unchecked = (index for index in range(after + 1, before) if steps[index].forwards and not steps[index].training)
+        between.add(tuple(unchecked))
+    return len(between) > 1
 
 
 NON_LEAF_REQUIRES_GRAD = "you can only change requires_grad flags of leaf variables"
@@ -764,14 +784,15 @@ def _whole_unit_frozen_with_orig_params(
 
 
 def _stepped_while_unsharded(scenario: Scenario, step: int) -> bool:
-    """Before ``step``, an optimizer step came after a training-mode forward
-    with grad that no backward had followed."""
+    """Before ``step``, an optimizer step came after a forward that no
+    backward had followed: in training or eval mode, with grad or without
+    (FSDP1 keeps the root unsharded after every forward)."""
     for rank_steps in scenario.ranks:
         pending = False
         for current in rank_steps[:step]:
             if current.backward:
                 pending = False
-            elif current.training and current.forwards and current.grad_enabled:
+            elif current.forwards:
                 pending = True
             if pending and current.optimizer_step:
                 return True
@@ -782,11 +803,12 @@ def _stepped_while_unsharded(scenario: Scenario, step: int) -> bool:
     "optimizer-step-before-backward-uses-stale-params",
     priority=150,
     description="""
-        A training-mode forward with grad that no backward follows leaves the root unit's parameters unsharded
-        (FSDP keeps the root unsharded for the backward it expects). An optimizer step then updates the sharded
-        parameters, but the next forward does not all-gather again and computes with the stale unsharded ones:
-        outputs and gradients are silently wrong, at any debug level. Found with FULL_SHARD,
-        use_orig_params=False, an eval step between.
+        A forward that no backward follows leaves the root unit's parameters unsharded (FSDP keeps the root
+        unsharded for the backward it expects, in eval mode and without grad too: _post_forward_reshard never
+        frees the root's). An optimizer step then updates the sharded parameters, but the next forward does not
+        all-gather again and computes with the stale unsharded ones: outputs and gradients are silently wrong,
+        at any debug level. Found with FULL_SHARD, use_orig_params=False: after a training forward and an eval
+        step, and after an eval forward alone (with or without grad) following a backward.
     """,
     upstream=(
         Upstream(
@@ -1095,14 +1117,18 @@ def _eval_backward_ends_first_iteration(
     return all(v.clause in (Clause.FIRST_ITERATION, Clause.SILENT_MISMATCH) for v in violations)
 
 
-def _units_with_gradients(spec: ModelSpec, path: Path) -> frozenset[str]:
-    """The units one forward along ``path`` gives a gradient: those that
-    flatten a trainable parameter the forward uses."""
+def _units_with_gradients(spec: ModelSpec, path: Path | None, use_orig_params: bool = False) -> frozenset[str]:
+    """The units one forward along ``path`` (``None``: every alternative)
+    gives a gradient: those that flatten a trainable parameter the forward
+    uses. With use_orig_params=True a unit may mix frozen and trainable
+    parameters; its flat parameter then requires grad and the forward's
+    views of it carry a gradient into it from a frozen parameter too."""
+    mixed = _units_with_gradients(spec, None) if use_orig_params else frozenset()
     found: set[str] = set()
 
     def visit(node, unit: str, frozen: bool) -> None:
         if isinstance(node, Linear):
-            if not frozen:
+            if not frozen or unit in mixed:
                 found.add(unit)
         elif isinstance(node, Sequential):
             inner = node.name if node.fsdp_unit else unit
@@ -1110,7 +1136,8 @@ def _units_with_gradients(spec: ModelSpec, path: Path) -> frozenset[str]:
                 visit(child, inner, frozen or node.frozen)
         elif isinstance(node, Choice):
             inner = node.name if node.fsdp_unit else unit
-            for index in taken(path, node.name):
+            indices = range(len(node.alternatives)) if path is None else taken(path, node.name)
+            for index in indices:
                 visit(node.alternatives[index], inner, frozen)
 
     visit(spec.root, spec.root.name, False)
@@ -1128,7 +1155,7 @@ def gradient_units_differ(scenario: Scenario) -> int | None:
         for rank, step in enumerate(steps):
             if step.forwards and step.grad_enabled:
                 ran[rank].update(forward_units(scenario.model, step.path))
-                graded[rank].update(_units_with_gradients(scenario.model, step.path))
+                graded[rank].update(_units_with_gradients(scenario.model, step.path, scenario.fsdp.use_orig_params))
         if all(step.backward for step in steps):
             if len({frozenset(units) for units in ran}) == 1 and len({frozenset(units) for units in graded}) > 1:
                 return index
@@ -1147,7 +1174,10 @@ def gradient_units_differ(scenario: Scenario) -> int | None:
         of its parameters (an empty path through a branch point that the unit holds), those ranks issue no
         reduce-scatter for it while the others do: the next collectives pair a reduce-scatter with another
         unit's or the next step's, and gloo aborts ('Received data size doesn't match expected size'), the ranks
-        hang, or they pair silently; no error names the cause.
+        hang, or they pair silently; no error names the cause. With use_orig_params=True a unit may mix frozen
+        and trainable parameters, and a forward through its frozen ones alone still gives its flat parameter a
+        gradient (the forward uses views of it), so a rank that runs only frozen parameters of the unit
+        reduce-scatters it while a rank that runs none of them does not.
     """,
     upstream=(
         Upstream(
@@ -1164,6 +1194,12 @@ def gradient_units_differ(scenario: Scenario) -> int | None:
             "pytorch/pytorch#83129",
             "'_post_backward_hook will not fire if ... all parameters in an FSDP module were unused'; fixed the "
             "resharding only, on every rank alike: related",
+        ),
+        Upstream(
+            "pytorch/pytorch#91167",
+            "the design of non-uniform requires_grad under use_orig_params (done in #98221): the flat parameter "
+            "requires grad when any original does, and a frozen parameter's gradient is computed and reduced, "
+            "only not handed to it; why a forward through frozen parameters alone reduce-scatters: by design",
         ),
     ),
 )
