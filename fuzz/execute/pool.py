@@ -58,6 +58,11 @@ DEFAULT_GROUP_TIMEOUT_S = 1.0
 GROUP_ATTEMPTS = 2
 """Tries, each on fresh ranks, to create a scenario's groups before the
 machine, not the scenario, is blamed (``GroupsNotCreated``)."""
+SCENARIOS_PER_RANK_SET = 50
+"""A rank set is replaced by the spare after this many scenarios: each
+scenario leaves three of gloo's threads behind in every rank (torch 2.13;
+destroying the groups and collecting garbage does not free them), and a
+rank with hundreds of threads slows the machine and the deadlock watch."""
 
 PRELOAD = ["torch", "torch.distributed", "torch.distributed.fsdp", "torch._dynamo", "fsdp_fuzz.execute.executor"]
 """What the fork server imports once, so that no worker imports it again
@@ -103,6 +108,7 @@ class RankSet:
         self.inquiries = [context.Queue() for _ in range(pool.world_size)]
         store = os.path.join(self.workdir, "store")
         log = None if pool.log_path is None else str(pool.log_path)
+        self.scenarios = 0
         self.workers = [
             context.Process(
                 target=_worker_main,
@@ -250,10 +256,14 @@ class RankPool:
             self.stats.crashes += 1
         if collected.deadlocked:
             self.stats.deadlocks += 1
+        ranks.scenarios += 1
         if collected.silent or collected.crashed or collected.deadlocked or collected.no_groups is not None:
             ranks.stop(at_once=True)
             self._active = None
             self.stats.respawns += 1
+        elif ranks.scenarios >= SCENARIOS_PER_RANK_SET and self.handling.start_method == "forkserver":
+            ranks.stop()
+            self._active = None
         return collected
 
     def _ranks(self) -> RankSet:
