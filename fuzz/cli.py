@@ -180,11 +180,12 @@ def _run(args: argparse.Namespace) -> int:
     print(f"ranks' output: {spec.log_path}", flush=True)
     latest: list = []
     budget = Budget(examples=examples, seconds=args.time, started=spec.started)
-    line = ProgressLine(lambda: progress_line(latest, budget.elapsed(), budget, args.workers))
-    with line:
-        report, result, signum = run_workers(
-            spec, args.workers, line.note, lambda tallies: latest.__setitem__(slice(None), tallies)
-        )
+
+    def show(tallies: list) -> None:
+        latest[:] = tallies
+
+    with ProgressLine(lambda: progress_line(latest, budget.elapsed(), budget, args.workers)) as line:
+        report, result, signum = run_workers(spec, args.workers, line.note, show)
     _summarise(report, result, spec, args.workers)
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,10 @@ class ProgressLine:
     def _tick(self) -> None:
         while not self._stopped.wait(self.every_s):
             with self._lock:
-                self._draw() if self.live else self.stream.write(self.render() + "\n")
+                if self.live:
+                    self._draw()
+                else:
+                    self.stream.write(self.render() + "\n")
                 self.stream.flush()
 
     def _draw(self) -> None:

@@ -12,6 +12,7 @@ campaigns that were killed before it.
 
 from __future__ import annotations
 
+import copy
 import multiprocessing.util
 import os
 import queue
@@ -206,12 +207,13 @@ def campaign_worker(index: int, spec: CampaignSpec, events, stop) -> None:
         nonlocal last_sent
         if force or time.monotonic() - last_sent >= 1.0:
             last_sent = time.monotonic()
-            events.put(("progress", index, {name: _copy(tally) for name, tally in check.report.targets.items()}))
+            events.put(("progress", index, copy.deepcopy(check.report.targets)))
 
     findings: list[tuple[Path, bool]] = []
     runs = flaky = 0
     error = None
     try:
+        ledger, database = Ledger(spec.directory / "ledger"), open_database(spec.database)
         with PoolSet(Placement(spec.device), spec.group_timeout_s, log_path=spec.log_path) as pools:
             examples, seconds = spec.examples, spec.seconds
             for position, engine in enumerate(spec.engines):
@@ -227,11 +229,11 @@ def campaign_worker(index: int, spec: CampaignSpec, events, stop) -> None:
                     check,
                     budget,
                     spec.corpus,
-                    Ledger(spec.directory / "ledger"),
+                    ledger,
                     note=lambda text: events.put(("note", index, text)),
                     random_seed=None if spec.seed is None else spec.seed * 1000 + index,
                     engine=engine,
-                    database=open_database(spec.database),
+                    database=database,
                     stop_requested=stop.is_set,
                     after_each=send_progress,
                 )
@@ -249,13 +251,6 @@ def campaign_worker(index: int, spec: CampaignSpec, events, stop) -> None:
         events.put(("done", index, WorkerResult(dict(check.report.targets), findings, runs, flaky, error)))
         events.close()
         events.join_thread()
-
-
-def _copy(tally: TargetTally) -> TargetTally:
-    merged = TargetTally()
-    merged.merge(tally)
-    merged.wall_s = tally.wall_s
-    return merged
 
 
 def remove_abandoned_temporaries() -> None:

@@ -776,14 +776,15 @@ def _failure(exc: BaseException, caught: list[warnings.WarningMessage], trace: C
         trace,
         error_type=type(exc).__name__,
         error_message=message if message else "".join(traceback.format_exception_only(exc)).strip(),
-        stack=_stack(exc) if timed_out else None,
+        stack=_stack(traceback.extract_tb(exc.__traceback__)) if timed_out else None,
     )
 
 
-def _stack(exc: BaseException, depth: int = 12) -> str:
-    """The innermost frames of the exception, as paths relative to their package."""
-    frames = traceback.extract_tb(exc.__traceback__)[-depth:]
-    return "".join(f"{_short(frame.filename)}:{frame.lineno} in {frame.name}: {frame.line}\n" for frame in frames)
+def _stack(frames: traceback.StackSummary, depth: int = 12) -> str:
+    """The innermost frames, as paths relative to their package."""
+    return "".join(
+        f"{_short(frame.filename)}:{frame.lineno} in {frame.name}: {frame.line}\n" for frame in frames[-depth:]
+    )
 
 
 def _short(filename: str) -> str:
@@ -814,14 +815,11 @@ def serve_scenario(scenario: Json, scenario_id: int, rank: int, placement: Place
     finally:
         # A peer still inside a collective must end by its own timeout (a
         # hang), not by this rank closing the connection under it (an error).
-        started = time.perf_counter()
         try:
             dist.barrier()
         except RuntimeError:
             pass  # a peer died: nobody is left to wait for
-        timings["barrier"] = time.perf_counter() - started
         groups.destroy()
-        timings["teardown"] = time.perf_counter() - started - timings["barrier"]
     reports.put(("done", rank, scenario_id, timings))
 
 
@@ -842,9 +840,8 @@ def answer_inquiries(rank: int, inquiries, reports) -> None:
         if scenario_id == _doing.scenario_id and _doing.trace is not None:
             caught, trace = list(_doing.caught or ()), _doing.trace
             frame = sys._current_frames().get(main)
-            frames = traceback.extract_stack(frame)[-12:] if frame is not None else []
-            stack = "".join(f"{_short(f.filename)}:{f.lineno} in {f.name}: {f.line}\n" for f in frames)
-            answer = _outcome(HANG, caught, trace, error_type="Deadlock", stack=stack or None)
+            stack = _stack(traceback.extract_stack(frame)) if frame is not None else None
+            answer = _outcome(HANG, caught, trace, error_type="Deadlock", stack=stack)
         reports.put(("where", rank, scenario_id, answer))
 
 
@@ -894,8 +891,8 @@ class RankHandles:
     """How the parent reaches the processes of its ranks."""
 
     processes: list
-    inquiries: list | None = None
-    """Per rank, a queue ``answer_inquiries`` reads; None: no answers."""
+    inquiries: list
+    """Per rank, the queue its ``answer_inquiries`` thread reads."""
 
     def is_alive(self, rank: int) -> bool:
         return self.processes[rank].is_alive()
@@ -940,8 +937,11 @@ def collect_outcomes(
     hang is recognised sooner: when every unfinished rank has been blocked
     that long with no thread running, nothing can move again before the
     timeout, so each blocked rank is asked where it is (``answer_inquiries``)
-    and its answer is recorded as the hang. Not with the collective checker on. One silent for ``progress_s`` is
-    stuck elsewhere and is recorded as hung at the step it was in. Steps a
+    and its answer is recorded as the hang. Not at DETAIL: there torch's
+    collective checker turns the wait into an error naming the missing rank,
+    after the group's timeout, and that is FSDP's to say. One silent for
+    ``progress_s`` is stuck elsewhere and is recorded as hung at the step it
+    was in. Steps a
     rank never reached did not run; nor, for the other ranks, the step a rank
     crashed in and those after it.
     """
@@ -950,9 +950,6 @@ def collect_outcomes(
     collected = Collected([[] for _ in range(world_size)], set(), set(), [{} for _ in range(world_size)])
     done: set[int] = set()
     anchor, limit = time.monotonic(), first_report_s
-    # At DETAIL, torch's collective checker turns such a wait into an error
-    # naming the missing rank, after the group's timeout: that is FSDP's to
-    # say, so the wait is not cut short.
     watch = deadlock_after_s is not None and not scenario["collective_checker"] and RankActivity.available
     activity = RankActivity(ranks.pid) if watch else None
     quiet: tuple[float, tuple[int, ...]] | None = None
@@ -1010,24 +1007,23 @@ def _record_deadlock(
     collected: Collected, done: set[int], total: int, reports, scenario_id: int, ranks: RankHandles, quiet_s: float
 ) -> None:
     """Each blocked rank's own account of its hung step, or where it has none
-    (blocked outside a step, or no way to ask) a bare hang."""
+    (blocked outside a step, or no answer) a bare hang."""
     blocked = [
         rank for rank in range(len(collected.outcomes)) if rank not in done and len(collected.outcomes[rank]) < total
     ]
     answers: dict[int, Json | None] = {}
-    if ranks.inquiries is not None:
-        for rank in blocked:
-            ranks.inquiries[rank].put(scenario_id)
-        deadline = time.monotonic() + 2.0
-        while len(answers) < len(blocked) and time.monotonic() < deadline:
-            try:
-                kind, rank, tag, payload = reports.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            if tag == scenario_id and kind == "where":
-                answers[rank] = payload
-            elif tag == scenario_id and kind == "outcome":
-                collected.outcomes[rank].append(payload)
+    for rank in blocked:
+        ranks.inquiries[rank].put(scenario_id)
+    deadline = time.monotonic() + 2.0
+    while len(answers) < len(blocked) and time.monotonic() < deadline:
+        try:
+            kind, rank, tag, payload = reports.get(timeout=0.05)
+        except queue.Empty:
+            continue
+        if tag == scenario_id and kind == "where":
+            answers[rank] = payload
+        elif tag == scenario_id and kind == "outcome":
+            collected.outcomes[rank].append(payload)
     message = DEADLOCK_MESSAGE.format(quiet=quiet_s)
     for rank in blocked:
         outcome = answers.get(rank) or {"status": HANG, "error_type": "Deadlock"}
@@ -1080,8 +1076,8 @@ def run_fresh(
         )
     finally:
         release.set()
+        stuck = collected is None or collected.deadlocked or collected.no_groups is not None
         for process in processes:
-            stuck = collected is None or collected.deadlocked or collected.no_groups is not None
             process.join(timeout=0 if stuck else 5)
             if process.is_alive():
                 process.kill()

@@ -78,6 +78,12 @@ class FailureHandling:
     """Call ranks deadlocked after this long blocked; None waits for the
     group's timeout."""
 
+    @property
+    def keeps_spare(self) -> bool:
+        """Whether a spare rank set waits ready: forked ranks start in
+        milliseconds, fresh interpreters would take seconds of CPU each."""
+        return self.start_method == "forkserver"
+
 
 FAST = FailureHandling()
 LEGACY = FailureHandling(start_method="spawn", deadlock_after_s=None)
@@ -261,7 +267,7 @@ class RankPool:
             ranks.stop(at_once=True)
             self._active = None
             self.stats.respawns += 1
-        elif ranks.scenarios >= SCENARIOS_PER_RANK_SET and self.handling.start_method == "forkserver":
+        elif ranks.scenarios >= SCENARIOS_PER_RANK_SET and self.handling.keeps_spare:
             ranks.stop()
             self._active = None
         return collected
@@ -274,7 +280,7 @@ class RankPool:
                 self._active, self._spare = self._spare, None
             else:
                 self._active = RankSet(self).start()
-        if self.handling.start_method == "forkserver" and self._spare is None:
+        if self.handling.keeps_spare and self._spare is None:
             self._spare = RankSet(self).start(background=True)
         return self._active
 
