@@ -20,7 +20,7 @@ from pathlib import Path as FilePath
 from typing import Any
 
 from fsdp_fuzz.jsonfmt import format_json
-from fsdp_fuzz.models.spec import ModelSpec, SpecError, spec_from_json, spec_to_json, taken
+from fsdp_fuzz.models.spec import Choice, ModelSpec, Norm, Sequential, SpecError, spec_from_json, spec_to_json, taken
 
 SCHEMA_VERSION = 1
 
@@ -34,6 +34,12 @@ ENGINES = ("fsdp1", "fsdp2")
 """``fsdp1``: ``FullyShardedDataParallel``; ``fsdp2``: ``fully_shard``. The
 executor implements each (``fsdp_fuzz.execute.executor.ENGINES``)."""
 MODES = ("train", "eval")
+METHODS = ("forward", "encode")
+"""The model's entry points: ``forward``, and ``encode``, which runs every
+stage of the root but the last (``ModelSpec.encoder_stages``)."""
+DTYPES = ("float32", "bfloat16", "float16")
+UNIT_ROUNDOFF = {"float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
+"""Half the distance from 1 to the next number of each dtype."""
 
 
 class ScenarioError(ValueError):
@@ -78,6 +84,8 @@ class Clause(_Vocabulary):
     CLEAN_RUN = "clean-run"
     REFERENCE = "matches-reference"
     SILENT_MISMATCH = "no-silent-mismatch"
+    REPLICAS = "replicas-agree"
+    REFUSAL = "documented-refusal"
 
     @property
     def sentence(self) -> str:
@@ -100,6 +108,8 @@ _CLAUSE_SENTENCES = {
     Clause.CLEAN_RUN: "clean run",
     Clause.REFERENCE: "matches the reference run",
     Clause.SILENT_MISMATCH: "no silent mismatch",
+    Clause.REPLICAS: "replicas hold the same parameters",
+    Clause.REFUSAL: "a documented refusal comes",
 }
 
 
@@ -125,6 +135,10 @@ class ViolationKind(_Vocabulary):
     GRADIENT_MISMATCH = "gradient-mismatch"
     UNITS_PAIRED = "units-paired"
     """The k-th collectives of a group served different units."""
+    REPLICAS_DIVERGED = "replicas-diverged"
+    """Ranks that must hold the same parameters after a step hold different ones."""
+    REFUSAL_MISSING = "refusal-missing"
+    """The engine ran, or failed otherwise, where it documents an error."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +155,28 @@ class Violation:
 
 
 @dataclass(frozen=True)
+class MixedPrecision:
+    """FSDP1's ``MixedPrecision``: dtypes are names from ``DTYPES``, ``None``
+    keeps the parameters' own (float32)."""
+
+    param_dtype: str | None = None
+    reduce_dtype: str | None = None
+    buffer_dtype: str | None = None
+    keep_low_precision_grads: bool = False
+    cast_forward_inputs: bool = False
+
+
+@dataclass(frozen=True)
+class MixedPrecisionPolicy:
+    """FSDP2's ``MixedPrecisionPolicy``, dtypes by name as above."""
+
+    param_dtype: str | None = None
+    reduce_dtype: str | None = None
+    output_dtype: str | None = None
+    cast_forward_inputs: bool = True
+
+
+@dataclass(frozen=True)
 class FsdpSettings:
     """Keyword arguments of every ``FullyShardedDataParallel`` in the model.
 
@@ -154,6 +190,7 @@ class FsdpSettings:
     backward_prefetch: str | None = "BACKWARD_PRE"
     limit_all_gathers: bool = True
     sync_module_states: bool = False
+    mixed_precision: MixedPrecision | None = None
 
 
 @dataclass(frozen=True)
@@ -174,6 +211,9 @@ class Fsdp2Settings:
     reshard_after_backward: bool = True
     forward_prefetch: bool = False
     backward_prefetch: bool = False
+    mp_policy: MixedPrecisionPolicy | None = None
+    register_encode: bool = False
+    """``register_fsdp_forward_method(root, "encode")``: FSDP2 runs its hooks around ``encode`` too."""
 
 
 @dataclass(frozen=True)
@@ -189,6 +229,11 @@ class Step:
     step (off: gradients accumulate unreduced); ``unshard`` calls every
     unit's ``unshard()`` before the forwards, ``reshard`` every unit's
     ``reshard()`` at the end of the step.
+
+    ``method``: the entry point the forwards call (``METHODS``). ``frozen``:
+    blocks whose parameters have ``requires_grad`` off for this step, as a
+    fine-tuning recipe freezes and unfreezes them; a block named in some
+    step of a schedule is trainable in the steps that do not name it.
     """
 
     mode: str = "train"
@@ -200,6 +245,8 @@ class Step:
     gradient_sync: bool = True
     unshard: bool = False
     reshard: bool = False
+    method: str = "forward"
+    frozen: tuple[str, ...] = ()
 
     @property
     def training(self) -> bool:
@@ -235,6 +282,24 @@ class Scenario:
             return self.fsdp2.hsdp
         return self.fsdp.sharding_strategy in HYBRID_STRATEGIES
 
+    @property
+    def dtypes(self) -> frozenset[str]:
+        """Every dtype the engine computes or communicates in: float32 and
+        whatever the mixed-precision settings name."""
+        policy = self.fsdp.mixed_precision if self.engine == "fsdp1" else self.fsdp2.mp_policy
+        named = [] if policy is None else [v for k, v in vars(policy).items() if k.endswith("_dtype") and v]
+        return frozenset(("float32", *named))
+
+    @property
+    def param_dtype(self) -> str:
+        policy = self.fsdp.mixed_precision if self.engine == "fsdp1" else self.fsdp2.mp_policy
+        return (policy.param_dtype if policy is not None else None) or "float32"
+
+    def scheduled_frozen(self) -> tuple[str, ...]:
+        """Blocks some step freezes, in the spec's order."""
+        named = {name for steps in self.ranks for step in steps for name in step.frozen}
+        return tuple(node.name for node in self.model.named() if node.name in named)
+
 
 def validate_scenario(scenario: Scenario) -> None:
     """Raise ``ScenarioError`` naming the first thing that makes it unrunnable."""
@@ -255,14 +320,29 @@ def validate_scenario(scenario: Scenario) -> None:
     if scenario.hybrid and scenario.world_size % HYBRID_NODE_SIZE:
         raise ScenarioError(f"hybrid sharding simulates nodes of {HYBRID_NODE_SIZE} ranks: the world size must be even")
     _validate_engine_settings(scenario)
+    _validate_mixed_precision(scenario)
     if scenario.batch_size < 1:
         raise ScenarioError("batch_size must be positive")
     alternatives = {choice.name: len(choice.alternatives) for choice in scenario.model.choices()}
+    freezable = freezable_blocks(scenario)
     for rank, steps in enumerate(scenario.ranks):
         for index, step in enumerate(steps):
             where = f"rank {rank}, step {index}"
             if step.mode not in MODES:
                 raise ScenarioError(f"{where}: mode {step.mode!r} is not one of {MODES}")
+            if step.method not in METHODS:
+                raise ScenarioError(f"{where}: method {step.method!r} is not one of {METHODS}")
+            if step.method != "forward" and scenario.engine != "fsdp2":
+                raise ScenarioError(
+                    f"{where}: method {step.method!r} needs engine 'fsdp2' (FSDP1 runs its hooks around forward "
+                    "only; call other methods inside summon_full_params there)"
+                )
+            unfreezable = sorted(set(step.frozen) - set(freezable))
+            if unfreezable:
+                raise ScenarioError(
+                    f"{where}: cannot freeze {unfreezable} by schedule; blocks that can be: {sorted(freezable)} "
+                    "(not frozen by the model, not tied, not inside an alternative under freeze_untaken)"
+                )
             if step.forwards < 0:
                 raise ScenarioError(f"{where}: forwards must not be negative")
             if step.backward and (step.forwards == 0 or not step.grad_enabled):
@@ -278,6 +358,60 @@ def validate_scenario(scenario: Scenario) -> None:
 
 
 _FSDP2_STEP_FIELDS = ("gradient_sync", "unshard", "reshard")
+
+
+def freezable_blocks(scenario: Scenario) -> tuple[str, ...]:
+    """Blocks a step may freeze: named Sequentials below the root that the
+    model does not freeze and no tie involves, outside alternatives when
+    ``freeze_untaken`` sets theirs; with FSDP1 and ``use_orig_params`` off,
+    only units (a flat parameter has one ``requires_grad``)."""
+    tied = {name for pair in scenario.model.ties().items() for name in pair}
+    whole_units = scenario.engine == "fsdp1" and not scenario.fsdp.use_orig_params
+    found: list[str] = []
+
+    def visit(node, inside_alternative: bool, frozen_above: bool) -> None:
+        if isinstance(node, Sequential):
+            if (
+                node is not scenario.model.root
+                and not node.frozen
+                and not frozen_above
+                and node.name not in tied
+                and not (inside_alternative and scenario.freeze_untaken)
+                and (node.fsdp_unit or not whole_units)
+            ):
+                found.append(node.name)
+            for child in node.children:
+                visit(child, inside_alternative, frozen_above or node.frozen)
+        elif isinstance(node, Choice):
+            for alternative in node.alternatives:
+                visit(alternative, True, frozen_above)
+
+    visit(scenario.model.root, False, False)
+    return tuple(found)
+
+
+def _validate_mixed_precision(scenario: Scenario) -> None:
+    policy = scenario.fsdp.mixed_precision if scenario.engine == "fsdp1" else scenario.fsdp2.mp_policy
+    if policy is None:
+        return
+    for name, value in vars(policy).items():
+        if name.endswith("_dtype") and value is not None and value not in DTYPES:
+            raise ScenarioError(f"mixed precision {name} {value!r} is not one of {DTYPES}")
+    blocks = (node for node in scenario.model.named() if isinstance(node, Sequential))
+    if any(isinstance(child, Norm) for block in blocks for child in block.children):
+        buffers = (policy.buffer_dtype or "float32") if scenario.engine == "fsdp1" else "float32"
+        if buffers != scenario.param_dtype:
+            fix = "set buffer_dtype to the param_dtype" if scenario.engine == "fsdp1" else "drop the param_dtype"
+            raise ScenarioError(
+                f"a norm layer would get {scenario.param_dtype} weights and {buffers} running statistics, which "
+                f"torch's batch norm refuses ({scenario.engine} casts parameters to param_dtype and buffers "
+                f"{'to buffer_dtype' if scenario.engine == 'fsdp1' else 'never'}); {fix}, or drop the norm layers"
+            )
+    if scenario.engine == "fsdp2" and not policy.cast_forward_inputs and scenario.param_dtype != "float32":
+        raise ScenarioError(
+            "cast_forward_inputs=False with a param_dtype: the root's float32 inputs would meet "
+            f"{scenario.param_dtype} weights, which torch refuses; keep cast_forward_inputs"
+        )
 
 
 def _validate_engine_settings(scenario: Scenario) -> None:
@@ -315,14 +449,17 @@ def step_to_json(step: Step, *, complete: bool = False) -> dict[str, Any]:
         "mode": step.mode,
         "path": {name: list(taken) for name, taken in sorted(step.path.items())},
     }
-    for name in ("forwards", "backward", "grad_enabled", "optimizer_step", *_FSDP2_STEP_FIELDS):
+    for name in _STEP_FIELDS:
         if complete or getattr(step, name) != getattr(_DEFAULT_STEP, name):
-            encoded[name] = getattr(step, name)
+            encoded[name] = list(step.frozen) if name == "frozen" else getattr(step, name)
     return encoded
 
 
+_STEP_FIELDS = ("forwards", "backward", "grad_enabled", "optimizer_step", *_FSDP2_STEP_FIELDS, "method", "frozen")
+
+
 def step_from_json(encoded: Mapping[str, Any]) -> Step:
-    known = {"mode", "path", "forwards", "backward", "grad_enabled", "optimizer_step", *_FSDP2_STEP_FIELDS}
+    known = {"mode", "path", *_STEP_FIELDS}
     unknown = set(encoded) - known
     if unknown:
         raise ScenarioError(f"unknown step fields {sorted(unknown)}")
@@ -337,6 +474,8 @@ def step_from_json(encoded: Mapping[str, Any]) -> Step:
         gradient_sync=bool(encoded.get("gradient_sync", True)),
         unshard=bool(encoded.get("unshard", False)),
         reshard=bool(encoded.get("reshard", False)),
+        method=str(encoded.get("method", "forward")),
+        frozen=tuple(str(name) for name in encoded.get("frozen", ())),
     )
 
 
@@ -349,15 +488,8 @@ def scenario_to_json(scenario: Scenario, *, complete: bool = False) -> dict[str,
         "world_size": scenario.world_size,
         **({"engine": scenario.engine} if complete or scenario.engine != "fsdp1" else {}),
         "model": spec_to_json(scenario.model, complete=complete),
-        "fsdp": {
-            "sharding_strategy": scenario.fsdp.sharding_strategy,
-            "use_orig_params": scenario.fsdp.use_orig_params,
-            "forward_prefetch": scenario.fsdp.forward_prefetch,
-            "backward_prefetch": scenario.fsdp.backward_prefetch,
-            "limit_all_gathers": scenario.fsdp.limit_all_gathers,
-            "sync_module_states": scenario.fsdp.sync_module_states,
-        },
-        **({"fsdp2": asdict(scenario.fsdp2)} if complete or scenario.engine == "fsdp2" else {}),
+        "fsdp": _settings_json(scenario.fsdp, complete),
+        **({"fsdp2": _settings_json(scenario.fsdp2, complete)} if complete or scenario.engine == "fsdp2" else {}),
         "debug_level": scenario.debug_level,
         "collective_checker": scenario.collective_checker,
         "freeze_untaken": scenario.freeze_untaken,
@@ -366,6 +498,27 @@ def scenario_to_json(scenario: Scenario, *, complete: bool = False) -> dict[str,
         "ranks": [[_step_json(scenario.model, step, complete) for step in steps] for steps in scenario.ranks],
         **({"hybrid": scenario.hybrid, "hybrid_node_size": HYBRID_NODE_SIZE} if complete else {}),
     }
+
+
+_ADDED_SETTINGS = ("mixed_precision", "mp_policy", "register_encode")
+"""Settings newer than the first saved scenarios: written only where set, so old files stay as they were."""
+
+
+def _settings_json(settings: FsdpSettings | Fsdp2Settings, complete: bool) -> dict[str, Any]:
+    encoded = asdict(settings)
+    return {
+        name: value
+        for name, value in encoded.items()
+        if complete or name not in _ADDED_SETTINGS or value != getattr(type(settings)(), name)
+    }
+
+
+def _settings_from_json(kind: type, encoded: Mapping[str, Any]) -> Any:
+    fields = dict(encoded)
+    for name, policy in (("mixed_precision", MixedPrecision), ("mp_policy", MixedPrecisionPolicy)):
+        if fields.get(name) is not None:
+            fields[name] = policy(**fields[name])
+    return kind(**fields)
 
 
 def _step_json(model: ModelSpec, step: Step, complete: bool) -> dict[str, Any]:
@@ -390,8 +543,8 @@ def scenario_from_json(encoded: Any) -> Scenario:
         scenario = Scenario(
             model=spec_from_json(encoded["model"]),
             ranks=ranks,
-            fsdp=FsdpSettings(**encoded.get("fsdp", {})),
-            fsdp2=Fsdp2Settings(**encoded.get("fsdp2", {})),
+            fsdp=_settings_from_json(FsdpSettings, encoded.get("fsdp", {})),
+            fsdp2=_settings_from_json(Fsdp2Settings, encoded.get("fsdp2", {})),
             engine=str(encoded.get("engine", "fsdp1")),
             debug_level=str(encoded.get("debug_level", "DETAIL")),
             collective_checker=bool(encoded.get("collective_checker", False)),
@@ -475,6 +628,9 @@ class StepOutcome:
     collectives: tuple[CollectiveRecord, ...] = ()
     stack: str | None = None
     """For a hang: where the rank was when its group timed out (innermost frames last)."""
+    param_digest: float | None = None
+    """A fingerprint of this rank's local parameters (its shards) after the
+    step: ranks holding the same values have the same digest."""
 
     def failed_with(self, error_type: str, message_prefix: str) -> bool:
         """Whether the step raised ``error_type`` with a message that starts so."""
@@ -498,6 +654,11 @@ class ReferenceStep:
     grad_sum: float | None
     """Sum of the rank-averaged gradient after this step's backward,
     accumulated since the last optimizer step; ``None`` without a backward."""
+    output_magnitudes: tuple[float, ...] | None = None
+    """Per rank: the sum of the absolute values of its forwards' outputs,
+    what a rounding error in low precision scales with."""
+    grad_magnitude: float | None = None
+    """The sum of the absolute values of the averaged gradient."""
 
 
 @dataclass(frozen=True)
@@ -527,6 +688,7 @@ def outcome_from_json(encoded: Mapping[str, Any]) -> StepOutcome:
         warnings=tuple(WarningRecord(**w) for w in encoded.get("warnings", ())),
         output_sum=encoded.get("output_sum"),
         grad_sum=encoded.get("grad_sum"),
+        param_digest=encoded.get("param_digest"),
         collectives=tuple(_collective_from_json(c) for c in encoded.get("collectives", ())),
         stack=encoded.get("stack"),
     )
@@ -543,7 +705,7 @@ def observations_to_json(observations: Observations) -> dict[str, Any]:
         ],
         "reference": None
         if observations.reference is None
-        else [{"output_sums": list(step.output_sums), "grad_sum": step.grad_sum} for step in observations.reference],
+        else [_reference_step_json(step) for step in observations.reference],
     }
 
 
@@ -561,7 +723,26 @@ def observations_from_json(encoded: Mapping[str, Any]) -> Observations:
         ),
         reference=None
         if encoded.get("reference") is None
-        else tuple(ReferenceStep(tuple(step["output_sums"]), step["grad_sum"]) for step in encoded["reference"]),
+        else tuple(_reference_step_from_json(step) for step in encoded["reference"]),
+    )
+
+
+def _reference_step_json(step: ReferenceStep) -> dict[str, Any]:
+    encoded: dict[str, Any] = {"output_sums": list(step.output_sums), "grad_sum": step.grad_sum}
+    if step.output_magnitudes is not None:
+        encoded["output_magnitudes"] = list(step.output_magnitudes)
+    if step.grad_magnitude is not None:
+        encoded["grad_magnitude"] = step.grad_magnitude
+    return encoded
+
+
+def _reference_step_from_json(encoded: Mapping[str, Any]) -> ReferenceStep:
+    magnitudes = encoded.get("output_magnitudes")
+    return ReferenceStep(
+        tuple(encoded["output_sums"]),
+        encoded["grad_sum"],
+        None if magnitudes is None else tuple(magnitudes),
+        encoded.get("grad_magnitude"),
     )
 
 

@@ -34,13 +34,38 @@ class ReLU:
 
 
 @dataclass(frozen=True)
+class Norm:
+    """``BatchNorm1d(features)``: affine parameters and running statistics
+    (buffers), normalising by the batch in training and by the running
+    statistics in eval."""
+
+    features: int
+
+    @property
+    def numel(self) -> int:
+        return 2 * self.features
+
+
+CHECKPOINT_MODES = ("non_reentrant", "reentrant", "wrapper", "composable")
+"""How a block's forward is checkpointed, so that it runs again inside the
+backward: ``torch.utils.checkpoint`` without and with reentrancy, FSDP1's
+``checkpoint_wrapper`` and the composable ``checkpoint`` FSDP2 pairs with."""
+
+
+@dataclass(frozen=True)
 class Sequential:
-    """Named children run one after another; may be its own FSDP unit."""
+    """Named children run one after another; may be its own FSDP unit.
+
+    ``checkpoint``: one of ``CHECKPOINT_MODES``, or ``None``. ``tied_to``
+    names an earlier block of the same layers whose parameters this block
+    uses (weight tying): one set of parameters runs at two places."""
 
     name: str
     children: tuple[Node, ...]
     fsdp_unit: bool = False
     frozen: bool = False
+    checkpoint: str | None = None
+    tied_to: str | None = None
 
 
 @dataclass(frozen=True)
@@ -56,7 +81,7 @@ class Choice:
     fsdp_unit: bool = False
 
 
-Node = Linear | ReLU | Sequential | Choice
+Node = Linear | ReLU | Norm | Sequential | Choice
 
 Path = Mapping[str, Sequence[int]]
 """Branch point name -> the alternatives one forward runs there, in order."""
@@ -82,12 +107,49 @@ class ModelSpec:
         """Every submodule marked as its own FSDP unit, the root included."""
         yield from _units(self.root)
 
+    def named(self) -> Iterator[Sequential | Choice]:
+        """Every Sequential and Choice, outer before inner."""
+        yield from _named(self.root)
+
+    def block(self, name: str) -> Sequential | Choice:
+        for node in _named(self.root):
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    def ties(self) -> dict[str, str]:
+        """Tied block -> the block whose parameters it uses."""
+        return {node.name: node.tied_to for node in _named(self.root) if isinstance(node, Sequential) and node.tied_to}
+
+    def owning_units(self) -> dict[str, str]:
+        """Every Sequential and Choice -> the FSDP unit its own parameters
+        belong to: itself if a unit, else its innermost enclosing unit."""
+        owners: dict[str, str] = {}
+
+        def visit(node: Node, unit: str) -> None:
+            if isinstance(node, (Sequential, Choice)):
+                unit = node.name if node.fsdp_unit or node is self.root else unit
+                owners[node.name] = unit
+                for child in node.children if isinstance(node, Sequential) else node.alternatives:
+                    visit(child, unit)
+
+        visit(self.root, self.root.name)
+        return owners
+
+    @property
+    def encoder_stages(self) -> int:
+        """How many of the root's children the ``encode`` method runs: all but the last."""
+        return len(self.root.children) - 1
+
 
 def unit_numel(spec: ModelSpec) -> dict[str, int]:
-    """Parameters each FSDP unit flattens: its subtree minus nested units."""
+    """Parameters each FSDP unit flattens: its subtree minus nested units; a
+    tied block's parameters count once, with the block it is tied to."""
 
     def own(node: Node, unit_root: bool) -> int:
         if isinstance(node, (Sequential, Choice)) and node.fsdp_unit and not unit_root:
+            return 0
+        if isinstance(node, Sequential) and node.tied_to:
             return 0
         if isinstance(node, Sequential):
             return sum(own(child, False) for child in node.children)
@@ -99,7 +161,7 @@ def unit_numel(spec: ModelSpec) -> dict[str, int]:
 
 
 def numel(node: Node) -> int:
-    if isinstance(node, Linear):
+    if isinstance(node, (Linear, Norm)):
         return node.numel
     if isinstance(node, ReLU):
         return 0
@@ -115,6 +177,10 @@ def features(node: Node, in_features: int) -> int:
             raise SpecError(f"Linear({node.in_features}, {node.out_features}) receives {in_features} features")
         return node.out_features
     if isinstance(node, ReLU):
+        return in_features
+    if isinstance(node, Norm):
+        if node.features != in_features:
+            raise SpecError(f"Norm({node.features}) receives {in_features} features")
         return in_features
     if isinstance(node, Sequential):
         for child in node.children:
@@ -143,12 +209,39 @@ def validate(spec: ModelSpec) -> None:
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise SpecError(f"submodule names must be unique, repeated: {duplicates}")
+    _validate_blocks(spec)
     for choice in spec.choices():
         if not 2 <= len(choice.alternatives) <= 4:
             raise SpecError(f"branch point {choice.name!r} needs 2 to 4 alternatives")
         sizes = {alternative.name: numel(alternative) for alternative in choice.alternatives}
         if len(set(sizes.values())) != 1:
             raise SpecError(f"alternatives of {choice.name!r} differ in numel: {sizes}")
+
+
+def _validate_blocks(spec: ModelSpec) -> None:
+    """Checkpoint modes and ties: a tied block repeats an earlier block of
+    the root's stages layer for layer, outside any branch point, and shares
+    its freezing (it holds the same parameters)."""
+    earlier: dict[str, Sequential] = {}
+    stages = {child.name for child in spec.root.children if isinstance(child, Sequential)}
+    for node in _named(spec.root):
+        if isinstance(node, Sequential):
+            if node.checkpoint is not None and node.checkpoint not in CHECKPOINT_MODES:
+                raise SpecError(f"block {node.name!r}: checkpoint {node.checkpoint!r} is not one of {CHECKPOINT_MODES}")
+            if node.tied_to is not None:
+                source = earlier.get(node.tied_to)
+                where = f"block {node.name!r} is tied to {node.tied_to!r}"
+                if source is None or node.name not in stages or source.name not in stages:
+                    raise SpecError(f"{where}: both must be stages of the root, the source first")
+                if source.tied_to is not None:
+                    raise SpecError(f"{where}, itself tied: tie both to {source.tied_to!r}")
+                if not all(isinstance(c, (Linear, ReLU, Norm)) for c in source.children) or tuple(
+                    source.children
+                ) != tuple(node.children):
+                    raise SpecError(f"{where}: a tied block has exactly the source's layers (linears, ReLUs, norms)")
+                if source.frozen != node.frozen:
+                    raise SpecError(f"{where}: tied blocks share parameters, so both are frozen or neither")
+            earlier[node.name] = node
 
 
 def _named(node: Node) -> Iterator[Sequential | Choice]:
@@ -183,12 +276,19 @@ def node_to_json(node: Node, *, complete: bool = False) -> dict[str, Any]:
         return {"linear": [node.in_features, node.out_features], "bias": node.bias}
     if isinstance(node, ReLU):
         return {"relu": True}
+    if isinstance(node, Norm):
+        return {"norm": node.features}
     if isinstance(node, Sequential):
         encoded: dict[str, Any] = {
             "sequential": node.name,
             "children": [node_to_json(c, complete=complete) for c in node.children],
         }
-        flags = {"fsdp_unit": node.fsdp_unit, "frozen": node.frozen}
+        flags = {
+            "fsdp_unit": node.fsdp_unit,
+            "frozen": node.frozen,
+            "checkpoint": node.checkpoint,
+            "tied_to": node.tied_to,
+        }
     else:
         encoded = {"choice": node.name, "alternatives": [node_to_json(a, complete=complete) for a in node.alternatives]}
         flags = {"fsdp_unit": node.fsdp_unit}
@@ -205,12 +305,17 @@ def node_from_json(encoded: Any) -> Node:
             return Linear(int(in_features), int(out_features), bool(encoded.get("bias", True)))
         if "relu" in encoded:
             return ReLU()
+        if "norm" in encoded:
+            return Norm(int(encoded["norm"]))
         if "sequential" in encoded:
+            checkpoint, tied_to = encoded.get("checkpoint"), encoded.get("tied_to")
             return Sequential(
                 name=str(encoded["sequential"]),
                 children=tuple(node_from_json(c) for c in encoded["children"]),
                 fsdp_unit=bool(encoded.get("fsdp_unit", False)),
                 frozen=bool(encoded.get("frozen", False)),
+                checkpoint=None if checkpoint is None else str(checkpoint),
+                tied_to=None if tied_to is None else str(tied_to),
             )
         if "choice" in encoded:
             alternatives = tuple(node_from_json(a) for a in encoded["alternatives"])
@@ -221,7 +326,7 @@ def node_from_json(encoded: Any) -> Node:
         if isinstance(exc, SpecError):
             raise
         raise SpecError(f"malformed model node {encoded!r}: {exc}") from None
-    raise SpecError(f"unknown model node {encoded!r}: expected one of linear, relu, sequential, choice")
+    raise SpecError(f"unknown model node {encoded!r}: expected one of linear, relu, norm, sequential, choice")
 
 
 def spec_to_json(spec: ModelSpec, *, complete: bool = False) -> dict[str, Any]:

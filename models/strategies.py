@@ -41,7 +41,7 @@ from functools import cache
 
 from hypothesis import strategies as st
 
-from fsdp_fuzz.models.spec import Choice, Linear, ModelSpec, Node, ReLU, Sequential
+from fsdp_fuzz.models.spec import Choice, Linear, ModelSpec, Node, Norm, ReLU, Sequential
 
 MIN_WIDTH = 2
 MAX_WIDTH = 8
@@ -53,7 +53,7 @@ Stack = tuple[Linear, ...]
 """Linears applied in turn, before ReLUs are placed after some of them."""
 
 # Shrinking moves toward the front.
-_STAGE_KINDS = ("relu", "linear", "block", "branch")
+_STAGE_KINDS = ("relu", "linear", "block", "branch", "norm")
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,17 @@ class UnitRules:
 
     frozen_are_units: bool = False
     alternatives_are_units: bool = False
+
+
+@dataclass(frozen=True)
+class Features:
+    """Which of the training features a model may use: norm layers (batch
+    norm, with running statistics), checkpoint modes for blocks, and blocks
+    tied to an earlier block's parameters."""
+
+    norms: bool = False
+    checkpoint_modes: tuple[str, ...] = ()
+    ties: bool = False
 
 
 def width_preserving_stacks(width: int, min_hidden: int = MIN_WIDTH, max_hidden: int = MAX_WIDTH) -> Iterator[Stack]:
@@ -127,6 +138,7 @@ class _Bounds:
     min_width: int
     max_width: int
     rules: UnitRules
+    features: Features = Features()
 
 
 class _Names:
@@ -195,6 +207,7 @@ def model_specs(
     min_width: int = MIN_WIDTH,
     max_width: int = MAX_WIDTH,
     rules: UnitRules = UnitRules(),
+    features: Features = Features(),
 ) -> ModelSpec:
     """Valid specs: ``model`` = stem, then 1 to ``max_stages`` stages.
 
@@ -202,24 +215,32 @@ def model_specs(
     ``max_alternatives`` alternatives, one stage at least a branch point;
     branch points nest up to ``max_depth`` levels. Every Sequential and Choice
     may be a unit, any block below the stem may be frozen, both within
-    ``rules``.
+    ``rules``. ``features`` adds norm stages and norms closing blocks,
+    checkpointed blocks, and block stages tied to an earlier block stage of
+    the same widths; each shrinks away.
     """
     if not 2 <= max_alternatives <= 4:
         raise ValueError("max_alternatives must be 2 to 4 (what models.spec.validate accepts)")
     if max_stages < 1 or max_depth < 1 or not 1 <= min_width <= max_width:
         raise ValueError("need max_stages >= 1, max_depth >= 1 and 1 <= min_width <= max_width")
-    bounds = _Bounds(max_stages, max_depth, max_alternatives, min_width, max_width, rules)
+    bounds = _Bounds(max_stages, max_depth, max_alternatives, min_width, max_width, rules, features)
     names = _Names()
     in_features = draw(st.integers(min_width, max_width))
     width = draw(st.integers(min_width, max_width))
     stem = Sequential(
-        STEM_NAME, _layers(draw, _free_stack(draw, in_features, width, bounds)), fsdp_unit=draw(st.booleans())
+        STEM_NAME,
+        _layers(draw, _free_stack(draw, in_features, width, bounds)),
+        fsdp_unit=draw(st.booleans()),
+        checkpoint=_checkpoint(draw, bounds),
     )
     children: list[Node] = [stem]
+    blocks: list[tuple[int, int, Sequential]] = [(in_features, width, stem)]
     layout = draw(_layouts(draw(st.sampled_from(range(1, max_stages + 1)))))
     for kind in layout:
-        if kind == "relu":
+        if kind == "relu" or (kind == "norm" and not features.norms):
             children.append(ReLU())
+        elif kind == "norm":
+            children.append(Norm(width))
         elif kind == "branch":
             children.append(_branch(draw, names, width, 1, bounds))
         else:
@@ -230,9 +251,35 @@ def model_specs(
                 children.append(Linear(width, out, draw(st.booleans())))
             else:
                 stack = _free_stack(draw, width, out, bounds)
-                children.append(_block(draw, names("block"), _layers(draw, stack), bounds.rules))
+                layers = _layers(draw, stack) + ((Norm(out),) if draw(_chance(1, 3)) and features.norms else ())
+                block = _block(draw, names("block"), layers, bounds)
+                tie = draw(_chance(1, 2)) and features.ties
+                sources = [source for source_in, _, source in blocks if source_in == width]
+                if tie and sources:
+                    source = sources[-1]
+                    out = next(source_out for _, source_out, candidate in blocks if candidate is source)
+                    children.append(_tied(block, source, bounds))
+                else:
+                    blocks.append((width, out, block))
+                    children.append(block)
+                    if tie and out == width:
+                        children.append(_tied(replace(block, name=names("block")), block, bounds))
             width = out
     return ModelSpec(in_features, Sequential(ROOT_NAME, tuple(children)))
+
+
+def _tied(block: Sequential, source: Sequential, bounds: _Bounds) -> Sequential:
+    """``block`` made a repeat of ``source`` that uses its parameters."""
+    forced = source.frozen and bounds.rules.frozen_are_units
+    return replace(
+        block, children=source.children, tied_to=source.name, frozen=source.frozen, fsdp_unit=block.fsdp_unit or forced
+    )
+
+
+def _checkpoint(draw: st.DrawFn, bounds: _Bounds) -> str | None:
+    """A block's checkpoint mode: none about three times in four; one choice either way."""
+    modes = bounds.features.checkpoint_modes
+    return draw(st.sampled_from((None,) * (3 * max(1, len(modes))) + modes))
 
 
 def _free_stack(draw: st.DrawFn, width_in: int, width_out: int, bounds: _Bounds) -> Stack:
@@ -249,20 +296,22 @@ def _layers(draw: st.DrawFn, stack: Stack) -> tuple[Linear | ReLU, ...]:
 
 
 def _block(
-    draw: st.DrawFn, name: str, children: tuple[Node, ...], rules: UnitRules, alternative: bool = False
+    draw: st.DrawFn, name: str, children: tuple[Node, ...], bounds: _Bounds, alternative: bool = False
 ) -> Sequential:
+    rules = bounds.rules
     frozen = draw(_chance(1, 4))
     unit = draw(st.booleans())
+    checkpoint = _checkpoint(draw, bounds)
     forced = (frozen and rules.frozen_are_units) or (alternative and rules.alternatives_are_units)
-    return Sequential(name, children, fsdp_unit=forced or unit, frozen=frozen)
+    return Sequential(name, children, fsdp_unit=forced or unit, frozen=frozen, checkpoint=checkpoint)
 
 
-def _segment(draw: st.DrawFn, names: _Names, stack: Stack, rules: UnitRules) -> tuple[Node, ...]:
+def _segment(draw: st.DrawFn, names: _Names, stack: Stack, bounds: _Bounds) -> tuple[Node, ...]:
     """A stack inside an alternative: its layers inline, or wrapped in a block
     of its own that may be a unit or frozen."""
     layers = _layers(draw, stack)
     wrapped = draw(_chance(1, 3))
-    block = _block(draw, "", layers, rules)
+    block = _block(draw, "", layers, bounds)
     if wrapped:
         return (replace(block, name=names("block")),)
     return layers
@@ -348,14 +397,14 @@ def _alternatives(
     nested_first = nesting is not None and draw(st.booleans())
     alternatives = []
     for index, stack in enumerate(stacks):
-        parts = [_segment(draw, names, stack, bounds.rules)]
+        parts = [_segment(draw, names, stack, bounds)]
         if nesting is not None:
             parts.append(_balance(draw, names, width, depth, bounds, nesting))
             if nested_first:
                 parts.reverse()
         children = tuple(node for part in parts for node in part)
         name = names("block") if branch is None else f"{branch}_{index}"
-        alternatives.append(_block(draw, name, children, bounds.rules, alternative=branch is not None))
+        alternatives.append(_block(draw, name, children, bounds, alternative=branch is not None))
     return tuple(alternatives)
 
 

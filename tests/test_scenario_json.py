@@ -33,9 +33,11 @@ def test_the_executor_form_spells_out_every_default():
     assert complete["engine"] == "fsdp1" and complete["hybrid"] is False and complete["hybrid_node_size"] == 2
     step = complete["ranks"][0][0]
     fields = {"mode", "path", "forwards", "backward", "grad_enabled", "optimizer_step"}
-    assert set(step) == fields | {"gradient_sync", "unshard", "reshard"}
+    assert set(step) == fields | {"gradient_sync", "unshard", "reshard", "method", "frozen"}
     unit = complete["model"]["root"]["children"][0]
     assert unit["fsdp_unit"] is False and unit["frozen"] is False
+    assert unit["checkpoint"] is None and unit["tied_to"] is None
+    assert complete["fsdp"]["mixed_precision"] is None
     assert scenario_from_json(complete) == scenario
 
 

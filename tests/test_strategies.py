@@ -176,7 +176,7 @@ def test_every_scenario_builds_identically_and_runs_on_every_rank_without_fsdp(s
         assert all(torch.equal(state[key], reference[key]) for key in state)
         optimizer = torch.optim.SGD(built.module.parameters(), lr=0.01)
         for index, step in enumerate(steps):
-            total = run_forwards(encoded, built, rank, index, torch.device("cpu"))
+            total = run_forwards(encoded, built, rank, index, torch.device("cpu")).total
             if not scenario.fsdp.use_orig_params:
                 assert_flat_parameters_uniform(model, built)
             if step.forwards:

@@ -111,12 +111,13 @@ CPU = Placement()
 
 # The model -----------------------------------------------------------------------
 #
-# A spec node is {"linear": [in, out], "bias": b}, {"relu": true},
-# {"sequential": name, "children": [...], "fsdp_unit": b, "frozen": b} or
-# {"choice": name, "alternatives": [sequentials], "fsdp_unit": b}. Every branch
-# point reads the path of the forward in progress from one dict shared by the
-# whole model, set before each step, the way a user's model reads a flag (the
-# seed test's ``use_alt_path``): FSDP sees the call signature a user's model has.
+# A spec node is {"linear": [in, out], "bias": b}, {"relu": true}, {"norm": n},
+# {"sequential": name, "children": [...], "fsdp_unit": b, "frozen": b,
+# "checkpoint": mode, "tied_to": name} or {"choice": name, "alternatives":
+# [sequentials], "fsdp_unit": b}. Every branch point reads the path of the
+# forward in progress from one dict shared by the whole model, set before each
+# step, the way a user's model reads a flag (the seed test's ``use_alt_path``):
+# FSDP sees the call signature a user's model has.
 
 
 def _named(node: Json) -> str | None:
@@ -127,21 +128,45 @@ def _children(node: Json) -> list[Json]:
     return node["children"] if "sequential" in node else node["alternatives"]
 
 
+def unwrapped(module: nn.Module) -> nn.Module:
+    """The module inside an activation-checkpoint wrapper (itself otherwise):
+    where a child is set, so that the forward that runs sees it."""
+    return getattr(module, "_checkpoint_wrapped_module", module)
+
+
 class SequentialModule(nn.Module):
-    """Children run one after another; sequentials and branch points are named, others numbered."""
+    """Children run one after another; sequentials and branch points are
+    named, others numbered. ``checkpoint`` ``reentrant`` or ``non_reentrant``
+    runs the children under ``torch.utils.checkpoint``."""
 
     def __init__(self, node: Json, path: dict[str, list[int]]) -> None:
         super().__init__()
         self.child_names: list[str] = []
+        self.checkpoint_mode = node.get("checkpoint")
         for index, child in enumerate(node["children"]):
             name = _named(child) or str(index)
             self.add_module(name, _build_node(child, path))
             self.child_names.append(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for name in self.child_names:
+        if self.checkpoint_mode in ("reentrant", "non_reentrant"):
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._run, x, self.child_names, use_reentrant=self.checkpoint_mode == "reentrant")
+        return self._run(x, self.child_names)
+
+    def _run(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        for name in names:
             x = getattr(self, name)(x)
         return x
+
+
+class RootModule(SequentialModule):
+    """The model: ``forward`` runs every stage, ``encode`` all but the last,
+    a second entry point as a ``generate`` or ``encode`` method is."""
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x, self.child_names[:-1])
 
 
 class ChoiceModule(nn.Module):
@@ -153,7 +178,7 @@ class ChoiceModule(nn.Module):
         self.path = path
         self.alternative_names = [alternative["sequential"] for alternative in node["alternatives"]]
         for alternative in node["alternatives"]:
-            self.add_module(alternative["sequential"], SequentialModule(alternative, path))
+            self.add_module(alternative["sequential"], _build_node(alternative, path))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for index in self.path[self.choice_name]:
@@ -166,7 +191,20 @@ def _build_node(node: Json, path: dict[str, list[int]]) -> nn.Module:
         return nn.Linear(*node["linear"], bias=node["bias"])
     if "relu" in node:
         return nn.ReLU()
-    return SequentialModule(node, path) if "sequential" in node else ChoiceModule(node, path)
+    if "norm" in node:
+        return nn.BatchNorm1d(node["norm"])
+    if "choice" in node:
+        return ChoiceModule(node, path)
+    module = SequentialModule(node, path)
+    if node.get("checkpoint") == "wrapper":
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+        return checkpoint_wrapper(module, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    if node.get("checkpoint") == "composable":
+        from torch.distributed._composable import checkpoint
+
+        checkpoint(module)
+    return module
 
 
 @dataclass
@@ -187,10 +225,16 @@ class BuiltModel:
     def branch_points(self) -> Iterator[tuple[Json, nn.Module, str]]:
         """(node, module, innermost enclosing alternative or the root) of
         every branch point, outer first; through wrappers once wrapped."""
-
-        def walk(node: Json, module: nn.Module, enclosing: str) -> Iterator[tuple[Json, nn.Module, str]]:
+        for node, module, enclosing in self.blocks():
             if "choice" in node:
                 yield node, module, enclosing
+
+    def blocks(self) -> Iterator[tuple[Json, nn.Module, str]]:
+        """(node, module, innermost enclosing alternative or the root) of
+        every sequential and branch point, outer first."""
+
+        def walk(node: Json, module: nn.Module, enclosing: str) -> Iterator[tuple[Json, nn.Module, str]]:
+            yield node, module, enclosing
             for child in _children(node):
                 name = _named(child)
                 if name is not None:
@@ -200,18 +244,31 @@ class BuiltModel:
         root = self.spec["root"]
         yield from walk(root, self.module, root["sequential"])
 
+    def block(self, name: str) -> nn.Module:
+        return next(module for node, module, _ in self.blocks() if _named(node) == name)
+
 
 def build_model(spec: Json, seed: int, freeze_untaken: bool) -> BuiltModel:
     """Build ``spec`` with parameters that depend on ``seed`` alone.
 
     Every rank calls this with the same seed and gets the same parameters,
-    as FSDP expects without ``sync_module_states``.
+    as FSDP expects without ``sync_module_states``. A tied block takes the
+    parameters of the block it is tied to, as weight tying does.
     """
     path: dict[str, list[int]] = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        module = SequentialModule(spec["root"], path)
+        module = RootModule(spec["root"], path)
     built = BuiltModel(spec, module, path)
+    for node, block, _ in list(built.blocks()):
+        if node.get("tied_to"):
+            source = built.block(node["tied_to"])
+            for index, child in enumerate(node["children"]):
+                if "linear" in child or "norm" in child:
+                    layer, origin = getattr(block, str(index)), getattr(source, str(index))
+                    layer.weight = origin.weight
+                    if getattr(origin, "bias", None) is not None:
+                        layer.bias = origin.bias
 
     def freeze(node: Json, module: nn.Module) -> None:
         if node.get("frozen"):
@@ -247,23 +304,62 @@ def freeze_untaken_alternatives(built: BuiltModel, path: dict[str, list[int]]) -
                 parameter.requires_grad = trainable
 
 
+def freeze_scheduled(built: BuiltModel, scenario: Json, frozen: list[str]) -> None:
+    """Blocks some step of the scenario freezes: frozen in this step when
+    ``frozen`` names them, trainable otherwise."""
+    scheduled = {name for steps in scenario["ranks"] for step in steps for name in step["frozen"]}
+    for name in sorted(scheduled):
+        for parameter in built.block(name).parameters():
+            parameter.requires_grad = name not in frozen
+
+
 def step_input(scenario: Json, rank: int, step: int, forward: int) -> torch.Tensor:
     """A batch that depends only on where it is used, never on RNG history."""
     generator = torch.Generator().manual_seed(((scenario["seed"] * 1009 + rank) * 1009 + step) * 1009 + forward)
     return torch.randn((scenario["batch_size"], scenario["model"]["in_features"]), generator=generator)
 
 
-def run_forwards(scenario: Json, built: BuiltModel, rank: int, index: int, device: torch.device) -> torch.Tensor:
+@dataclass
+class Forwards:
+    """The step's forwards: the sum of their outputs (float32, what a
+    backward differentiates) and of their absolute values."""
+
+    total: torch.Tensor
+    magnitude: float
+
+
+def run_forwards(
+    scenario: Json,
+    built: BuiltModel,
+    rank: int,
+    index: int,
+    device: torch.device,
+    input_dtype: torch.dtype | None = None,
+    output_dtype: torch.dtype | None = None,
+) -> Forwards:
     """The step's forwards, as the user's program runs them: mode, path,
-    freezing, grad mode; returns the sum of their outputs."""
+    freezing, grad mode, entry point. The dtypes are for a run without an
+    engine to cast the inputs and outputs (the reference)."""
     step = scenario["ranks"][rank][index]
     built.module.train(step["mode"] == "train")
     built.set_path(step["path"])
     if scenario["freeze_untaken"]:
         freeze_untaken_alternatives(built, step["path"])
+    freeze_scheduled(built, scenario, step["frozen"])
+    entry = built.module if step["method"] == "forward" else getattr(built.module, step["method"])
+    outputs = []
     with torch.set_grad_enabled(step["grad_enabled"]):
-        outputs = [built.module(step_input(scenario, rank, index, k).to(device)) for k in range(step["forwards"])]
-        return sum((output.sum() for output in outputs), torch.zeros((), device=device))
+        for k in range(step["forwards"]):
+            batch = step_input(scenario, rank, index, k).to(device)
+            output = entry(batch if input_dtype is None else batch.to(input_dtype))
+            outputs.append((output if output_dtype is None else output.to(output_dtype)).float())
+        total = sum((output.sum() for output in outputs), torch.zeros((), device=device))
+    magnitude = sum(float(output.detach().abs().sum().cpu()) for output in outputs)
+    return Forwards(total, magnitude)
+
+
+def dtype_named(name: str | None) -> torch.dtype | None:
+    return None if name is None else getattr(torch, name)
 
 
 # Engines ---------------------------------------------------------------------------
@@ -315,11 +411,12 @@ class Fsdp1:
     )
 
     def wrap(self, built: BuiltModel, scenario: Json, group: Any, device: torch.device) -> None:
-        from torch.distributed.fsdp import BackwardPrefetch, ShardingStrategy
+        from torch.distributed.fsdp import BackwardPrefetch, MixedPrecision, ShardingStrategy
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
         settings = scenario["fsdp"]
         prefetch = settings["backward_prefetch"]
+        policy = settings["mixed_precision"]
         kwargs = {
             "process_group": group,
             "device_id": device,
@@ -329,6 +426,7 @@ class Fsdp1:
             "backward_prefetch": BackwardPrefetch[prefetch] if prefetch else None,
             "limit_all_gathers": settings["limit_all_gathers"],
             "sync_module_states": settings["sync_module_states"],
+            "mixed_precision": None if policy is None else MixedPrecision(**_with_dtypes(policy)),
         }
 
         def wrap_below(node: Json, module: nn.Module) -> None:
@@ -340,7 +438,7 @@ class Fsdp1:
                 wrap_below(child, child_module)
                 if child["fsdp_unit"]:
                     built.units[name] = FSDP(child_module, **kwargs)
-                    setattr(module, name, built.units[name])
+                    setattr(unwrapped(module), name, built.units[name])
 
         root = built.spec["root"]
         wrap_below(root, built.module)
@@ -379,11 +477,16 @@ class Fsdp2:
     )
 
     def wrap(self, built: BuiltModel, scenario: Json, group: Any, device: torch.device) -> None:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
         settings = scenario["fsdp2"]
         mesh = self._mesh(scenario, group, device)
         reshard = settings["reshard_after_forward"]
+        policy = settings["mp_policy"]
+        if policy is not None:
+            mesh_kwargs = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(**_with_dtypes(policy))}
+        else:
+            mesh_kwargs = {"mesh": mesh}
         built.module.to(device)
 
         def shard_below(node: Json, module: nn.Module) -> None:
@@ -392,12 +495,16 @@ class Fsdp2:
                 if name is not None:
                     shard_below(child, getattr(module, name))
                     if child["fsdp_unit"]:
-                        built.units[name] = fully_shard(getattr(module, name), mesh=mesh, reshard_after_forward=reshard)
+                        built.units[name] = fully_shard(
+                            getattr(module, name), reshard_after_forward=reshard, **mesh_kwargs
+                        )
 
         root = built.spec["root"]
         shard_below(root, built.module)
         at_root = reshard if reshard is None or isinstance(reshard, bool) else None  # an int is for non-root units
-        built.units[root["sequential"]] = fully_shard(built.module, mesh=mesh, reshard_after_forward=at_root)
+        built.units[root["sequential"]] = fully_shard(built.module, reshard_after_forward=at_root, **mesh_kwargs)
+        if settings["register_encode"]:
+            register_fsdp_forward_method(built.module, "encode")
         built.module.set_reduce_scatter_unused_params(settings["reduce_scatter_unused_params"])
         built.module.set_reshard_after_backward(settings["reshard_after_backward"])
         order = [built.units[name] for name in _units_in_spec_order(root)]
@@ -435,6 +542,11 @@ class Fsdp2:
         if step["reshard"]:
             for unit in built.units.values():
                 unit.reshard()
+
+
+def _with_dtypes(policy: Json) -> Json:
+    """A mixed-precision setting's keywords, dtype names made dtypes."""
+    return {name: dtype_named(value) if name.endswith("_dtype") else value for name, value in policy.items()}
 
 
 ENGINES: dict[str, Engine] = {"fsdp1": Fsdp1(), "fsdp2": Fsdp2()}
@@ -727,19 +839,37 @@ def _run_step(scenario: Json, built: BuiltModel, optimizer, rank: int, index: in
         _doing.caught, _doing.trace = caught, trace
         try:
             engine.before_step(built, step)
-            total = run_forwards(scenario, built, rank, index, device)
+            total = run_forwards(scenario, built, rank, index, device).total
             grad_sum = None
             if step["backward"]:
                 total.backward()
-                grads = [_local(p.grad).sum() for p in built.module.parameters() if p.grad is not None]
+                grads = [_local(p.grad).float().sum() for p in built.module.parameters() if p.grad is not None]
                 grad_sum = float(sum(grads, torch.zeros((), device=device)).cpu())
             if step["optimizer_step"]:
                 optimizer.step()
                 optimizer.zero_grad()
             engine.after_step(built, step)
-            return _outcome(OK, caught, trace, output_sum=float(total.detach().cpu()), grad_sum=grad_sum)
+            return _outcome(
+                OK,
+                caught,
+                trace,
+                output_sum=float(total.detach().cpu()),
+                grad_sum=grad_sum,
+                param_digest=param_digest(built.module),
+            )
         except Exception as exc:  # noqa: BLE001 - any failure is an observation
             return _failure(exc, caught, trace)
+
+
+def param_digest(module: nn.Module) -> float:
+    """A fingerprint of the rank's local parameters: equal values, equal
+    digests; each element weighted by its position, so a permutation shows."""
+    total = 0.0
+    for parameter in module.parameters():
+        values = _local(parameter).detach().reshape(-1).double().cpu()
+        weights = torch.arange(1, values.numel() + 1, dtype=torch.float64) / values.numel()
+        total += float((values * weights).sum())
+    return total
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,13 @@ ranks. One process can compute that without FSDP or a process group, so the
 reference cannot share a bug with what it checks. It runs in plain torch on
 the CPU, with the executor's own ``build_model`` and ``run_forwards``: the
 same parameters, batches and forwards as the ranks.
+
+It works in the scenario's dtypes, as mixed precision promises: float32
+master parameters, a copy in ``param_dtype`` that the forwards run on (the
+inputs cast to it, the outputs to ``output_dtype``), buffers in
+``buffer_dtype``, and gradients averaged into the masters. Buffers are each
+rank's own (no engine synchronises them), so each rank's running statistics
+are kept apart.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from fsdp_fuzz.data import ReferenceStep, Scenario, Step, scenario_to_json
-from fsdp_fuzz.execute.executor import LEARNING_RATE, build_model, run_forwards
+from fsdp_fuzz.execute.executor import LEARNING_RATE, build_model, dtype_named, run_forwards
 
 CPU = torch.device("cpu")
 
@@ -35,33 +42,64 @@ def reference_run(scenario: Scenario) -> tuple[ReferenceStep, ...] | None:
         return None
     encoded = scenario_to_json(scenario, complete=True)
     built = build_model(encoded["model"], scenario.seed, scenario.freeze_untaken)
+    dtypes = _Dtypes(scenario)
     parameters = list(built.module.parameters())
-    optimizer = torch.optim.SGD(parameters, lr=LEARNING_RATE)
-    world_size = scenario.world_size
+    masters = [parameter.detach().clone() for parameter in parameters]
+    for master in masters:
+        master.grad = None
+    optimizer = torch.optim.SGD(masters, lr=LEARNING_RATE)
+    if dtypes.buffer is not None:
+        for buffer in built.module.buffers():
+            if buffer.is_floating_point():
+                buffer.data = buffer.data.to(dtypes.buffer)
+    buffers = [[buffer.detach().clone() for buffer in built.module.buffers()] for _ in range(scenario.world_size)]
     steps = []
     for index in range(scenario.num_steps):
-        output_sums = []
+        output_sums, magnitudes = [], []
         summed: dict[int, torch.Tensor] = {}
-        for rank in range(world_size):
+        for rank in range(scenario.world_size):
             step = scenario.ranks[rank][index]
-            total = run_forwards(encoded, built, rank, index, CPU)
-            output_sums.append(float(total.detach()))
-            if step.backward and total.requires_grad:
-                trainable = [p for p in parameters if p.requires_grad]
-                grads = torch.autograd.grad(total, trainable, allow_unused=True)
-                for parameter, grad in zip(trainable, grads, strict=True):
-                    if grad is not None:
-                        summed[id(parameter)] = summed.get(id(parameter), 0) + grad
+            _load(built.module.buffers(), buffers[rank])
+            _load(parameters, [master.to(dtypes.param) for master in masters])
+            forwards = run_forwards(encoded, built, rank, index, CPU, dtypes.param, dtypes.output)
+            buffers[rank] = [buffer.detach().clone() for buffer in built.module.buffers()]
+            output_sums.append(float(forwards.total.detach()))
+            magnitudes.append(forwards.magnitude)
+            if step.backward and forwards.total.requires_grad:
+                # .backward(), not autograd.grad: reentrant checkpointing supports only the former.
+                forwards.total.backward()
+                for position, parameter in enumerate(parameters):
+                    if parameter.grad is not None:
+                        summed[position] = summed.get(position, 0) + parameter.grad.float()
+                        parameter.grad = None
         step = scenario.ranks[0][index]
-        grad_sum = None
+        grad_sum = grad_magnitude = None
         if step.backward:
-            for parameter in parameters:
-                if id(parameter) in summed:
-                    average = summed[id(parameter)] / world_size
-                    parameter.grad = average if parameter.grad is None else parameter.grad + average
-            grad_sum = float(sum((p.grad.sum() for p in parameters if p.grad is not None), torch.zeros(())))
+            for position, master in enumerate(masters):
+                if position in summed:
+                    average = summed[position] / scenario.world_size
+                    master.grad = average if master.grad is None else master.grad + average
+            grads = [master.grad for master in masters if master.grad is not None]
+            grad_sum = float(sum((grad.sum() for grad in grads), torch.zeros(())))
+            grad_magnitude = float(sum((grad.abs().sum() for grad in grads), torch.zeros(())))
         if step.optimizer_step:
             optimizer.step()
             optimizer.zero_grad()
-        steps.append(ReferenceStep(tuple(output_sums), grad_sum))
+        steps.append(ReferenceStep(tuple(output_sums), grad_sum, tuple(magnitudes), grad_magnitude))
     return tuple(steps)
+
+
+class _Dtypes:
+    """The dtypes the engine's mixed-precision setting computes in."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        self.param = dtype_named(scenario.param_dtype)
+        policy = scenario.fsdp.mixed_precision if scenario.engine == "fsdp1" else scenario.fsdp2.mp_policy
+        self.output = dtype_named(getattr(policy, "output_dtype", None))
+        self.buffer = dtype_named(getattr(policy, "buffer_dtype", None))
+
+
+def _load(targets, values) -> None:
+    with torch.no_grad():
+        for target, value in zip(targets, values, strict=True):
+            target.data = value.clone()

@@ -36,11 +36,14 @@ from fsdp_fuzz.data import (
     MODES,
     Fsdp2Settings,
     FsdpSettings,
+    MixedPrecision,
+    MixedPrecisionPolicy,
     Scenario,
     Step,
+    freezable_blocks,
 )
 from fsdp_fuzz.models.spec import Choice, ModelSpec, Node, Sequential, taken, unit_numel
-from fsdp_fuzz.models.strategies import UnitRules, model_specs
+from fsdp_fuzz.models.strategies import Features, UnitRules, model_specs
 
 PLAIN_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
 MAX_FORWARDS = 3
@@ -64,6 +67,39 @@ def hybrid_allowed(world_size: int) -> bool:
     return world_size % HYBRID_NODE_SIZE == 0
 
 
+LOW_PRECISION = ("bfloat16", "float16")
+"""Both run forward and backward on CPU with gloo under either engine (torch 2.13, measured)."""
+
+
+@st.composite
+def mixed_precision(draw: st.DrawFn) -> MixedPrecision | None:
+    """FSDP1's ``MixedPrecision`` about one time in three; shrinks to none.
+    ``buffer_dtype`` follows ``param_dtype``: batch norm refuses weights and
+    running statistics of different dtypes."""
+    enabled = draw(_chance(1, 3))
+    param_dtype = draw(st.sampled_from(LOW_PRECISION))
+    reduce_dtype = draw(st.sampled_from((None, "float32", param_dtype)))
+    keep_low_precision_grads, cast_forward_inputs = draw(_chance(1, 4)), draw(st.booleans())
+    if not enabled:
+        return None
+    return MixedPrecision(param_dtype, reduce_dtype, param_dtype, keep_low_precision_grads, cast_forward_inputs)
+
+
+@st.composite
+def mp_policies(draw: st.DrawFn) -> MixedPrecisionPolicy | None:
+    """FSDP2's ``MixedPrecisionPolicy`` about one time in three; shrinks to none."""
+    enabled = draw(_chance(1, 3))
+    param_dtype = draw(st.sampled_from(LOW_PRECISION))
+    reduce_dtype = draw(st.sampled_from((None, "float32", param_dtype)))
+    output_dtype = draw(st.sampled_from((None, "float32")))
+    return MixedPrecisionPolicy(param_dtype, reduce_dtype, output_dtype) if enabled else None
+
+
+def checkpoint_modes(engine: str) -> tuple[str, ...]:
+    """``torch.utils.checkpoint`` both ways, and each engine's own wrapper."""
+    return ("non_reentrant", "reentrant", "wrapper" if engine == "fsdp1" else "composable")
+
+
 @st.composite
 def fsdp_settings(draw: st.DrawFn, world_size: int, *, device: str = "cpu", hybrid: bool = True) -> FsdpSettings:
     """Every keyword FSDP runs with on ``device``; shrinks to ``FsdpSettings()``.
@@ -79,6 +115,7 @@ def fsdp_settings(draw: st.DrawFn, world_size: int, *, device: str = "cpu", hybr
         backward_prefetch=draw(st.sampled_from(_PREFETCH)),
         limit_all_gathers=not draw(st.booleans()),
         sync_module_states=device != "cpu" and draw(st.booleans()),
+        mixed_precision=draw(mixed_precision()),
     )
 
 
@@ -99,6 +136,8 @@ def fsdp2_settings(draw: st.DrawFn, world_size: int, *, hybrid: bool = True) -> 
         reshard_after_backward=not draw(_chance(1, 4)),
         forward_prefetch=draw(_chance(1, 3)),
         backward_prefetch=draw(_chance(1, 3)),
+        mp_policy=draw(mp_policies()),
+        register_encode=draw(st.booleans()),
     )
 
 
@@ -137,8 +176,9 @@ _FORWARDS = (1, 1, 1, *(n for n in range(MAX_FORWARDS + 1) if n != 1))
 @st.composite
 def steps(draw: st.DrawFn, model: ModelSpec, engine: str = "fsdp1") -> Step:
     """A valid step; shrinks to ``Step()``: train, default path, one forward
-    and its backward. FSDP2 steps also skip gradient sync now and then, or
-    unshard or reshard every unit explicitly."""
+    and its backward. FSDP2 steps also skip gradient sync now and then,
+    unshard or reshard every unit explicitly, or call ``encode`` instead of
+    ``forward``."""
     mode = "eval" if draw(_chance(1, 3)) else "train"
     grad_enabled = not draw(_chance(1, 4))
     forwards = draw(st.sampled_from(_FORWARDS))
@@ -153,7 +193,8 @@ def steps(draw: st.DrawFn, model: ModelSpec, engine: str = "fsdp1") -> Step:
     )
     if engine == "fsdp2":
         gradient_sync, unshard, reshard = not draw(_chance(1, 4)), draw(_chance(1, 6)), draw(_chance(1, 6))
-        step = _valid(replace(step, gradient_sync=gradient_sync, unshard=unshard, reshard=reshard))
+        method = "encode" if draw(_chance(1, 6)) else "forward"
+        step = _valid(replace(step, gradient_sync=gradient_sync, unshard=unshard, reshard=reshard, method=method))
     return step
 
 
@@ -180,6 +221,8 @@ class Deviation:
     gradient_sync: bool | None = None
     unshard: bool | None = None
     reshard: bool | None = None
+    method: str | None = None
+    frozen: tuple[str, ...] | None = None
 
     def apply(self, shared: Step) -> Step:
         """The deviating step, kept valid (``_valid``)."""
@@ -194,6 +237,8 @@ class Deviation:
                 "gradient_sync",
                 "unshard",
                 "reshard",
+                "method",
+                "frozen",
             )
             if (value := getattr(self, name)) is not None
         }
@@ -211,10 +256,10 @@ def _sometimes(values: tuple, one_in: int) -> st.SearchStrategy:
 
 
 @st.composite
-def deviations(draw: st.DrawFn, model: ModelSpec, engine: str = "fsdp1") -> Deviation:
+def deviations(draw: st.DrawFn, model: ModelSpec, engine: str = "fsdp1", freezable: tuple[str, ...] = ()) -> Deviation:
     """Mostly a different path; now and then a different mode, forwards,
-    grad, backward or optimizer step (for FSDP2 also gradient sync and
-    explicit unshard or reshard)."""
+    grad, backward, optimizer step or frozen block (for FSDP2 also gradient
+    sync, explicit unshard or reshard, and the entry point)."""
     deviation = Deviation(
         path=draw(paths(model, named=(3, 4))),
         mode=draw(_sometimes(MODES, 8)),
@@ -222,6 +267,7 @@ def deviations(draw: st.DrawFn, model: ModelSpec, engine: str = "fsdp1") -> Devi
         grad_enabled=draw(_sometimes((True, False), 10)),
         backward=draw(_sometimes((True, False), 10)),
         optimizer_step=draw(_sometimes((True, False), 6)),
+        frozen=draw(_sometimes(((), *((name,) for name in freezable)), 8)),
     )
     if engine == "fsdp2":
         deviation = replace(
@@ -229,6 +275,7 @@ def deviations(draw: st.DrawFn, model: ModelSpec, engine: str = "fsdp1") -> Devi
             gradient_sync=draw(_sometimes((True, False), 10)),
             unshard=draw(_sometimes((True, False), 12)),
             reshard=draw(_sometimes((True, False), 12)),
+            method=draw(_sometimes(("forward", "encode"), 10)),
         )
     return deviation
 
@@ -242,18 +289,18 @@ _CHANGES = ("hold", "back in line", "deviate")
 
 @st.composite
 def _deviating_steps(
-    draw: st.DrawFn, model: ModelSpec, shared: tuple[Step, ...], engine: str = "fsdp1"
+    draw: st.DrawFn, model: ModelSpec, shared: tuple[Step, ...], engine: str = "fsdp1", freezable: tuple[str, ...] = ()
 ) -> tuple[Step, ...]:
     """One rank's steps: the shared ones up to a start step, then a deviation
     held until a change (back in line, or a new deviation) at a later step."""
     count = len(shared)
     start = draw(st.integers(0, count - 1))
-    changes = {start: draw(deviations(model, engine))}
+    changes = {start: draw(deviations(model, engine, freezable))}
     at = start
     for _ in range(MAX_CHANGES):
         at += draw(st.integers(1, max(1, count - 1)))
         kind = draw(st.sampled_from(_CHANGES))
-        deviation = draw(deviations(model, engine))
+        deviation = draw(deviations(model, engine, freezable))
         if kind != "hold" and at < count:
             changes[at] = Deviation() if kind == "back in line" else deviation
     own = []
@@ -266,7 +313,12 @@ def _deviating_steps(
 
 @st.composite
 def schedules(
-    draw: st.DrawFn, model: ModelSpec, world_size: int, max_steps: int = 6, engine: str = "fsdp1"
+    draw: st.DrawFn,
+    model: ModelSpec,
+    world_size: int,
+    max_steps: int = 6,
+    engine: str = "fsdp1",
+    freezable: tuple[str, ...] = (),
 ) -> tuple[tuple[Step, ...], ...]:
     """Every rank's steps, equally many; shrinks to one shared step, no deviations.
 
@@ -277,13 +329,35 @@ def schedules(
     strategy of their own (the number of steps, which ranks deviate), and
     everything drawn per step, per branch point or per change draws as many
     choices whatever it decides.
+
+    A freezing schedule, as fine-tuning recipes have, freezes one of
+    ``freezable`` in the shared steps before or from a switch step.
     """
     shared = tuple(draw(steps(model, engine)) for _ in range(draw(st.sampled_from(range(1, max_steps + 1)))))
+    shared = draw(_freezing(shared, freezable))
     deviating = draw(st.sampled_from(range(2**world_size)))
     if engine == "fsdp2" and not draw(_chance(1, 4)):
         deviating = 0  # FSDP2 promises nothing for most divergence: spend most of the budget where it does
     return tuple(
-        draw(_deviating_steps(model, shared, engine)) if deviating >> rank & 1 else shared for rank in range(world_size)
+        draw(_deviating_steps(model, shared, engine, freezable)) if deviating >> rank & 1 else shared
+        for rank in range(world_size)
+    )
+
+
+@st.composite
+def _freezing(draw: st.DrawFn, shared: tuple[Step, ...], freezable: tuple[str, ...]) -> tuple[Step, ...]:
+    """About one schedule in four: one block frozen for the steps before a
+    switch step and trainable from it, or the other way round; shrinks to
+    no freezing."""
+    enabled = draw(_chance(1, 4))
+    block = draw(st.sampled_from(freezable or ("",)))
+    switch = draw(st.integers(0, len(shared)))
+    frozen_first = draw(st.booleans())
+    if not enabled or not freezable:
+        return shared
+    return tuple(
+        replace(step, frozen=(block,) if (index < switch) == frozen_first else ())
+        for index, step in enumerate(shared)
     )
 
 
@@ -314,25 +388,27 @@ def scenarios(
     if engine == "fsdp2":
         # FSDP2 shards parameter by parameter, so frozen and trainable
         # parameters may share a unit; it has no order check, so the debug
-        # level keeps its default.
-        settings = {"engine": engine, "fsdp2": draw(fsdp2_settings(world_size, hybrid=hybrid))}
-        uniform = False
+        # level keeps its default. Its policy casts no buffers, so norm
+        # layers only where parameters stay float32.
+        fsdp2 = draw(fsdp2_settings(world_size, hybrid=hybrid))
+        settings = {"engine": engine, "fsdp2": fsdp2}
+        uniform, norms = False, fsdp2.mp_policy is None
     else:
         fsdp = draw(fsdp_settings(world_size, device=device, hybrid=hybrid))
         settings = {"fsdp": fsdp, "debug_level": draw(st.sampled_from(_DEBUG_LEVELS))}
-        uniform = not fsdp.use_orig_params
+        uniform, norms = not fsdp.use_orig_params, True
     collective_checker = draw(st.booleans())
     freeze_untaken = draw(st.booleans())
     rules = UnitRules(frozen_are_units=uniform, alternatives_are_units=uniform and freeze_untaken)
-    model = draw(model_specs(max_stages=max_stages, max_depth=max_depth, rules=rules))
-    scenario = Scenario(
-        model=model,
-        ranks=draw(schedules(model, world_size, max_steps, engine)),
+    features = Features(norms=norms, checkpoint_modes=checkpoint_modes(engine), ties=True)
+    model = draw(model_specs(max_stages=max_stages, max_depth=max_depth, rules=rules, features=features))
+    unscheduled = Scenario(model=model, ranks=(), freeze_untaken=freeze_untaken, **settings)
+    scenario = replace(
+        unscheduled,
+        ranks=draw(schedules(model, world_size, max_steps, engine, freezable_blocks(unscheduled))),
         collective_checker=collective_checker,
-        freeze_untaken=freeze_untaken,
         seed=draw(st.integers(0, 2**16)),
         description=DESCRIPTION,
-        **settings,
     )
     for feature in sorted(scenario_features(scenario)):
         event(feature)

@@ -8,10 +8,11 @@ failing fuzz case reads as a sentence about FSDP, not about the harness.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fsdp_fuzz.data import (
     HYBRID_NODE_SIZE,
+    UNIT_ROUNDOFF,
     Clause,
     Observations,
     Purpose,
@@ -22,7 +23,8 @@ from fsdp_fuzz.data import (
     ViolationKind,
     WarningRecord,
 )
-from fsdp_fuzz.judge.orders import deviates, first_iteration_divergence, iterations
+from fsdp_fuzz.judge.orders import deviates, first_iteration_divergence, fsdp2_promises, iterations
+from fsdp_fuzz.models.spec import Choice, Linear, ModelSpec, Node, Norm, Path, Sequential, taken
 
 FIRST_ITERATION_ERROR = "Forward order differs across ranks"
 LATER_WARNING = (
@@ -32,9 +34,28 @@ LATER_WARNING = (
 ORDER_MARKER = "Forward order differs"
 
 RELATIVE_TOLERANCE = 1e-4
-"""Clause 4's tolerance: a sum may differ from the reference's by this much
-times (1 + its magnitude). The reference reduces in another order, in float32,
-so bit equality is not promised; a wrong unit or a lost update is far larger."""
+"""Clause 4's floor: a sum may differ from the reference's by this much
+times (1 + its magnitude). The reference reduces in another order, so bit
+equality is not promised; a wrong unit or a lost update is far larger."""
+
+ROUNDOFF_FACTOR = 1.0
+"""Clause 4's bound in low precision is this factor times the derived one
+(``rounding_bound``); calibrated on clean runs (see the README)."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An error the engine documents for what the scenario does: where it
+    must come (``step`` ``None``: setup), and how FSDP words it."""
+
+    step: int | None
+    error_type: str
+    words: str
+    """A phrase the error message contains."""
+    reason: str
+
+    def seen_in(self, outcome: StepOutcome) -> bool:
+        return outcome.error_type == self.error_type and self.words in (outcome.error_message or "")
 
 
 @dataclass(frozen=True)
@@ -50,12 +71,63 @@ class RankExpectation:
     error_steps: frozenset[int] = frozenset()
     warning_steps: frozenset[int] = frozenset()
     reason: str = ""
+    refusal: Refusal | None = None
+
+
+def refusal(scenario: Scenario, rank: int) -> Refusal | None:
+    """FSDP2's documented refusals, each at the rank's first step that
+    needs what it refuses: parameters tied across units (at its lazy
+    initialisation, the first step that unshards or runs a forward), and an
+    entry point other than ``forward`` that is not registered
+    (``register_fsdp_forward_method``) and runs the root's own parameters."""
+    if scenario.engine != "fsdp2":
+        return None
+    steps = scenario.ranks[rank]
+    owners = scenario.model.owning_units()
+    for tied, source in scenario.model.ties().items():
+        if owners[tied] != owners[source]:
+            first = next((i for i, step in enumerate(steps) if step.forwards or step.unshard), None)
+            if first is None:
+                return None
+            return Refusal(
+                first,
+                "ValueError",
+                "is shared with a parameter already managed by another FSDP group",
+                f"{tied!r} (unit {owners[tied]!r}) is tied to {source!r} (unit {owners[source]!r})",
+            )
+    if not scenario.fsdp2.register_encode and _encoder_runs_root_parameters(scenario.model):
+        for index, step in enumerate(steps):
+            if step.method != "forward" and step.forwards:
+                return Refusal(
+                    index,
+                    "RuntimeError",
+                    "got mixed torch.Tensor and DTensor",
+                    f"{step.method!r} is not registered with register_fsdp_forward_method and runs root parameters",
+                )
+    return None
+
+
+def _encoder_runs_root_parameters(model: ModelSpec) -> bool:
+    """Whether ``encode`` runs a parameter the root unit itself shards,
+    whatever the path: one outside every nested unit, in a stage it runs."""
+
+    def owned(node: Node) -> bool:
+        if isinstance(node, (Linear, Norm)):
+            return True
+        if isinstance(node, Sequential):
+            return not node.fsdp_unit and not node.tied_to and any(owned(child) for child in node.children)
+        if isinstance(node, Choice):
+            return not node.fsdp_unit and any(owned(alternative) for alternative in node.alternatives)
+        return False
+
+    return any(owned(child) for child in model.root.children[: model.encoder_stages])
 
 
 def expectations(scenario: Scenario) -> tuple[RankExpectation, ...]:
-    """FSDP1 checks the forward order at DETAIL only; FSDP2 never does."""
+    """FSDP1 checks the forward order at DETAIL only; FSDP2 never does, but
+    refuses some arrangements (``refusal``)."""
     if scenario.engine != "fsdp1" or scenario.debug_level != "DETAIL":
-        return tuple(RankExpectation() for _ in range(scenario.world_size))
+        return tuple(RankExpectation(refusal=refusal(scenario, rank)) for rank in range(scenario.world_size))
     divergence = first_iteration_divergence(scenario)
     if divergence is not None:
         reason = "first-iteration orders differ at position {}: {}".format(
@@ -101,6 +173,9 @@ def judge(scenario: Scenario, observations: Observations) -> tuple[Violation, ..
     mismatch = silent_mismatch(observations)
     if mismatch is not None:
         found.append(mismatch)
+    drift = replica_drift(scenario, observations)
+    if drift is not None and all(v.step is not None and drift.step < v.step for v in found):
+        found.insert(0, drift)
     numbers = reference_mismatch(scenario, observations)
     if numbers is not None and all(v.step is not None and numbers.step < v.step for v in found):
         found.insert(0, numbers)
@@ -130,6 +205,82 @@ def gradient_replicas(scenario: Scenario) -> int:
     return 1
 
 
+def replica_groups(scenario: Scenario) -> tuple[tuple[int, ...], ...]:
+    """Ranks that hold the same parameters (the same shards) once every
+    rank has applied the same update: all of them for ``NO_SHARD``, the
+    ranks at one position in every simulated node under hybrid sharding."""
+    if scenario.engine == "fsdp1" and scenario.fsdp.sharding_strategy == "NO_SHARD":
+        return (tuple(range(scenario.world_size)),)
+    if scenario.hybrid:
+        return tuple(tuple(range(local, scenario.world_size, HYBRID_NODE_SIZE)) for local in range(HYBRID_NODE_SIZE))
+    return ()
+
+
+def keeps_replicas(scenario: Scenario) -> bool:
+    """The premise of the replica clause: the engine's promise holds (one
+    order on every rank for FSDP1, ``fsdp2_promises`` for FSDP2)."""
+    return consistent(scenario) if scenario.engine == "fsdp1" else fsdp2_promises(scenario)
+
+
+def replica_drift(scenario: Scenario, observations: Observations) -> Violation | None:
+    """The first step after which ranks of a replica group hold different
+    parameters, judged without the reference: it holds wherever the
+    engine's promise does, whatever the schedules' alignment. Steps count
+    while every rank of the group succeeded and has taken the same
+    optimizer steps so far."""
+    if not keeps_replicas(scenario):
+        return None
+    for group in replica_groups(scenario):
+        for index in range(scenario.num_steps):
+            histories = {tuple(scenario.ranks[rank][i].optimizer_step for i in range(index + 1)) for rank in group}
+            outcomes = [observations.ranks[rank].steps[index] for rank in group]
+            if len(histories) > 1 or any(o.status != Status.OK or o.param_digest is None for o in outcomes):
+                break
+            digests = [o.param_digest for o in outcomes]
+            if len(set(digests)) > 1:
+                return Violation(
+                    Clause.REPLICAS,
+                    ViolationKind.REPLICAS_DIVERGED,
+                    group[digests.index(next(d for d in digests if d != digests[0]))],
+                    index,
+                    f"replicas {list(group)} hold different parameters after this step (digests {digests})",
+                )
+    return None
+
+
+def rounding_bound(scenario: Scenario, path: Path, magnitude: float | None, backward: bool = False) -> float:
+    """How far a sum may stray from the reference's in the scenario's
+    dtypes: the unit roundoff of its coarsest dtype times the operations
+    accumulated along the path (each linear's dot products, each norm's
+    batch statistics; for gradients also the batch and the reduction over
+    ranks) times the sum's magnitude (the sum of absolute values), times
+    ``ROUNDOFF_FACTOR``. In float32 ``RELATIVE_TOLERANCE`` is the larger."""
+    if magnitude is None:
+        return 0.0
+    roundoff = max(UNIT_ROUNDOFF[dtype] for dtype in scenario.dtypes)
+    operations = accumulated_operations(scenario.model, path, scenario.batch_size)
+    if backward:
+        operations += scenario.batch_size + scenario.world_size
+    return ROUNDOFF_FACTOR * roundoff * operations * magnitude
+
+
+def accumulated_operations(model: ModelSpec, path: Path, batch_size: int) -> int:
+    """The longest chain of additions one output element passes through."""
+
+    def depth(node: Node) -> int:
+        if isinstance(node, Linear):
+            return node.in_features + int(node.bias)
+        if isinstance(node, Norm):
+            return batch_size
+        if isinstance(node, Sequential):
+            return sum(depth(child) for child in node.children)
+        if isinstance(node, Choice):
+            return sum(depth(node.alternatives[index]) for index in taken(path, node.name))
+        return 0
+
+    return depth(model.root)
+
+
 def reference_mismatch(scenario: Scenario, observations: Observations) -> Violation | None:
     """The first step whose outputs or gradients differ from the
     single-process reference run, when the ranks kept to one order.
@@ -147,7 +298,10 @@ def reference_mismatch(scenario: Scenario, observations: Observations) -> Violat
         for rank, outcome in enumerate(outcomes):
             if outcome.status != Status.OK or outcome.output_sum is None:
                 continue
-            if not _close(outcome.output_sum, expected.output_sums[rank]):
+            step = scenario.ranks[rank][index]
+            magnitude = None if expected.output_magnitudes is None else expected.output_magnitudes[rank]
+            bound = rounding_bound(scenario, step.path, magnitude)
+            if not _close(outcome.output_sum, expected.output_sums[rank], bound):
                 return Violation(
                     Clause.REFERENCE,
                     ViolationKind.OUTPUT_MISMATCH,
@@ -161,7 +315,11 @@ def reference_mismatch(scenario: Scenario, observations: Observations) -> Violat
         if not all(steps[index].gradient_sync for steps in scenario.ranks):
             continue  # unreduced local gradients: compared once a synced backward reduces them
         observed = sum(o.grad_sum for o in outcomes) / replicas
-        if not _close(observed, expected.grad_sum):
+        bound = max(
+            rounding_bound(scenario, steps[index].path, expected.grad_magnitude, backward=True)
+            for steps in scenario.ranks
+        )
+        if not _close(observed, expected.grad_sum, bound):
             return Violation(
                 Clause.REFERENCE,
                 ViolationKind.GRADIENT_MISMATCH,
@@ -174,8 +332,8 @@ def reference_mismatch(scenario: Scenario, observations: Observations) -> Violat
     return None
 
 
-def _close(observed: float, expected: float) -> bool:
-    return abs(observed - expected) <= RELATIVE_TOLERANCE * (1 + abs(expected))
+def _close(observed: float, expected: float, bound: float = 0.0) -> bool:
+    return abs(observed - expected) <= max(RELATIVE_TOLERANCE * (1 + abs(expected)), bound)
 
 
 def silent_mismatch(observations: Observations) -> Violation | None:
@@ -239,9 +397,21 @@ def _judge_rank(
     scenario: Scenario, observations: Observations, rank: int, expectation: RankExpectation
 ) -> list[Violation]:
     observed = observations.ranks[rank]
+    refused = expectation.refusal
+    if refused is not None and (refused.step is None or observed.setup.status != Status.OK):
+        return _judge_refusal(observed.setup, rank, refused)
     if observed.setup.status != Status.OK:
         failed = f"building or wrapping the model failed: {describe(observed.setup)}"
         return [Violation(Clause.CLEAN_RUN, ViolationKind.SETUP_FAILED, rank, None, failed)]
+    if refused is not None:
+        before = scenario.ranks[rank][: refused.step]
+        found = _judge_rank(
+            replace(scenario, ranks=(*scenario.ranks[:rank], before, *scenario.ranks[rank + 1 :])),
+            replace(observations, ranks=_truncated(observations, rank, refused.step)),
+            rank,
+            replace(expectation, refusal=None),
+        )
+        return found or _judge_refusal(observed.steps[refused.step], rank, refused)
     if expectation.error_steps:
         return _judge_first_iteration_error(observed.steps, rank, expectation)
     found: list[Violation] = []
@@ -292,6 +462,23 @@ def _judge_rank(
         missing = f"no warning in steps {steps} though {expectation.reason}"
         found.append(Violation(Clause.LATER_ITERATION, ViolationKind.WARNING_MISSING, rank, steps[0], missing))
     return found
+
+
+def _judge_refusal(outcome: StepOutcome, rank: int, refused: Refusal) -> list[Violation]:
+    if refused.seen_in(outcome):
+        return []
+    where = "setup" if refused.step is None else f"step {refused.step}"
+    message = (
+        f"expected {refused.error_type} ('...{refused.words}...') in {where} because {refused.reason}, "
+        f"got {describe(outcome)}"
+    )
+    return [Violation(Clause.REFUSAL, ViolationKind.REFUSAL_MISSING, rank, refused.step, message)]
+
+
+def _truncated(observations: Observations, rank: int, steps: int) -> tuple:
+    ranks = list(observations.ranks)
+    ranks[rank] = replace(ranks[rank], steps=ranks[rank].steps[:steps])
+    return tuple(ranks)
 
 
 def _judge_first_iteration_error(
