@@ -7,7 +7,7 @@ from __future__ import annotations
 from fsdp_fuzz.data import Scenario, Step
 from fsdp_fuzz.judge.oracles import consistent, expectations
 from fsdp_fuzz.judge.orders import fsdp2_promises, iterations
-from fsdp_fuzz.models.spec import Choice, Linear, ModelSpec, Node, ReLU, Sequential, unit_numel
+from fsdp_fuzz.models.spec import Choice, Linear, ModelSpec, Node, Norm, ReLU, Sequential, unit_numel
 
 
 def render_scenario(scenario: Scenario) -> str:
@@ -35,6 +35,7 @@ def _engine_line(scenario: Scenario) -> str:
         f"FSDP: {fsdp.sharding_strategy}, use_orig_params={fsdp.use_orig_params}, "
         f"forward_prefetch={fsdp.forward_prefetch}, backward_prefetch={fsdp.backward_prefetch}, "
         f"limit_all_gathers={fsdp.limit_all_gathers}, sync_module_states={fsdp.sync_module_states}"
+        + (f", mixed_precision={fsdp.mixed_precision}" if fsdp.mixed_precision else "")
     )
 
 
@@ -47,12 +48,18 @@ def render_model(spec: ModelSpec) -> list[str]:
             return f"{prefix}Linear({node.in_features} -> {node.out_features}{', bias' if node.bias else ''})"
         if isinstance(node, ReLU):
             return f"{prefix}ReLU"
+        if isinstance(node, Norm):
+            return f"{prefix}BatchNorm1d({node.features})"
         kind = "branch point " if isinstance(node, Choice) else ""
         notes = []
         if is_root or node.fsdp_unit:
             notes.append(f"FSDP unit{' (root)' if is_root else ''}, {sizes.get(node.name, 0)} parameters")
         if isinstance(node, Sequential) and node.frozen:
             notes.append("frozen")
+        if isinstance(node, Sequential) and node.checkpoint:
+            notes.append(f"checkpoint {node.checkpoint}")
+        if isinstance(node, Sequential) and node.tied_to:
+            notes.append(f"tied to {node.tied_to}")
         return f"{prefix}{kind}{node.name}" + (f"  [{'; '.join(notes)}]" if notes else "")
 
     lines: list[str] = []
@@ -77,7 +84,10 @@ def render_model(spec: ModelSpec) -> list[str]:
 def describe_step(step: Step) -> str:
     path = " ".join(f"{name}={list(taken)}" for name, taken in sorted(step.path.items())) or "(defaults)"
     actions = ["unshard"] if step.unshard else []
-    actions.append(f"{step.forwards} fwd" if step.forwards != 1 else "fwd")
+    if step.frozen:
+        actions.append(f"freeze {','.join(step.frozen)}")
+    call = "fwd" if step.method == "forward" else step.method
+    actions.append(f"{step.forwards} {call}" if step.forwards != 1 else call)
     if not step.grad_enabled:
         actions.append("no-grad")
     if step.backward:

@@ -520,3 +520,40 @@ def _named(node: Node) -> Iterator[Sequential | Choice]:
         yield node
         for child in node.children if isinstance(node, Sequential) else node.alternatives:
             yield from _named(child)
+
+
+# Clean runs, for calibrating the low-precision bounds ---------------------------
+
+
+@st.composite
+def clean_runs(draw: st.DrawFn, engine: str, dtype: str, max_world_size: int = 4) -> Scenario:
+    """A scenario of the whole space made one that every engine must run
+    cleanly: the same program on every rank, each step a training forward,
+    its backward and maybe an optimizer step, nothing frozen by schedule, no
+    ties, parameters in ``dtype`` (``float32``: no mixed
+    precision). What ``benchmarks/calibrate_rounding.py`` measures."""
+    scenario = draw(scenarios(max_world_size, engine=engine))
+    low = dtype != "float32"
+    shared = tuple(
+        Step(path=step.path, forwards=max(1, step.forwards), optimizer_step=step.optimizer_step)
+        for step in scenario.ranks[0]
+    )
+    model = scenario.model
+    if engine == "fsdp2":
+        policy = MixedPrecisionPolicy(dtype, draw(st.sampled_from((None, "float32"))), None) if low else None
+        scenario = replace(scenario, fsdp2=replace(scenario.fsdp2, mp_policy=policy))
+        if low:  # no norm layers: FSDP2 casts no buffers
+            model = draw(model_specs(features=Features(checkpoint_modes=checkpoint_modes(engine))))
+            shared = tuple(replace(step, path={}) for step in shared)
+    else:
+        reduce_dtype = draw(st.sampled_from((None, "float32")))
+        policy = MixedPrecision(dtype, reduce_dtype, dtype) if low else None
+        scenario = replace(scenario, fsdp=replace(scenario.fsdp, mixed_precision=policy))
+    return replace(scenario, model=_untied(model), ranks=(shared,) * scenario.world_size, freeze_untaken=False)
+
+
+def _untied(model: ModelSpec) -> ModelSpec:
+    """Ties measure FSDP, not rounding: each tied block gets parameters of its own."""
+    root = model.root
+    children = tuple(replace(c, tied_to=None) if isinstance(c, Sequential) else c for c in root.children)
+    return replace(model, root=replace(root, children=children))
