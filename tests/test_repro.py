@@ -3,9 +3,8 @@ with nothing but torch, observing what the fuzzer observed."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import ast
+import dataclasses
 import inspect
 import json
 import shutil
