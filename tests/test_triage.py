@@ -261,7 +261,53 @@ def optimizer_step_after_the_next_backward(scenario, observations):
     return rejudged(moved, observations)
 
 
+def one_forward_before_the_backward(scenario, observations):
+    """A single forward before each backward: the reentrant recompute runs
+    while the unit is still unsharded, so the error is a new bug (on live
+    ranks this schedule passes)."""
+    return rejudged(with_steps(scenario, range(scenario.num_steps), forwards=1), observations)
+
+
+def tie_inside_one_unit(scenario, observations):
+    """Neither block0 nor block1 is a unit of its own, so both share the root
+    unit, the arrangement FSDP1 supports: a failure is a new bug (on live
+    ranks this matches the reference: corpus/features/fsdp1-tied-within-one-unit.json)."""
+    root = scenario.model.root
+    children = tuple(
+        replace(child, fsdp_unit=False) if getattr(child, "name", None) in ("block0", "block1") else child
+        for child in root.children
+    )
+    model = replace(scenario.model, root=replace(root, children=children))
+    return rejudged(replace(scenario, model=model), observations)
+
+
+def same_freezing_on_every_rank(scenario, observations):
+    """Rank 1 freezes the stem in step 0 as rank 0 does: every rank drops
+    the same gradient, so a mismatch is a new bug."""
+    return rejudged(with_steps(scenario, [0], ranks=[1], frozen=("stem",)), observations)
+
+
+def peer_fails_otherwise(scenario, observations):
+    """Rank 1's step fails with an error of its own instead of hanging: not a
+    wait for the refreezing rank, a new bug."""
+    failed = StepOutcome(Status.ERROR, error_type="RuntimeError", error_message="something else")
+    ranks = list(observations.ranks)
+    ranks[1] = replace(ranks[1], steps=tuple(failed if i == 1 else o for i, o in enumerate(ranks[1].steps)))
+    return rejudged(scenario, replace(observations, ranks=tuple(ranks)))
+
+
 VARIANT_NEAR_MISSES = {
+    "reentrant-checkpoint-recompute-after-reshard": (
+        "reentrant-checkpoint-recompute-after-reshard",
+        one_forward_before_the_backward,
+    ),
+    "fsdp1-tie-across-units": ("fsdp1-tie-across-units", tie_inside_one_unit),
+    "rank-dependent-freeze-drops-grads-with-orig-params-freezing-schedule": (
+        "rank-dependent-freeze-drops-grads-with-orig-params",
+        same_freezing_on_every_rank,
+    ),
+    "refreeze-hits-unsharded-views-peer-hangs": ("refreeze-hits-unsharded-views", peer_fails_otherwise),
+    "fsdp1-tie-across-units-with-orig-params": ("fsdp1-tie-across-units", tie_inside_one_unit),
     "first-iteration-order-ends-early-eval-between": (
         "first-iteration-order-ends-early",
         eval_step_in_training_mode,
@@ -284,6 +330,11 @@ reproducer: each undoes the fact the widening keys on."""
 
 
 NEAR_MISSES = {
+    "reentrant-checkpoint-recompute-after-reshard": (
+        "reentrant-checkpoint-recompute-after-reshard",
+        one_forward_before_the_backward,
+    ),
+    "fsdp1-tie-across-units": ("fsdp1-tie-across-units", tie_inside_one_unit),
     "eval-forwards-recorded-in-first-iteration-order": (
         "eval-forwards-recorded-in-first-iteration-order",
         eval_forward_on_the_training_path,

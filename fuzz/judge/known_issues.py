@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fsdp_fuzz.data import HYBRID_NODE_SIZE, HYBRID_STRATEGIES, Clause, Observations, Scenario, Violation
+from fsdp_fuzz.data import HYBRID_NODE_SIZE, HYBRID_STRATEGIES, Clause, Observations, Scenario, Status, Violation
 from fsdp_fuzz.data import ViolationKind as Kind
 from fsdp_fuzz.judge.oracles import LATER_WARNING, expectations
 from fsdp_fuzz.judge.orders import (
@@ -145,14 +145,28 @@ def _all_failed_with(
     return all(failed_so(violation) for violation in violations)
 
 
+def _freezes_after_wrapping(scenario: Scenario) -> bool:
+    """Some step sets ``requires_grad`` on wrapped parameters: through
+    ``freeze_untaken`` (each step's path) or a freezing schedule."""
+    return scenario.freeze_untaken or bool(scenario.scheduled_frozen())
+
+
+def _refrozen(scenario: Scenario, before, after) -> bool:
+    """Whether going from step ``before`` to step ``after`` may change a
+    ``requires_grad``: another path under ``freeze_untaken``, or other
+    blocks frozen by the schedule."""
+    moved = scenario.freeze_untaken and dict(after.path) != dict(before.path)
+    return moved or set(after.frozen) != set(before.frozen)
+
+
 def _path_changed_while(scenario: Scenario, step: int, pending: Callable[[bool, object], bool]) -> bool:
-    """Up to ``step``, some rank's path changed (so ``freeze_untaken``
-    changed some ``requires_grad``) while ``pending`` held; ``pending`` gets
-    whether it held before a step and the step, and says whether it holds after."""
+    """Up to ``step``, some rank changed a ``requires_grad`` (``_refrozen``)
+    while ``pending`` held; ``pending`` gets whether it held before a step
+    and the step, and says whether it holds after."""
     for rank_steps in scenario.ranks:
         holds = False
         for index, current in enumerate(rank_steps[: step + 1]):
-            if holds and dict(current.path) != dict(rank_steps[index - 1].path):
+            if holds and _refrozen(scenario, rank_steps[index - 1], current):
                 return True
             holds = pending(holds, current)
     return False
@@ -339,7 +353,7 @@ def _refreeze_after_forward_without_backward(
 ) -> bool:
     """The assertion, or (SHARD_GRAD_OP with use_orig_params) gradients that
     are silently wrong after such a refreeze."""
-    if not scenario.freeze_untaken:
+    if not _freezes_after_wrapping(scenario):
         return False
     if _all_failed_with(observations, violations, (Kind.STEP_FAILED,), "AssertionError", HOOK_STATE_ASSERT):
         return True
@@ -564,11 +578,23 @@ def _refreeze_hits_unsharded_views(
     scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
 ) -> bool:
     """The error where a step was due to succeed, or where it preempts a due
-    first-iteration error (the flip comes before the forward's check)."""
-    if not (scenario.freeze_untaken and scenario.fsdp.use_orig_params):
+    first-iteration error (the flip comes before the forward's check); a
+    peer left waiting for the collectives the failed rank never issued
+    hangs (in its own step, which may be earlier)."""
+    if not (_freezes_after_wrapping(scenario) and scenario.fsdp.use_orig_params):
         return False
     kinds = (Kind.STEP_FAILED, Kind.ORDER_ERROR_REPLACED)
-    return _all_failed_with(observations, violations, kinds, "RuntimeError", NON_LEAF_REQUIRES_GRAD)
+    raised = [
+        v for v in violations if _all_failed_with(observations, (v,), kinds, "RuntimeError", NON_LEAF_REQUIRES_GRAD)
+    ]
+    raising = {v.rank for v in raised}
+
+    def peer_hung(violation: Violation) -> bool:
+        if violation.kind not in kinds or violation.step is None or violation.rank in raising:
+            return False
+        return observations.ranks[violation.rank].steps[violation.step].status == Status.HANG
+
+    return bool(raised) and all(v in raised or peer_hung(v) for v in violations)
 
 
 @known_issue(
@@ -737,7 +763,7 @@ def _thawed_or_frozen_since_accumulating(scenario: Scenario, step: int) -> bool:
 def _refreeze_drops_accumulated_grads(
     scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
 ) -> bool:
-    if not (scenario.freeze_untaken and scenario.fsdp.use_orig_params):
+    if not (_freezes_after_wrapping(scenario) and scenario.fsdp.use_orig_params):
         return False
     return _gradients_wrong_after(scenario, violations, _thawed_or_frozen_since_accumulating)
 
@@ -778,7 +804,7 @@ TRAINING_STATE_ERROR = "expected to be in states [<TrainingState.IDLE"
 def _whole_unit_frozen_with_orig_params(
     scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
 ) -> bool:
-    if not (scenario.freeze_untaken and scenario.fsdp.use_orig_params):
+    if not (_freezes_after_wrapping(scenario) and scenario.fsdp.use_orig_params):
         return False
     return _all_failed_with(observations, violations, (Kind.STEP_FAILED,), "ValueError", TRAINING_STATE_ERROR)
 
@@ -946,11 +972,12 @@ def _thawed_while_unsharded(scenario: Scenario, step: int) -> bool:
         return {choice.name: frozenset(taken(path, choice.name)) for choice in scenario.model.choices()}
 
     for rank_steps in scenario.ranks:
-        previous, unsharded = runs({}), False
+        previous, unsharded = (runs({}), frozenset()), False
         for current in rank_steps[: step + 1]:
-            if (unsharded or current.unshard) and runs(current.path) != previous:
+            state = (runs(current.path) if scenario.freeze_untaken else {}, frozenset(current.frozen))
+            if (unsharded or current.unshard) and state != previous:
                 return True
-            previous = runs(current.path)
+            previous = state
             kept_after_forward = current.forwards and not current.backward and not resharded_after_forward
             kept_after_backward = current.backward and not resharded_after_backward
             unsharded = not current.reshard and bool(
@@ -988,7 +1015,7 @@ def _thawed_while_unsharded(scenario: Scenario, step: int) -> bool:
 def _fsdp2_thawed_while_unsharded(
     scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
 ) -> bool:
-    if not scenario.freeze_untaken:
+    if not _freezes_after_wrapping(scenario):
         return False
     return all(v.clause == Clause.REFERENCE and _thawed_while_unsharded(scenario, v.step) for v in violations)
 
@@ -1231,11 +1258,16 @@ def _trainable_alternatives(spec: ModelSpec, path: Path) -> frozenset[tuple[str,
 
 
 def _ranks_froze_differently(scenario: Scenario, step: int) -> bool:
-    """Up to ``step``, a backward ran while the ranks' paths left different
-    alternatives trainable."""
+    """Up to ``step``, a backward ran while the ranks' paths (under
+    ``freeze_untaken``) or freezing schedules left different parameters
+    trainable."""
     for index in range(step + 1):
         steps = [rank_steps[index] for rank_steps in scenario.ranks]
-        if any(s.backward for s in steps) and len({_trainable_alternatives(scenario.model, s.path) for s in steps}) > 1:
+        frozen = {
+            (_trainable_alternatives(scenario.model, s.path) if scenario.freeze_untaken else None, frozenset(s.frozen))
+            for s in steps
+        }
+        if any(s.backward for s in steps) and len(frozen) > 1:
             return True
     return False
 
@@ -1276,9 +1308,116 @@ def _ranks_froze_differently(scenario: Scenario, step: int) -> bool:
 def _rank_dependent_freeze_drops_grads(
     scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
 ) -> bool:
-    if not (scenario.freeze_untaken and scenario.fsdp.use_orig_params):
+    if not (_freezes_after_wrapping(scenario) and scenario.fsdp.use_orig_params):
         return False
     return _gradients_wrong_after(scenario, violations, _ranks_froze_differently)
+
+
+RECOMPUTE_ON_FREED_PARAMETERS = ("setStorage:", "mat2 must be a matrix, got 1-D tensor")
+"""How the recomputed forward meets the unit's freed flat parameter, or
+with use_orig_params its sharded 1-D views."""
+
+
+def _forwards_since_backward(scenario: Scenario, rank: int, step: int) -> int:
+    """Forwards with grad the rank ran since its last backward, ``step``'s included."""
+    count = 0
+    for index, current in enumerate(scenario.ranks[rank][: step + 1]):
+        count += current.forwards if current.grad_enabled else 0
+        if current.backward and index < step:
+            count = 0
+    return count
+
+
+@known_issue(
+    "reentrant-checkpoint-recompute-after-reshard",
+    priority=230,
+    description="""
+        With a sharding strategy that frees parameters (FULL_SHARD, SHARD_GRAD_OP, hybrid), a block inside an
+        FSDP1 unit checkpointed with torch.utils.checkpoint(use_reentrant=True), and two or more forwards through
+        it before one backward: the backward of the first graph reshards the unit, and the reentrant recompute of
+        the second re-runs the block's forward on the freed flat parameter (RuntimeError 'setStorage: ... out of
+        bounds for storage of size 0', or with use_orig_params 'mat2 must be a matrix, got 1-D tensor' on the
+        sharded views) on every rank. One forward per backward, non-reentrant checkpointing, or NO_SHARD run
+        cleanly. Found by the first campaign over the training features.
+    """,
+    upstream=(
+        Upstream(
+            "facebookresearch/fairscale#617",
+            "FSDP(checkpoint_wrapper(module)) with two forward passes before the backward asserts on training "
+            "states in fairscale's FSDP: same trigger, another symptom",
+        ),
+        Upstream(
+            "facebookresearch/fairscale#777",
+            "errors with multiple passes through a checkpointed module under FSDP, a race with freeing the full "
+            "parameters: same trigger",
+        ),
+        Upstream(
+            "NVIDIA/Megatron-LM#6323",
+            "Megatron's FSDP learns to recognise a reentrant recompute that runs before the block's backward-pre "
+            "hook and keeps its parameters materialised: the same hazard, fixed elsewhere",
+        ),
+    ),
+)
+def _reentrant_checkpoint_recompute_after_reshard(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    reentrant = any(getattr(node, "checkpoint", None) == "reentrant" for node in scenario.model.named())
+    if not reentrant or scenario.fsdp.sharding_strategy == "NO_SHARD":
+        return False
+
+    def explained(violation: Violation) -> bool:
+        if violation.kind not in (Kind.STEP_FAILED, Kind.ORDER_ERROR_REPLACED) or violation.step is None:
+            return False
+        outcome = observations.ranks[violation.rank].steps[violation.step]
+        said = any(outcome.failed_with("RuntimeError", words) for words in RECOMPUTE_ON_FREED_PARAMETERS)
+        return said and _forwards_since_backward(scenario, violation.rank, violation.step) >= 2
+
+    return all(explained(violation) for violation in violations)
+
+
+def ties_across_units(spec: ModelSpec) -> bool:
+    """A tied block and the block it is tied to belong to different FSDP units."""
+    owners = spec.owning_units()
+    return any(owners[tied] != owners[source] for tied, source in spec.ties().items())
+
+
+@known_issue(
+    "fsdp1-tie-across-units",
+    priority=240,
+    description="""
+        FSDP1 supports shared parameters only inside one unit. Tied across units, nothing is refused: with
+        use_orig_params=False each unit flattens the shared parameter on its own, so the tie silently comes
+        apart (each copy gets only its own use's gradient, and from the first optimizer step the outputs differ
+        from a single-process run); with use_orig_params=True the module outside the unit that sharded the
+        parameter computes with its 1-D shard ('mat2 must be a matrix, got 1-D tensor') on every rank. FSDP2
+        refuses the same arrangement at its lazy initialisation, naming the fix.
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#77724",
+            "'only limited shared param support exists for FSDP, i.e., they must be part of the same FSDP unit': "
+            "the documented limitation, open; FSDP1 does not check it",
+        ),
+        Upstream(
+            "pytorch/torchtitan#2522",
+            "tied parameters are put in one FSDP group (FSDP2 refuses otherwise): the arrangement users must "
+            "make by hand",
+        ),
+    ),
+)
+def _fsdp1_tie_across_units(scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]) -> bool:
+    if not ties_across_units(scenario.model):
+        return False
+
+    def explained(violation: Violation) -> bool:
+        if violation.clause in (Clause.REFERENCE, Clause.REPLICAS):
+            return not scenario.fsdp.use_orig_params
+        if violation.kind not in (Kind.STEP_FAILED, Kind.ORDER_ERROR_REPLACED) or violation.step is None:
+            return False
+        outcome = observations.ranks[violation.rank].steps[violation.step]
+        return scenario.fsdp.use_orig_params and outcome.failed_with("RuntimeError", RECOMPUTE_ON_FREED_PARAMETERS[1])
+
+    return all(explained(violation) for violation in violations)
 
 
 def markdown_table() -> str:
