@@ -296,7 +296,17 @@ def peer_fails_otherwise(scenario, observations):
     return rejudged(scenario, replace(observations, ranks=tuple(ranks)))
 
 
+def method_registered(scenario, observations):
+    """encode is registered with register_fsdp_forward_method: the root's
+    hooks run first and it initialises as the root, so the error is a new bug."""
+    return rejudged(replace(scenario, fsdp2=replace(scenario.fsdp2, register_encode=True)), observations)
+
+
 VARIANT_NEAR_MISSES = {
+    "fsdp2-method-before-forward-makes-a-unit-root": (
+        "fsdp2-method-before-forward-makes-a-unit-root",
+        method_registered,
+    ),
     "reentrant-checkpoint-recompute-after-reshard": (
         "reentrant-checkpoint-recompute-after-reshard",
         one_forward_before_the_backward,
@@ -330,6 +340,10 @@ reproducer: each undoes the fact the widening keys on."""
 
 
 NEAR_MISSES = {
+    "fsdp2-method-before-forward-makes-a-unit-root": (
+        "fsdp2-method-before-forward-makes-a-unit-root",
+        method_registered,
+    ),
     "reentrant-checkpoint-recompute-after-reshard": (
         "reentrant-checkpoint-recompute-after-reshard",
         one_forward_before_the_backward,

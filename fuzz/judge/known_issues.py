@@ -145,6 +145,10 @@ def _all_failed_with(
     return all(failed_so(violation) for violation in violations)
 
 
+MONITORED_BARRIER = "failed to pass monitoredBarrier"
+"""How the collective checker (DETAIL groups) ends a wait for a rank that never comes."""
+
+
 def _freezes_after_wrapping(scenario: Scenario) -> bool:
     """Some step sets ``requires_grad`` on wrapped parameters: through
     ``freeze_untaken`` (each step's path) or a freezing schedule."""
@@ -592,7 +596,8 @@ def _refreeze_hits_unsharded_views(
     def peer_hung(violation: Violation) -> bool:
         if violation.kind not in kinds or violation.step is None or violation.rank in raising:
             return False
-        return observations.ranks[violation.rank].steps[violation.step].status == Status.HANG
+        outcome = observations.ranks[violation.rank].steps[violation.step]
+        return outcome.status == Status.HANG or MONITORED_BARRIER in (outcome.error_message or "")
 
     return bool(raised) and all(v in raised or peer_hung(v) for v in violations)
 
@@ -1418,6 +1423,49 @@ def _fsdp1_tie_across_units(scenario: Scenario, observations: Observations, viol
         return scenario.fsdp.use_orig_params and outcome.failed_with("RuntimeError", RECOMPUTE_ON_FREED_PARAMETERS[1])
 
     return all(explained(violation) for violation in violations)
+
+
+LAZY_ROOT_ERROR = "FSDP state has already been lazily initialized for "
+
+
+def _method_ran_before_the_root(scenario: Scenario) -> bool:
+    """Some rank's first call into the model is an unregistered method
+    other than ``forward``: the units it runs initialise without the root."""
+    if scenario.fsdp2.register_encode:
+        return False
+    for steps in scenario.ranks:
+        first = next((step for step in steps if step.forwards or step.unshard), None)
+        if first is not None and first.forwards and not first.unshard and first.method != "forward":
+            return True
+    return False
+
+
+@known_issue(
+    "fsdp2-method-before-forward-makes-a-unit-root",
+    priority=250,
+    engines=("fsdp2",),
+    description="""
+        FSDP2 makes root whichever fully_shard module runs first. A method other than forward that is not
+        registered with register_fsdp_forward_method and runs only nested units (here encode, whose stages are
+        units of their own), called before the first forward, runs and even trains cleanly with a nested unit as
+        its own root; the next forward through the real root then fails on every rank with RuntimeError 'FSDP
+        state has already been lazily initialized for <unit>'. Registering the method, or one forward first,
+        avoids it; nothing at the first call says so.
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#117881",
+            "FSDP2's lazy initialisation: 'the root FSDP module is the one whose forward runs first and ends "
+            "last': by design",
+        ),
+    ),
+)
+def _fsdp2_method_before_forward_makes_a_unit_root(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    if not _method_ran_before_the_root(scenario):
+        return False
+    return _all_failed_with(observations, violations, (Kind.STEP_FAILED,), "RuntimeError", LAZY_ROOT_ERROR)
 
 
 def markdown_table() -> str:
