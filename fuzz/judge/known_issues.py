@@ -17,7 +17,7 @@ case, the lowest ``priority`` names it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fsdp_fuzz.data import HYBRID_NODE_SIZE, HYBRID_STRATEGIES, Clause, Observations, Scenario, Status, Violation
 from fsdp_fuzz.data import ViolationKind as Kind
@@ -525,10 +525,25 @@ def _first_iteration_order_ends_early(
 ) -> bool:
     if scenario.debug_level != "DETAIL":
         return False
-    divergence = first_iteration_divergence(scenario)
-    if divergence is None or not (None in divergence.units or _unchecked_before_divergence(scenario, divergence)):
+    if not any(_order_ends_early(case) for case in (scenario, *_nodes(scenario))):
         return False
     return all(v.clause in (Clause.FIRST_ITERATION, Clause.CLEAN_RUN, Clause.SILENT_MISMATCH) for v in violations)
+
+
+def _order_ends_early(scenario: Scenario) -> bool:
+    divergence = first_iteration_divergence(scenario)
+    return divergence is not None and (None in divergence.units or _unchecked_before_divergence(scenario, divergence))
+
+
+def _nodes(scenario: Scenario) -> tuple[Scenario, ...]:
+    """Under hybrid sharding FSDP1 checks the order within each simulated
+    node: each node's ranks, as a scenario of their own."""
+    if not scenario.hybrid:
+        return ()
+    size = HYBRID_NODE_SIZE
+    return tuple(
+        replace(scenario, ranks=scenario.ranks[start : start + size]) for start in range(0, scenario.world_size, size)
+    )
 
 
 def _unchecked_before_divergence(scenario: Scenario, divergence: Divergence) -> bool:
