@@ -310,15 +310,6 @@ def one_forward_on_every_rank(scenario, observations):
 
 VARIANT_NEAR_MISSES = {
     "first-iteration-order-ends-early-within-a-node": ("first-iteration-order-ends-early", one_forward_on_every_rank),
-    "fsdp2-method-before-forward-makes-a-unit-root": (
-        "fsdp2-method-before-forward-makes-a-unit-root",
-        method_registered,
-    ),
-    "reentrant-checkpoint-recompute-after-reshard": (
-        "reentrant-checkpoint-recompute-after-reshard",
-        one_forward_before_the_backward,
-    ),
-    "fsdp1-tie-across-units": ("fsdp1-tie-across-units", tie_inside_one_unit),
     "rank-dependent-freeze-drops-grads-with-orig-params-freezing-schedule": (
         "rank-dependent-freeze-drops-grads-with-orig-params",
         same_freezing_on_every_rank,
