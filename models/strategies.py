@@ -10,9 +10,10 @@ a branch point over distinct stacks of one group or the same alternatives in
 a row (a branch point's numel is that of all its alternatives), so nesting
 costs no filtering either.
 
-The stem maps the input to the model width and is never frozen and never
-inside a branch point, so every forward runs a trainable parameter and a
-backward always has something to differentiate, whatever the path skips.
+The stem maps the input to the model width and is never frozen (nor frozen
+by a schedule, nor reentrant-checkpointed) and never inside a branch point,
+so every forward runs a trainable parameter and a backward always has
+something to differentiate, whatever the path skips.
 Every model has at least one branch point: without one there is no path to
 diverge.
 
@@ -231,7 +232,7 @@ def model_specs(
         STEM_NAME,
         _layers(draw, _free_stack(draw, in_features, width, bounds)),
         fsdp_unit=draw(st.booleans()),
-        checkpoint=_checkpoint(draw, bounds),
+        checkpoint=_checkpoint(draw, bounds, stem=True),
     )
     children: list[Node] = [stem]
     blocks: list[tuple[int, int, Sequential]] = [(in_features, width, stem)]
@@ -276,9 +277,12 @@ def _tied(block: Sequential, source: Sequential, bounds: _Bounds) -> Sequential:
     )
 
 
-def _checkpoint(draw: st.DrawFn, bounds: _Bounds) -> str | None:
-    """A block's checkpoint mode: none about three times in four; one choice either way."""
-    modes = bounds.features.checkpoint_modes
+def _checkpoint(draw: st.DrawFn, bounds: _Bounds, stem: bool = False) -> str | None:
+    """A block's checkpoint mode: none about three times in four; one choice
+    either way. Never reentrant on the stem: its input requires no grad, so
+    torch's reentrant checkpoint would give its parameters no gradient and
+    the output of a forward that runs nothing else no grad_fn."""
+    modes = tuple(mode for mode in bounds.features.checkpoint_modes if not (stem and mode == "reentrant"))
     return draw(st.sampled_from((None,) * (3 * max(1, len(modes))) + modes))
 
 

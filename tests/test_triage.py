@@ -308,7 +308,34 @@ def one_forward_on_every_rank(scenario, observations):
     return rejudged(with_steps(scenario, range(scenario.num_steps), ranks=[0], forwards=1), observations)
 
 
+def eval_forward_without_grad_first(scenario, observations):
+    """The eval forward of step 0 runs under no_grad: nothing is set up for a
+    backward that never comes, so unreduced gradients are a new bug (on live
+    ranks this schedule matches)."""
+    return rejudged(with_steps(scenario, [0], grad_enabled=False), observations)
+
+
+def without_mixed_precision(scenario, observations):
+    """The same schedule in float32: a replica drift is a new bug (on live
+    ranks this schedule keeps the replicas equal)."""
+    return rejudged(with_fsdp(scenario, mixed_precision=None), observations)
+
+
+def block_runs_once(scenario, observations):
+    """The path runs branch0_2 once: one reentrant region per backward, so
+    the error is a new bug (on live ranks this passes)."""
+    return rejudged(with_steps(scenario, [0], path={"branch0": (2,)}), observations)
+
+
 VARIANT_NEAR_MISSES = {
+    "mixed-precision-eval-forward-first-skips-gradient-reduction-no-shard": (
+        "mixed-precision-eval-forward-first-skips-gradient-reduction",
+        without_mixed_precision,
+    ),
+    "reentrant-checkpoint-recompute-after-reshard-twice-in-one-forward": (
+        "reentrant-checkpoint-recompute-after-reshard",
+        block_runs_once,
+    ),
     "first-iteration-order-ends-early-within-a-node": ("first-iteration-order-ends-early", one_forward_on_every_rank),
     "rank-dependent-freeze-drops-grads-with-orig-params-freezing-schedule": (
         "rank-dependent-freeze-drops-grads-with-orig-params",
@@ -338,6 +365,10 @@ reproducer: each undoes the fact the widening keys on."""
 
 
 NEAR_MISSES = {
+    "mixed-precision-eval-forward-first-skips-gradient-reduction": (
+        "mixed-precision-eval-forward-first-skips-gradient-reduction",
+        eval_forward_without_grad_first,
+    ),
     "fsdp2-method-before-forward-makes-a-unit-root": (
         "fsdp2-method-before-forward-makes-a-unit-root",
         method_registered,

@@ -405,7 +405,7 @@ def scenarios(
     unscheduled = Scenario(model=model, ranks=(), freeze_untaken=freeze_untaken, **settings)
     scenario = replace(
         unscheduled,
-        ranks=draw(schedules(model, world_size, max_steps, engine, freezable_blocks(unscheduled))),
+        ranks=draw(schedules(model, world_size, max_steps, engine, _freezable_below_the_stem(unscheduled))),
         collective_checker=collective_checker,
         seed=draw(st.integers(0, 2**16)),
         description=DESCRIPTION,
@@ -413,6 +413,13 @@ def scenarios(
     for feature in sorted(scenario_features(scenario)):
         event(feature)
     return scenario
+
+
+def _freezable_below_the_stem(scenario: Scenario) -> tuple[str, ...]:
+    """What a generated schedule may freeze: the stem stays trainable, so
+    every backward has a parameter to differentiate (``models.strategies``)."""
+    stem = scenario.model.root.children[0]
+    return tuple(name for name in freezable_blocks(scenario) if name != getattr(stem, "name", None))
 
 
 # Statistics ----------------------------------------------------------------

@@ -1338,11 +1338,22 @@ RECOMPUTE_ON_FREED_PARAMETERS = ("setStorage:", "mat2 must be a matrix, got 1-D 
 with use_orig_params its sharded 1-D views."""
 
 
-def _forwards_since_backward(scenario: Scenario, rank: int, step: int) -> int:
-    """Forwards with grad the rank ran since its last backward, ``step``'s included."""
+def _reentrant_runs_since_backward(scenario: Scenario, rank: int, step: int) -> int:
+    """Runs of reentrant-checkpointed blocks in the rank's forwards with
+    grad since its last backward, ``step``'s included."""
+
+    def runs(node, path) -> int:
+        if isinstance(node, Sequential):
+            own = int(node.checkpoint == "reentrant")
+            return own + sum(runs(child, path) for child in node.children)
+        if isinstance(node, Choice):
+            return sum(runs(node.alternatives[index], path) for index in taken(path, node.name))
+        return 0
+
     count = 0
     for index, current in enumerate(scenario.ranks[rank][: step + 1]):
-        count += current.forwards if current.grad_enabled else 0
+        if current.grad_enabled:
+            count += current.forwards * runs(scenario.model.root, current.path)
         if current.backward and index < step:
             count = 0
     return count
@@ -1353,9 +1364,10 @@ def _forwards_since_backward(scenario: Scenario, rank: int, step: int) -> int:
     priority=230,
     description="""
         With a sharding strategy that frees parameters (FULL_SHARD, SHARD_GRAD_OP, hybrid), a block inside an
-        FSDP1 unit checkpointed with torch.utils.checkpoint(use_reentrant=True), and two or more forwards through
-        it before one backward: the backward of the first graph reshards the unit, and the reentrant recompute of
-        the second re-runs the block's forward on the freed flat parameter (RuntimeError 'setStorage: ... out of
+        FSDP1 unit checkpointed with torch.utils.checkpoint(use_reentrant=True), and two or more runs of it before
+        one backward (two forwards, or the block twice in one forward): the backward of the first region reshards
+        the unit, and the reentrant recompute of the second re-runs the block's forward on the freed flat
+        parameter (RuntimeError 'setStorage: ... out of
         bounds for storage of size 0', or with use_orig_params 'mat2 must be a matrix, got 1-D tensor' on the
         sharded views) on every rank. One forward per backward, non-reentrant checkpointing, or NO_SHARD run
         cleanly. Found by the first campaign over the training features.
@@ -1390,7 +1402,7 @@ def _reentrant_checkpoint_recompute_after_reshard(
             return False
         outcome = observations.ranks[violation.rank].steps[violation.step]
         said = any(outcome.failed_with("RuntimeError", words) for words in RECOMPUTE_ON_FREED_PARAMETERS)
-        return said and _forwards_since_backward(scenario, violation.rank, violation.step) >= 2
+        return said and _reentrant_runs_since_backward(scenario, violation.rank, violation.step) >= 2
 
     return all(explained(violation) for violation in violations)
 
@@ -1481,6 +1493,63 @@ def _fsdp2_method_before_forward_makes_a_unit_root(
     if not _method_ran_before_the_root(scenario):
         return False
     return _all_failed_with(observations, violations, (Kind.STEP_FAILED,), "RuntimeError", LAZY_ROOT_ERROR)
+
+
+def _eval_forward_with_grad_first(scenario: Scenario, step: int) -> bool:
+    """Up to ``step``, some rank ran an eval-mode forward with grad enabled
+    before its first backward."""
+    for rank_steps in scenario.ranks:
+        for current in rank_steps[: step + 1]:
+            if current.mode == "eval" and current.forwards and current.grad_enabled:
+                return True
+            if current.backward:
+                break
+    return False
+
+
+SHARD_SIZE_MISMATCH = "The size of tensor a"
+
+
+@known_issue(
+    "mixed-precision-eval-forward-first-skips-gradient-reduction",
+    priority=260,
+    description="""
+        With FSDP1 MixedPrecision (any param_dtype, reduce_dtype or keep_low_precision_grads), an eval-mode
+        forward with grad enabled before the first backward leaves the next backward's gradients unreduced and
+        unsharded: with FULL_SHARD and SHARD_GRAD_OP every rank holds its own full local gradient (the ranks'
+        gradients add up to world_size times the average; a later reduction then fails on the size, 'The size of
+        tensor a (N) must match the size of tensor b (2N)'), with NO_SHARD the replicas silently take different
+        optimizer steps, with use_orig_params the gradients are lost. No error or warning. Without mixed
+        precision, with the eval forward under no_grad, or with a training backward first, it matches.
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#106858",
+            "FSDP1's mixed precision mishandled a train -> EMA -> eval sequence of forwards: related, the "
+            "low-precision state set up by a forward that no backward follows",
+        ),
+        Upstream(
+            "pytorch/pytorch#186998",
+            "FSDP2 mixed precision breaks after unfreezing when the first forward ran with requires_grad=False: "
+            "the first forward fixing the precision state, in FSDP2: related",
+        ),
+    ),
+)
+def _mixed_precision_eval_forward_first(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    if scenario.engine != "fsdp1" or scenario.fsdp.mixed_precision is None:
+        return False
+
+    def explained(violation: Violation) -> bool:
+        if violation.step is None or not _eval_forward_with_grad_first(scenario, violation.step):
+            return False
+        if violation.kind in (Kind.GRADIENT_MISMATCH, Kind.OUTPUT_MISMATCH, Kind.REPLICAS_DIVERGED):
+            return True
+        outcome = observations.ranks[violation.rank].steps[violation.step]
+        return violation.kind == Kind.STEP_FAILED and outcome.failed_with("RuntimeError", SHARD_SIZE_MISMATCH)
+
+    return all(explained(violation) for violation in violations)
 
 
 def markdown_table() -> str:
