@@ -308,6 +308,18 @@ def one_forward_on_every_rank(scenario, observations):
     return rejudged(with_steps(scenario, range(scenario.num_steps), ranks=[0], forwards=1), observations)
 
 
+def one_forward_through_the_region(scenario, observations):
+    """One forward before the backward: the region recomputes once, so wrong
+    gradients are a new bug (on live ranks this matches)."""
+    return rejudged(with_steps(scenario, range(scenario.num_steps), forwards=1), observations)
+
+
+def without_explicit_unshard(scenario, observations):
+    """The forward finds the unit sharded, as usual: a checkpoint error is a
+    new bug (on live ranks this schedule runs cleanly)."""
+    return rejudged(with_steps(scenario, range(scenario.num_steps), unshard=False), observations)
+
+
 def eval_forward_without_grad_first(scenario, observations):
     """The eval forward of step 0 runs under no_grad: nothing is set up for a
     backward that never comes, so unreduced gradients are a new bug (on live
@@ -328,6 +340,14 @@ def block_runs_once(scenario, observations):
 
 
 VARIANT_NEAR_MISSES = {
+    "fsdp2-reentrant-checkpoint-around-a-unit-loses-gradients": (
+        "fsdp2-reentrant-checkpoint-around-a-unit-loses-gradients",
+        one_forward_through_the_region,
+    ),
+    "fsdp2-explicit-unshard-breaks-checkpoint-recompute": (
+        "fsdp2-explicit-unshard-breaks-checkpoint-recompute",
+        without_explicit_unshard,
+    ),
     "mixed-precision-eval-forward-first-skips-gradient-reduction-no-shard": (
         "mixed-precision-eval-forward-first-skips-gradient-reduction",
         without_mixed_precision,
@@ -365,6 +385,14 @@ reproducer: each undoes the fact the widening keys on."""
 
 
 NEAR_MISSES = {
+    "fsdp2-reentrant-checkpoint-around-a-unit-loses-gradients": (
+        "fsdp2-reentrant-checkpoint-around-a-unit-loses-gradients",
+        one_forward_through_the_region,
+    ),
+    "fsdp2-explicit-unshard-breaks-checkpoint-recompute": (
+        "fsdp2-explicit-unshard-breaks-checkpoint-recompute",
+        without_explicit_unshard,
+    ),
     "mixed-precision-eval-forward-first-skips-gradient-reduction": (
         "mixed-precision-eval-forward-first-skips-gradient-reduction",
         eval_forward_without_grad_first,

@@ -1552,6 +1552,94 @@ def _mixed_precision_eval_forward_first(
     return all(explained(violation) for violation in violations)
 
 
+def _reentrant_region_holds_a_unit(spec: ModelSpec) -> bool:
+    """A block checkpointed with use_reentrant=True has an FSDP unit inside it."""
+
+    def holds_unit(node) -> bool:
+        children = node.children if isinstance(node, Sequential) else getattr(node, "alternatives", ())
+        return any(getattr(child, "fsdp_unit", False) or holds_unit(child) for child in children)
+
+    return any(
+        isinstance(node, Sequential) and node.checkpoint == "reentrant" and holds_unit(node) for node in spec.named()
+    )
+
+
+@known_issue(
+    "fsdp2-reentrant-checkpoint-around-a-unit-loses-gradients",
+    priority=270,
+    engines=("fsdp2",),
+    description="""
+        Under fully_shard, a block checkpointed with torch.utils.checkpoint(use_reentrant=True) that holds a
+        nested FSDP unit, run twice before one backward (two forwards): the gradients come out silently wrong on
+        every rank (the recomputes run the nested unit's forward inside backward, where its hooks see the
+        backward's state), with no error or warning. One forward, non-reentrant checkpointing, or no unit inside
+        the region match the reference. FSDP1's counterpart, reentrant-checkpoint-recompute-after-reshard, at
+        least raises.
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#171779",
+            "FSDP2 fix (closed) for nested FSDP with activation checkpointing and several forwards before the "
+            "backward: a nested unit's post_backward reshards before another recompute needs it ('got mixed "
+            "torch.Tensor and DTensor', fixes #153354): same trigger; on torch 2.13 the reentrant variant is silent",
+        ),
+        Upstream(
+            "NVIDIA/Megatron-LM#6323",
+            "'with reentrant activation checkpointing, a child module can begin its recomputed forward before "
+            "that child module's backward-pre hook runs'; PyTorch FSDP2 is said to handle the ordering by checking "
+            "for an active autograd GraphTask: the same hazard; here the check does not cover two regions",
+        ),
+        Upstream(
+            "facebookresearch/fairscale#617",
+            "FSDP and checkpoint_wrapper with multiple forward passes through sub-modules: same trigger in "
+            "fairscale's FSDP",
+        ),
+    ),
+)
+def _fsdp2_reentrant_checkpoint_around_a_unit(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    if not _reentrant_region_holds_a_unit(scenario.model):
+        return False
+    numbers = (Kind.GRADIENT_MISMATCH, Kind.OUTPUT_MISMATCH, Kind.REPLICAS_DIVERGED)
+    return all(
+        v.step is not None and v.kind in numbers and _reentrant_runs_since_backward(scenario, v.rank, v.step) >= 2
+        for v in violations
+    )
+
+
+CHECKPOINT_MISMATCH = "torch.utils.checkpoint: A different number of tensors was saved"
+
+
+@known_issue(
+    "fsdp2-explicit-unshard-breaks-checkpoint-recompute",
+    priority=280,
+    engines=("fsdp2",),
+    description="""
+        Under fully_shard, an explicit unshard() before a forward through a unit that holds a block checkpointed
+        without reentrancy makes the recompute in backward save a different number of tensors than the forward
+        did: CheckpointError 'torch.utils.checkpoint: A different number of tensors was saved during the original
+        forward and recomputation' on every rank (the forward found the parameters unsharded and skipped the
+        all-gather; the recompute, after the unit resharded, does not). Without the explicit unshard the same
+        step runs cleanly.
+    """,
+    upstream=(),
+)
+def _fsdp2_explicit_unshard_breaks_checkpoint_recompute(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    checkpointed = any(isinstance(node, Sequential) and node.checkpoint for node in scenario.model.named())
+    if not checkpointed:
+        return False
+
+    def explained(violation: Violation) -> bool:
+        if violation.step is None or not scenario.ranks[violation.rank][violation.step].unshard:
+            return False
+        return _all_failed_with(observations, (violation,), (Kind.STEP_FAILED,), "CheckpointError", CHECKPOINT_MISMATCH)
+
+    return all(explained(violation) for violation in violations)
+
+
 def markdown_table() -> str:
     """The README's table of known issues, by priority."""
     rows = ["| name | engines | what | upstream |", "| --- | --- | --- | --- |"]

@@ -23,7 +23,13 @@ from fsdp_fuzz.data import (
     ViolationKind,
     WarningRecord,
 )
-from fsdp_fuzz.judge.orders import deviates, first_iteration_divergence, fsdp2_promises, iterations
+from fsdp_fuzz.judge.orders import (
+    deviates,
+    first_iteration_divergence,
+    fsdp2_promises,
+    iterations,
+    unregistered_calls,
+)
 from fsdp_fuzz.models.spec import Choice, Linear, ModelSpec, Node, Norm, Path, Sequential, taken
 
 FIRST_ITERATION_ERROR = "Forward order differs across ranks"
@@ -79,31 +85,37 @@ def refusal(scenario: Scenario, rank: int) -> Refusal | None:
     needs what it refuses: parameters tied across units (at its lazy
     initialisation, the first step that unshards or runs a forward), and an
     entry point other than ``forward`` that is not registered
-    (``register_fsdp_forward_method``) and runs the root's own parameters."""
+    (``register_fsdp_forward_method``) and runs the root's own parameters
+    while they are certainly sharded: as the rank's first call, without an
+    explicit unshard. Later unregistered calls may find the root unsharded
+    and run; FSDP2 promises nothing of them (``unregistered_calls``)."""
     if scenario.engine != "fsdp2":
         return None
     steps = scenario.ranks[rank]
+    first = next((index for index, step in enumerate(steps) if step.forwards or step.unshard), None)
+    if first is None:
+        return None
     owners = scenario.model.owning_units()
     for tied, source in scenario.model.ties().items():
         if owners[tied] != owners[source]:
-            first = next((i for i, step in enumerate(steps) if step.forwards or step.unshard), None)
-            if first is None:
-                return None
             return Refusal(
                 first,
                 "ValueError",
                 "is shared with a parameter already managed by another FSDP group",
                 f"{tied!r} (unit {owners[tied]!r}) is tied to {source!r} (unit {owners[source]!r})",
             )
-    if not scenario.fsdp2.register_encode and _encoder_runs_root_parameters(scenario.model):
-        for index, step in enumerate(steps):
-            if step.method != "forward" and step.forwards:
-                return Refusal(
-                    index,
-                    "RuntimeError",
-                    "got mixed torch.Tensor and DTensor",
-                    f"{step.method!r} is not registered with register_fsdp_forward_method and runs root parameters",
-                )
+    if scenario.fsdp2.register_encode:
+        return None
+    call = steps[first]
+    sharded = not call.unshard and _encoder_runs_root_parameters(scenario.model)
+    if call.method != "forward" and call.forwards and sharded:
+        return Refusal(
+            first,
+            "RuntimeError",
+            "got mixed torch.Tensor and DTensor",
+            f"{call.method!r}, the rank's first call, is not registered with register_fsdp_forward_method and runs "
+            "root parameters that are still sharded",
+        )
     return None
 
 
@@ -219,7 +231,9 @@ def replica_groups(scenario: Scenario) -> tuple[tuple[int, ...], ...]:
 def keeps_replicas(scenario: Scenario) -> bool:
     """The premise of the replica clause: the engine's promise holds (one
     order on every rank for FSDP1, ``fsdp2_promises`` for FSDP2)."""
-    return consistent(scenario) if scenario.engine == "fsdp1" else fsdp2_promises(scenario)
+    if scenario.engine == "fsdp1":
+        return consistent(scenario)
+    return fsdp2_promises(scenario) and not unregistered_calls(scenario)
 
 
 def replica_drift(scenario: Scenario, observations: Observations) -> Violation | None:
@@ -290,7 +304,7 @@ def reference_mismatch(scenario: Scenario, observations: Observations) -> Violat
     ``gradient_replicas``, must match the reference's averaged gradient.
     Only steps that succeeded on the ranks compared are judged.
     """
-    if observations.reference is None or not consistent(scenario):
+    if observations.reference is None or not consistent(scenario) or unregistered_calls(scenario):
         return None
     replicas = gradient_replicas(scenario)
     for index, expected in enumerate(observations.reference):

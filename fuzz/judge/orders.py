@@ -138,6 +138,15 @@ def same_units(scenario: Scenario) -> bool:
     return all(len({shape(steps[index]) for steps in scenario.ranks}) == 1 for index in range(scenario.num_steps))
 
 
+def unregistered_calls(scenario: Scenario) -> bool:
+    """Some step calls a method other than ``forward`` that FSDP2 was not
+    told of (``register_fsdp_forward_method``): its hooks do not run around
+    it, and FSDP2 promises nothing of the numbers from there on."""
+    if scenario.engine != "fsdp2" or scenario.fsdp2.register_encode:
+        return False
+    return any(step.method != "forward" and step.forwards for steps in scenario.ranks for step in steps)
+
+
 def fsdp2_promises(scenario: Scenario) -> bool:
     """What ``fully_shard`` promises to run correctly: the same program on
     every rank, or with ``set_reduce_scatter_unused_params(True)`` the same
