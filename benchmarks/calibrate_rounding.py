@@ -27,7 +27,7 @@ from fsdp_fuzz.data import Observations, Scenario, Status
 from fsdp_fuzz.execute.pool import PoolSet
 from fsdp_fuzz.generate.strategies import clean_runs
 from fsdp_fuzz.judge.known_issues import triage
-from fsdp_fuzz.judge.oracles import RELATIVE_TOLERANCE, judge, rounding_bound
+from fsdp_fuzz.judge.oracles import RELATIVE_TOLERANCE, consistent, judge, rounding_bound
 
 
 def drawn(engine: str, dtype: str, count: int) -> list[Scenario]:
@@ -45,10 +45,12 @@ def drawn(engine: str, dtype: str, count: int) -> list[Scenario]:
 
 
 def errors(scenario: Scenario, observations: Observations) -> list[tuple[float, float]]:
-    """(error / the bound judged by, error / (1 + magnitude)) for every
-    compared sum; the bound judged by is the derived one or, where larger,
-    the float32 floor."""
+    """(error / the bound judged by, error / (1 + magnitude)) for every sum
+    the judge compares (where every rank keeps one order); the bound judged
+    by is the derived one or, where larger, the float32 floor."""
     found = []
+    if not consistent(scenario):
+        return found
     for index, expected in enumerate(observations.reference or ()):
         outcomes = [rank.steps[index] for rank in observations.ranks]
         if any(o.status != Status.OK for o in outcomes):
