@@ -64,9 +64,19 @@ scenario leaves three of gloo's threads behind in every rank (torch 2.13;
 destroying the groups and collecting garbage does not free them), and a
 rank with hundreds of threads slows the machine and the deadlock watch."""
 
-PRELOAD = ["torch", "torch.distributed", "torch.distributed.fsdp", "torch._dynamo", "fsdp_fuzz.execute.executor"]
+PRELOAD = [
+    "torch",
+    "torch.distributed",
+    "torch.distributed.fsdp",
+    "torch._dynamo",
+    "torch.utils.checkpoint",
+    "torch.distributed.algorithms._checkpoint.checkpoint_wrapper",
+    "torch.distributed._composable",
+    "fsdp_fuzz.execute.executor",
+]
 """What the fork server imports once, so that no worker imports it again
-(``torch._dynamo``: the optimizer's constructor imports it, half a second)."""
+(``torch._dynamo``: the optimizer's constructor imports it, half a second;
+the checkpointing modules: a checkpointed block imports them)."""
 
 
 @dataclass(frozen=True)

@@ -535,15 +535,17 @@ def _named(node: Node) -> Iterator[Sequential | Choice]:
 @st.composite
 def clean_runs(draw: st.DrawFn, engine: str, dtype: str, max_world_size: int = 4) -> Scenario:
     """A scenario of the whole space made one that every engine must run
-    cleanly: the same program on every rank, each step a training forward,
+    cleanly: the same program on every rank, one path in every step (so
+    every rank keeps one order and clause 4 applies), each step a training forward,
     its backward and maybe an optimizer step, nothing frozen (by the model
     or a schedule), no ties, no reentrant checkpointing (both meet known
     and open FSDP bugs, which measure FSDP, not rounding), parameters in ``dtype`` (``float32``: no mixed
     precision). What ``benchmarks/calibrate_rounding.py`` measures."""
     scenario = draw(scenarios(max_world_size, engine=engine))
     low = dtype != "float32"
+    path = scenario.ranks[0][0].path
     shared = tuple(
-        Step(path=step.path, forwards=max(1, step.forwards), optimizer_step=step.optimizer_step)
+        Step(path=path, forwards=max(1, step.forwards), optimizer_step=step.optimizer_step)
         for step in scenario.ranks[0]
     )
     model = scenario.model
