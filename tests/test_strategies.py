@@ -160,6 +160,9 @@ def assert_flat_parameters_uniform(spec: ModelSpec, built: BuiltModel) -> None:
         assert len({p.requires_grad for p in own.values()}) <= 1, f"unit {name} mixes requires_grad"
 
 
+# torch warns when a reentrant-checkpointed block's input needs no grad (a
+# frozen block before it): the ranks report it; here it is noise.
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad=True")
 @settings(GENERATE, max_examples=40)
 @given(scenarios())
 def test_every_scenario_builds_identically_and_runs_on_every_rank_without_fsdp(scenario: Scenario):

@@ -46,6 +46,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.utils.checkpoint
 from torch import nn
 
 Json = dict[str, Any]
@@ -150,9 +151,8 @@ class SequentialModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.checkpoint_mode in ("reentrant", "non_reentrant"):
-            from torch.utils.checkpoint import checkpoint
-
-            return checkpoint(self._run, x, self.child_names, use_reentrant=self.checkpoint_mode == "reentrant")
+            reentrant = self.checkpoint_mode == "reentrant"
+            return torch.utils.checkpoint.checkpoint(self._run, x, self.child_names, use_reentrant=reentrant)
         return self._run(x, self.child_names)
 
     def _run(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
