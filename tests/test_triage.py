@@ -320,6 +320,12 @@ def without_explicit_unshard(scenario, observations):
     return rejudged(with_steps(scenario, range(scenario.num_steps), unshard=False), observations)
 
 
+def without_mixed_precision_policy(scenario, observations):
+    """The same schedule without a MixedPrecisionPolicy: the dtype error is a
+    new bug (on live ranks this schedule runs)."""
+    return rejudged(replace(scenario, fsdp2=replace(scenario.fsdp2, mp_policy=None)), observations)
+
+
 def eval_forward_without_grad_first(scenario, observations):
     """The eval forward of step 0 runs under no_grad: nothing is set up for a
     backward that never comes, so unreduced gradients are a new bug (on live
@@ -340,6 +346,10 @@ def block_runs_once(scenario, observations):
 
 
 VARIANT_NEAR_MISSES = {
+    "fsdp2-mixed-precision-unit-frozen-at-first-forward": (
+        "fsdp2-mixed-precision-unit-frozen-at-first-forward",
+        without_mixed_precision_policy,
+    ),
     "fsdp2-reentrant-checkpoint-around-a-unit-loses-gradients": (
         "fsdp2-reentrant-checkpoint-around-a-unit-loses-gradients",
         one_forward_through_the_region,
@@ -385,6 +395,10 @@ reproducer: each undoes the fact the widening keys on."""
 
 
 NEAR_MISSES = {
+    "fsdp2-mixed-precision-unit-frozen-at-first-forward": (
+        "fsdp2-mixed-precision-unit-frozen-at-first-forward",
+        without_mixed_precision_policy,
+    ),
     "fsdp2-reentrant-checkpoint-around-a-unit-loses-gradients": (
         "fsdp2-reentrant-checkpoint-around-a-unit-loses-gradients",
         one_forward_through_the_region,

@@ -1640,6 +1640,36 @@ def _fsdp2_explicit_unshard_breaks_checkpoint_recompute(
     return all(explained(violation) for violation in violations)
 
 
+GRAD_DTYPE_ERROR = "attempting to assign a gradient with dtype"
+
+
+@known_issue(
+    "fsdp2-mixed-precision-unit-frozen-at-first-forward",
+    priority=290,
+    engines=("fsdp2",),
+    description="""
+        Under fully_shard with a MixedPrecisionPolicy, a unit whose parameters are all frozen during the first
+        forward (lazy initialisation) takes no reduce dtype; once they are unfrozen (as freeze_untaken or a
+        freezing schedule does), the next backward fails on every rank with RuntimeError 'attempting to assign a
+        gradient with dtype BFloat16 to a tensor with grad_dtype Float'. Trainable at the first forward, or
+        without mixed precision, the same schedule runs.
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#186998",
+            "'[FSDP2] Mixed precision breaks after unfreezing when the first forward ran with requires_grad=False "
+            "(RuntimeError at backward)', the same error and trigger: same bug (closed)",
+        ),
+    ),
+)
+def _fsdp2_mixed_precision_unit_frozen_at_first_forward(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    if scenario.fsdp2.mp_policy is None or not _freezes_after_wrapping(scenario):
+        return False
+    return _all_failed_with(observations, violations, (Kind.STEP_FAILED,), "RuntimeError", GRAD_DTYPE_ERROR)
+
+
 def markdown_table() -> str:
     """The README's table of known issues, by priority."""
     rows = ["| name | engines | what | upstream |", "| --- | --- | --- | --- |"]
