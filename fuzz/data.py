@@ -168,7 +168,8 @@ class MixedPrecision:
 
 @dataclass(frozen=True)
 class MixedPrecisionPolicy:
-    """FSDP2's ``MixedPrecisionPolicy``, dtypes by name as above."""
+    """FSDP2's ``MixedPrecisionPolicy``, dtypes by name as above; every
+    unit gets it, ``output_dtype`` only the root (the model's output dtype)."""
 
     param_dtype: str | None = None
     reduce_dtype: str | None = None

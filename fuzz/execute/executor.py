@@ -483,10 +483,12 @@ class Fsdp2:
         mesh = self._mesh(scenario, group, device)
         reshard = settings["reshard_after_forward"]
         policy = settings["mp_policy"]
+        # output_dtype casts each unit's outputs: it is the model's output
+        # dtype, so only the root gets it, as users set it.
+        inner_kwargs, root_kwargs = {"mesh": mesh}, {"mesh": mesh}
         if policy is not None:
-            mesh_kwargs = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(**_with_dtypes(policy))}
-        else:
-            mesh_kwargs = {"mesh": mesh}
+            inner_kwargs["mp_policy"] = MixedPrecisionPolicy(**_with_dtypes({**policy, "output_dtype": None}))
+            root_kwargs["mp_policy"] = MixedPrecisionPolicy(**_with_dtypes(policy))
         built.module.to(device)
 
         def shard_below(node: Json, module: nn.Module) -> None:
@@ -496,13 +498,13 @@ class Fsdp2:
                     shard_below(child, getattr(module, name))
                     if child["fsdp_unit"]:
                         built.units[name] = fully_shard(
-                            getattr(module, name), reshard_after_forward=reshard, **mesh_kwargs
+                            getattr(module, name), reshard_after_forward=reshard, **inner_kwargs
                         )
 
         root = built.spec["root"]
         shard_below(root, built.module)
         at_root = reshard if reshard is None or isinstance(reshard, bool) else None  # an int is for non-root units
-        built.units[root["sequential"]] = fully_shard(built.module, reshard_after_forward=at_root, **mesh_kwargs)
+        built.units[root["sequential"]] = fully_shard(built.module, reshard_after_forward=at_root, **root_kwargs)
         if settings["register_encode"]:
             register_fsdp_forward_method(built.module, "encode")
         built.module.set_reduce_scatter_unused_params(settings["reduce_scatter_unused_params"])
