@@ -346,18 +346,6 @@ def block_runs_once(scenario, observations):
 
 
 VARIANT_NEAR_MISSES = {
-    "fsdp2-mixed-precision-unit-frozen-at-first-forward": (
-        "fsdp2-mixed-precision-unit-frozen-at-first-forward",
-        without_mixed_precision_policy,
-    ),
-    "fsdp2-reentrant-checkpoint-around-a-unit-loses-gradients": (
-        "fsdp2-reentrant-checkpoint-around-a-unit-loses-gradients",
-        one_forward_through_the_region,
-    ),
-    "fsdp2-explicit-unshard-breaks-checkpoint-recompute": (
-        "fsdp2-explicit-unshard-breaks-checkpoint-recompute",
-        without_explicit_unshard,
-    ),
     "mixed-precision-eval-forward-first-skips-gradient-reduction-no-shard": (
         "mixed-precision-eval-forward-first-skips-gradient-reduction",
         without_mixed_precision,
