@@ -339,9 +339,29 @@ def schedules(
     if engine == "fsdp2" and not draw(_chance(1, 4)):
         deviating = 0  # FSDP2 promises nothing for most divergence: spend most of the budget where it does
     return tuple(
-        draw(_deviating_steps(model, shared, engine, freezable)) if deviating >> rank & 1 else shared
+        _steps_on_reduced_gradients(draw(_deviating_steps(model, shared, engine, freezable)))
+        if deviating >> rank & 1
+        else _steps_on_reduced_gradients(shared)
         for rank in range(world_size)
     )
+
+
+def _steps_on_reduced_gradients(steps: tuple[Step, ...]) -> tuple[Step, ...]:
+    """No optimizer step while the last backward since the previous one ran
+    with ``gradient_sync`` off: FSDP2 documents the flag as gradient
+    accumulation without communication, so those gradients are each rank's
+    own until a synced backward reduces them, and a training loop steps only
+    after one. ``_valid`` sees one step; this sees the schedule."""
+    found, unreduced = [], False
+    for step in steps:
+        if step.backward:
+            unreduced = not step.gradient_sync
+        if step.optimizer_step and unreduced:
+            step = replace(step, optimizer_step=False)
+        if step.optimizer_step:
+            unreduced = False
+        found.append(step)
+    return tuple(found)
 
 
 @st.composite

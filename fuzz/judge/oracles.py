@@ -26,6 +26,7 @@ from fsdp_fuzz.data import (
 from fsdp_fuzz.judge.orders import (
     deviates,
     first_iteration_divergence,
+    first_step_on_unreduced_gradients,
     fsdp2_promises,
     iterations,
     unregistered_calls,
@@ -245,7 +246,7 @@ def replica_drift(scenario: Scenario, observations: Observations) -> Violation |
     if not keeps_replicas(scenario):
         return None
     for group in replica_groups(scenario):
-        for index in range(scenario.num_steps):
+        for index in range(_promised_steps(scenario)):
             histories = {tuple(scenario.ranks[rank][i].optimizer_step for i in range(index + 1)) for rank in group}
             outcomes = [observations.ranks[rank].steps[index] for rank in group]
             if len(histories) > 1 or any(o.status != Status.OK or o.param_digest is None for o in outcomes):
@@ -260,6 +261,13 @@ def replica_drift(scenario: Scenario, observations: Observations) -> Violation |
                     f"replicas {list(group)} hold different parameters after this step (digests {digests})",
                 )
     return None
+
+
+def _promised_steps(scenario: Scenario) -> int:
+    """Steps before the first optimizer step on unreduced gradients, after
+    which the ranks' parameters are each their own by design."""
+    first = first_step_on_unreduced_gradients(scenario)
+    return scenario.num_steps if first is None else first
 
 
 def rounding_bound(scenario: Scenario, path: Path, magnitude: float | None, backward: bool = False) -> float:
@@ -307,7 +315,7 @@ def reference_mismatch(scenario: Scenario, observations: Observations) -> Violat
     if observations.reference is None or not consistent(scenario) or unregistered_calls(scenario):
         return None
     replicas = gradient_replicas(scenario)
-    for index, expected in enumerate(observations.reference):
+    for index, expected in enumerate(observations.reference[: _promised_steps(scenario)]):
         outcomes = [rank.steps[index] for rank in observations.ranks]
         for rank, outcome in enumerate(outcomes):
             if outcome.status != Status.OK or outcome.output_sum is None:
