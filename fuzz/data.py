@@ -284,16 +284,21 @@ class Scenario:
         return self.fsdp.sharding_strategy in HYBRID_STRATEGIES
 
     @property
+    def mixed_precision(self) -> MixedPrecision | MixedPrecisionPolicy | None:
+        """The engine's mixed-precision setting."""
+        return self.fsdp.mixed_precision if self.engine == "fsdp1" else self.fsdp2.mp_policy
+
+    @property
     def dtypes(self) -> frozenset[str]:
         """Every dtype the engine computes or communicates in: float32 and
         whatever the mixed-precision settings name."""
-        policy = self.fsdp.mixed_precision if self.engine == "fsdp1" else self.fsdp2.mp_policy
+        policy = self.mixed_precision
         named = [] if policy is None else [v for k, v in vars(policy).items() if k.endswith("_dtype") and v]
         return frozenset(("float32", *named))
 
     @property
     def param_dtype(self) -> str:
-        policy = self.fsdp.mixed_precision if self.engine == "fsdp1" else self.fsdp2.mp_policy
+        policy = self.mixed_precision
         return (policy.param_dtype if policy is not None else None) or "float32"
 
     def scheduled_frozen(self) -> tuple[str, ...]:
@@ -392,7 +397,7 @@ def freezable_blocks(scenario: Scenario) -> tuple[str, ...]:
 
 
 def _validate_mixed_precision(scenario: Scenario) -> None:
-    policy = scenario.fsdp.mixed_precision if scenario.engine == "fsdp1" else scenario.fsdp2.mp_policy
+    policy = scenario.mixed_precision
     if policy is None:
         return
     for name, value in vars(policy).items():

@@ -103,7 +103,7 @@ class _Dtypes:
 
     def __init__(self, scenario: Scenario) -> None:
         self.param = dtype_named(scenario.param_dtype)
-        policy = scenario.fsdp.mixed_precision if scenario.engine == "fsdp1" else scenario.fsdp2.mp_policy
+        policy = scenario.mixed_precision
         self.output = dtype_named(getattr(policy, "output_dtype", None))
         self.buffer = dtype_named(getattr(policy, "buffer_dtype", None))
 
