@@ -13,7 +13,7 @@ key on them, never on the words of a message.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path as FilePath
@@ -364,6 +364,21 @@ def validate_scenario(scenario: Scenario) -> None:
 
 
 _FSDP2_STEP_FIELDS = ("gradient_sync", "unshard", "reshard")
+
+
+def first_step_on_unreduced_gradients(steps: Sequence[Step]) -> int | None:
+    """The first of one rank's steps that steps the optimizer while the last
+    backward since the previous optimizer step ran with ``gradient_sync``
+    off (or with sync off in that step). FSDP2 documents the flag as
+    gradient accumulation without communication: such gradients are each
+    rank's own until a synced backward reduces them."""
+    unreduced = False
+    for index, step in enumerate(steps):
+        unreduced = (not step.gradient_sync) if step.backward else unreduced
+        if step.optimizer_step and (unreduced or not step.gradient_sync):
+            return index
+        unreduced = unreduced and not step.optimizer_step
+    return None
 
 
 def freezable_blocks(scenario: Scenario) -> tuple[str, ...]:

@@ -121,6 +121,11 @@ class ModelSpec:
         """Tied block -> the block whose parameters it uses."""
         return {node.name: node.tied_to for node in _named(self.root) if isinstance(node, Sequential) and node.tied_to}
 
+    def ties_across_units(self) -> dict[str, str]:
+        """Tied block -> its source, where the two belong to different FSDP units."""
+        owners = self.owning_units()
+        return {tied: source for tied, source in self.ties().items() if owners[tied] != owners[source]}
+
     def owning_units(self) -> dict[str, str]:
         """Every Sequential and Choice -> the FSDP unit its own parameters
         belong to: itself if a unit, else its innermost enclosing unit."""

@@ -40,6 +40,7 @@ from fsdp_fuzz.data import (
     MixedPrecisionPolicy,
     Scenario,
     Step,
+    first_step_on_unreduced_gradients,
     freezable_blocks,
 )
 from fsdp_fuzz.models.spec import Choice, ModelSpec, Node, Sequential, taken, unit_numel
@@ -347,21 +348,13 @@ def schedules(
 
 
 def _steps_on_reduced_gradients(steps: tuple[Step, ...]) -> tuple[Step, ...]:
-    """No optimizer step while the last backward since the previous one ran
-    with ``gradient_sync`` off: FSDP2 documents the flag as gradient
-    accumulation without communication, so those gradients are each rank's
-    own until a synced backward reduces them, and a training loop steps only
-    after one. ``_valid`` sees one step; this sees the schedule."""
-    found, unreduced = [], False
-    for step in steps:
-        if step.backward:
-            unreduced = not step.gradient_sync
-        if step.optimizer_step and unreduced:
-            step = replace(step, optimizer_step=False)
-        if step.optimizer_step:
-            unreduced = False
-        found.append(step)
-    return tuple(found)
+    """No optimizer step on gradients left unreduced by an earlier backward
+    with ``gradient_sync`` off (``first_step_on_unreduced_gradients``): a
+    training loop steps only after a synced backward. ``_valid`` sees one
+    step; this sees the schedule."""
+    while (index := first_step_on_unreduced_gradients(steps)) is not None:
+        steps = (*steps[:index], replace(steps[index], optimizer_step=False), *steps[index + 1 :])
+    return steps
 
 
 @st.composite

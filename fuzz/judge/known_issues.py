@@ -1407,12 +1407,6 @@ def _reentrant_checkpoint_recompute_after_reshard(
     return all(explained(violation) for violation in violations)
 
 
-def ties_across_units(spec: ModelSpec) -> bool:
-    """A tied block and the block it is tied to belong to different FSDP units."""
-    owners = spec.owning_units()
-    return any(owners[tied] != owners[source] for tied, source in spec.ties().items())
-
-
 @known_issue(
     "fsdp1-tie-across-units",
     priority=240,
@@ -1438,7 +1432,7 @@ def ties_across_units(spec: ModelSpec) -> bool:
     ),
 )
 def _fsdp1_tie_across_units(scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]) -> bool:
-    if not ties_across_units(scenario.model):
+    if not scenario.model.ties_across_units():
         return False
 
     def explained(violation: Violation) -> bool:

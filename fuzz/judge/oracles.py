@@ -22,11 +22,11 @@ from fsdp_fuzz.data import (
     Violation,
     ViolationKind,
     WarningRecord,
+    first_step_on_unreduced_gradients,
 )
 from fsdp_fuzz.judge.orders import (
     deviates,
     first_iteration_divergence,
-    first_step_on_unreduced_gradients,
     fsdp2_promises,
     iterations,
     unregistered_calls,
@@ -96,15 +96,15 @@ def refusal(scenario: Scenario, rank: int) -> Refusal | None:
     first = next((index for index, step in enumerate(steps) if step.forwards or step.unshard), None)
     if first is None:
         return None
-    owners = scenario.model.owning_units()
-    for tied, source in scenario.model.ties().items():
-        if owners[tied] != owners[source]:
-            return Refusal(
-                first,
-                "ValueError",
-                "is shared with a parameter already managed by another FSDP group",
-                f"{tied!r} (unit {owners[tied]!r}) is tied to {source!r} (unit {owners[source]!r})",
-            )
+    across = scenario.model.ties_across_units()
+    if across:
+        (tied, source), owners = next(iter(across.items())), scenario.model.owning_units()
+        return Refusal(
+            first,
+            "ValueError",
+            "is shared with a parameter already managed by another FSDP group",
+            f"{tied!r} (unit {owners[tied]!r}) is tied to {source!r} (unit {owners[source]!r})",
+        )
     if scenario.fsdp2.register_encode:
         return None
     call = steps[first]
@@ -264,10 +264,11 @@ def replica_drift(scenario: Scenario, observations: Observations) -> Violation |
 
 
 def _promised_steps(scenario: Scenario) -> int:
-    """Steps before the first optimizer step on unreduced gradients, after
-    which the ranks' parameters are each their own by design."""
-    first = first_step_on_unreduced_gradients(scenario)
-    return scenario.num_steps if first is None else first
+    """Steps before some rank's first optimizer step on unreduced gradients
+    (``first_step_on_unreduced_gradients``), after which the ranks'
+    parameters are each their own by design."""
+    found = (first_step_on_unreduced_gradients(steps) for steps in scenario.ranks)
+    return min((index for index in found if index is not None), default=scenario.num_steps)
 
 
 def rounding_bound(scenario: Scenario, path: Path, magnitude: float | None, backward: bool = False) -> float:

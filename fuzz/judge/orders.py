@@ -138,23 +138,6 @@ def same_units(scenario: Scenario) -> bool:
     return all(len({shape(steps[index]) for steps in scenario.ranks}) == 1 for index in range(scenario.num_steps))
 
 
-def first_step_on_unreduced_gradients(scenario: Scenario) -> int | None:
-    """The first step where some rank steps the optimizer while the last
-    backward since its previous step ran with ``gradient_sync`` off: FSDP2
-    accumulates such gradients without communication, so from there on each
-    rank holds its own parameters and no data-parallel promise applies."""
-    found = []
-    for steps in scenario.ranks:
-        unreduced = False
-        for index, step in enumerate(steps):
-            unreduced = (not step.gradient_sync) if step.backward else unreduced
-            if step.optimizer_step and (unreduced or not step.gradient_sync):
-                found.append(index)
-                break
-            unreduced = unreduced and not step.optimizer_step
-    return min(found, default=None)
-
-
 def unregistered_calls(scenario: Scenario) -> bool:
     """Some step calls a method other than ``forward`` that FSDP2 was not
     told of (``register_fsdp_forward_method``): its hooks do not run around
