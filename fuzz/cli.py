@@ -29,7 +29,7 @@ from fsdp_fuzz.execute.executor import DeviceError, HarnessError, Placement, che
 from fsdp_fuzz.execute.pool import DEFAULT_GROUP_TIMEOUT_S, PoolSet
 from fsdp_fuzz.judge.known_issues import issue_named
 from fsdp_fuzz.render import render_scenario
-from fsdp_fuzz.replay import PASSING, replay_result
+from fsdp_fuzz.replay import PASSING, ranks_log, replay_result
 from fsdp_fuzz.report import CampaignReport
 from fsdp_fuzz.terminal import ProgressLine
 from fsdp_fuzz.workers import EXIT_CODES, CampaignSpec, WorkerResult, open_database, run_workers
@@ -104,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
 
     replay = commands.add_parser("replay", help="re-run corpus files and compare with what they recorded")
     replay.add_argument("paths", nargs="*", type=Path, default=[DEFAULT_CORPUS], help="files or directories")
+    replay.add_argument(
+        "--log-dir", type=Path, default=DEFAULT_LOG_DIR, help="each replay's directory: ranks' output (%(default)s)"
+    )
     _add_device_options(replay)
     replay.set_defaults(command=_replay, name="replay")
 
@@ -135,12 +138,12 @@ def _duration(text: str) -> float:
     return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
 
 
-def _pools(args: argparse.Namespace) -> PoolSet:
+def _pools(args: argparse.Namespace, log_path: Path | None = None) -> PoolSet:
     placement = Placement(args.device)
     placement.check(2)
     for engine in ENGINES:
         check_trace(engine)
-    return PoolSet(placement, args.group_timeout)
+    return PoolSet(placement, args.group_timeout, log_path=log_path)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -251,7 +254,9 @@ def _entries(paths: Sequence[Path]) -> list[Path]:
 def _replay(args: argparse.Namespace) -> int:
     files = _entries(args.paths)
     statuses: Counter = Counter()
-    with _pools(args) as pools:
+    log = ranks_log(args.log_dir)
+    print(f"ranks' output: {log}", flush=True)
+    with _pools(args, log) as pools:
         for path in files:
             try:
                 entry = load_entry(path)
@@ -265,6 +270,7 @@ def _replay(args: argparse.Namespace) -> int:
             if not result.passed:
                 print("    " + result.detail.replace("\n", "\n    "), flush=True)
     print(f"\nreplayed {len(files)} file(s): {counts(statuses)}")
+    print(f"ranks' output: {log}")
     return 0 if all(status in PASSING for status in statuses) else 1
 
 

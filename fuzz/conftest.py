@@ -176,6 +176,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         write(f"corpus replay: {counts(replays)}")
     if check is not None:
         _summarise_campaign(check, config, write)
+    if _LOG in config.stash:
+        write(f"ranks' output: {config.stash[_LOG]}")
 
 
 def _summarise_campaign(check: ContractCheck, config: pytest.Config, write) -> None:
@@ -187,8 +189,6 @@ def _summarise_campaign(check: ContractCheck, config: pytest.Config, write) -> N
         )
         if tally.finding is not None:
             write(f"  FINDING: {'; '.join(tally.finding['violations'])}")
-    if _LOG in config.stash:
-        write(f"ranks' output: {config.stash[_LOG]}")
     for path, new in config.stash.get(_SAVED, []):
         write(f"finding saved to {path}" if new else f"finding already in the corpus: {path}")
         write(f"  replay: pytest fuzz/test_corpus.py -k {path.stem}; reproducer: python -m fsdp_fuzz repro {path}")

@@ -8,7 +8,10 @@ fails differently shows both failures.
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from fsdp_fuzz.corpus import CorpusEntry, signature
 from fsdp_fuzz.data import Observations
@@ -36,6 +39,20 @@ class ReplayResult:
 
     def __str__(self) -> str:
         return f"{self.status}: {self.detail}" if self.detail else self.status
+
+
+def ranks_log(root: Path) -> Path:
+    """A fresh ``root/replay-<date>-<pid>/ranks.log`` for one replay's ranks.
+
+    The ranks print what FSDP prints: an assertion's text and the stack of
+    the rank that hit it, through the pool's fork-server frames. On the
+    terminal that reads as the fuzzer crashing, and for a known issue it is
+    the expected outcome; in a file named at the start and in the summary,
+    as ``run`` names its campaign's, it is there for whoever wants it.
+    """
+    directory = root / time.strftime(f"replay-%Y%m%d-%H%M%S-{os.getpid()}")
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / "ranks.log"
 
 
 def replay_result(entry: CorpusEntry, observations: Observations) -> ReplayResult:
