@@ -281,7 +281,7 @@ def _show(args: argparse.Namespace) -> int:
         issue = issue_named(entry.known_issue)
         print(f"\nknown issue {issue.name}: {issue.description}")
         for reference in issue.upstream:
-            print(f"  upstream {reference.url}: {reference.seen}")
+            print(f"  upstream {reference.url}: {reference.relation}; {reference.seen}")
     if entry.finding is not None:
         finding = entry.finding
         print(f"\nrecorded finding (torch {finding.torch_version}, {finding.backend}):")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from enum import StrEnum
 
 from fsdp_fuzz.data import HYBRID_NODE_SIZE, HYBRID_STRATEGIES, Clause, Observations, Scenario, Status, Violation
 from fsdp_fuzz.data import ViolationKind as Kind
@@ -36,6 +37,21 @@ from fsdp_fuzz.models.spec import Choice, Linear, ModelSpec, Path, Sequential, t
 Predicate = Callable[[Scenario, Observations, tuple[Violation, ...]], bool]
 
 
+class Relation(StrEnum):
+    """How far a thread backs a record. Only ``SAME_BUG`` says the thread
+    met this bug (the same trigger and the same failure, seen or diagnosed
+    there); a hang or a warning that merely looks the same is
+    ``SAME_SYMPTOM``, whatever its cause turned out to be, so that a reader
+    filing upstream knows which threads to link as duplicates."""
+
+    SAME_BUG = "same bug"
+    SAME_SYMPTOM = "same symptom"
+    BY_DESIGN = "by design"
+    """Maintainers decided or documented the behaviour the record depends on."""
+    RELATED = "related"
+    """The same mechanism or code, another trigger or another failure."""
+
+
 @dataclass(frozen=True)
 class Upstream:
     """A thread where FSDP's maintainers or users met the issue."""
@@ -43,7 +59,9 @@ class Upstream:
     thread: str
     """``owner/repo#number``."""
     seen: str
-    """What was seen there, and how it relates: same bug, same symptom, by design, related."""
+    """What the thread says, in its own words where they matter."""
+    relation: Relation = Relation.RELATED
+    """The weakest claim unless stated: a reference never overstates by default."""
 
     @property
     def url(self) -> str:
@@ -198,27 +216,41 @@ def _gradients_wrong_after(scenario: Scenario, violations: tuple[Violation, ...]
     upstream=(
         Upstream(
             "pytorch/pytorch#152964",
-            "'FSDP2 assumes SPMD on every rank, meaning every rank needs to call forward/backward'; the "
-            "maintainer: 'I would recommend requiring users to make their programs SPMD': by design",
+            "'FSDP2 assumes SPMD on every rank, meaning every rank needs to call forward/backward'; the maintainer: "
+            "'I would recommend requiring users to make their programs SPMD'",
+            Relation.BY_DESIGN,
         ),
         Upstream(
             "pytorch/pytorch#148334",
-            "an encoder that runs on some ranks only hangs in its all-gather; users add dummy forwards and "
-            "backwards: same symptom",
+            "an encoder that runs on some ranks only hangs in its all-gather; users add dummy forwards and backwards",
+            Relation.SAME_SYMPTOM,
         ),
         Upstream(
             "pytorch/pytorch#158719",
             "parameters used differently across ranks (mixture of experts, conditional computation) hang; the fix "
-            "discussion is on FSDP2's parameter groups: same symptom",
+            "discussion is on FSDP2's parameter groups",
+            Relation.SAME_SYMPTOM,
         ),
         Upstream(
             "pytorch/pytorch#171355",
-            "named in the fuzzer's tracker as a user report of hangs or wrong gradients under rank-divergent "
-            "control flow; not in the search index this record was checked against",
+            "the issue that the open fix #174862 names: Qwen3-style mixture-of-experts models take different forward "
+            "paths on different ranks, so the reduce-scatter inputs differ in size and the collective completes with "
+            "wrong gradients (from #174862's description; the issue itself is not in the search index)",
+            Relation.SAME_SYMPTOM,
         ),
         Upstream(
             "pytorch/pytorch#196996",
-            "named in the fuzzer's tracker likewise; not in the search index this record was checked against",
+            "named in the fuzzer's tracker as a user report of hangs or wrong gradients under rank-divergent control "
+            "flow; not in the search index, so unverified",
+            Relation.RELATED,
+        ),
+        Upstream(
+            "pytorch/pytorch#174862",
+            "an open fix ('Fixes #171355'): ranks of a mixture-of-experts model whose forward paths differ feed "
+            "reduce-scatter inputs of different sizes, and 'the collective completes but sends incorrect "
+            "weights/gradients'; it pads the missing gradients with zeros. torch 2.13 offers the padding as an "
+            "opt-in, set_reduce_scatter_unused_params(True), the promise this record's predicate respects",
+            Relation.SAME_SYMPTOM,
         ),
     ),
 )
@@ -240,19 +272,23 @@ def _fsdp2_divergence_outside_its_promise(
     upstream=(
         Upstream(
             "pytorch/pytorch#76949",
-            "users evaluating an FSDP model got order warnings for every eval forward; the fix, #77195, removed "
-            "all checking in eval mode ('without a backward pass, there is no reliable way to know the end of an "
-            "iteration'): by design",
+            "users evaluating an FSDP model got order warnings for every eval forward; the fix, #77195, removed all "
+            "checking in eval mode ('without a backward pass, there is no reliable way to know the end of an "
+            "iteration')",
+            Relation.BY_DESIGN,
         ),
         Upstream(
             "huggingface/transformers#30228",
             "generate() under FSDP deadlocks when ranks get batches of different sizes ('the different ranks will "
             "pause on different synchronization points'); worked around downstream by synced_gpus=True "
-            "(transformers#33483); cross-posted as pytorch/pytorch#100069: same symptom",
+            "(transformers#33483); cross-posted as pytorch/pytorch#100069",
+            Relation.SAME_SYMPTOM,
         ),
         Upstream(
             "pytorch/pytorch#101335",
-            "FSDP training with the Seq2SeqTrainer gets stuck during evaluation: same symptom, partly another cause",
+            "FSDP training with the Seq2SeqTrainer gets stuck during evaluation; the maintainer points at generate() "
+            "running outside forward, so FSDP never all-gathers: the symptom, likely another cause",
+            Relation.SAME_SYMPTOM,
         ),
     ),
 )
@@ -280,22 +316,26 @@ def _eval_divergence_fails(scenario: Scenario, observations: Observations, viola
         Upstream(
             "pytorch/pytorch#75373",
             "the RFC behind the check: later orders are only warned about ('they are not validated to be the same "
-            "across ranks'): by design",
+            "across ranks')",
+            Relation.BY_DESIGN,
         ),
         Upstream(
             "pytorch/pytorch#83868",
-            "'in multimodal training ... some modules go unused in certain iterations': the later-iteration "
-            "detail was moved to debug mode: by design",
+            "'in multimodal training ... some modules go unused in certain iterations': the later-iteration detail "
+            "was moved to debug mode",
+            Relation.BY_DESIGN,
         ),
         Upstream(
             "facebookresearch/fairscale#796",
-            "LayerDrop with per-layer FSDP hangs when ranks skip different layers; the maintainer: 'This may not "
-            "be easy to detect in FSDP': same symptom",
+            "LayerDrop with per-layer FSDP hangs when ranks skip different layers; the maintainer: 'This may not be "
+            "easy to detect in FSDP'",
+            Relation.SAME_SYMPTOM,
         ),
         Upstream(
             "huggingface/transformers#37186",
             "Qwen-VL training hangs when some ranks' batches hold no images (the vision tower runs on some ranks "
-            "only), 'although I would expect it to error out': same symptom",
+            "only), 'although I would expect it to error out'",
+            Relation.SAME_SYMPTOM,
         ),
     ),
 )
@@ -334,21 +374,26 @@ def _refrozen_after_forward_without_backward(scenario: Scenario, step: int) -> b
         Upstream(
             "pytorch/pytorch#104186",
             "fixes #104148 (unfreezing parameters after n steps): post-backward hook state was not cleared for "
-            "requires_grad=False; this record's eval-forward variant is not covered: related",
+            "requires_grad=False; this record's eval-forward variant is not covered",
+            Relation.RELATED,
         ),
         Upstream(
             "pytorch/pytorch#105369",
-            "hooks registered in a no_grad step are left behind and the next step fails in run_backward: related",
+            "hooks registered in a no_grad step are left behind and the next step fails in run_backward",
+            Relation.RELATED,
         ),
         Upstream(
             "pytorch/xla#5484",
-            "XLA's FSDP: setting requires_grad=False after wrapping breaks the post-backward hooks; maintainers "
-            "documented 'freeze before sharding': related",
+            "XLA's FSDP kept frozen parameters gathered after backward because post-backward hooks do not fire for "
+            "requires_grad=False; the PR's author: freeze before sharding, setting requires_grad after wrapping may "
+            "not behave as expected",
+            Relation.RELATED,
         ),
         Upstream(
             "facebookresearch/fairscale#761",
-            "parameters frozen after wrapping never get their post-backward hooks, ending in a training-state "
-            "assertion: related",
+            "a fairscale PR (for fairscale#758): parameters frozen after wrapping never get their post-backward "
+            "hooks, ending in a training-state assertion",
+            Relation.RELATED,
         ),
     ),
 )
@@ -380,9 +425,10 @@ def _refreeze_after_forward_without_backward(
     upstream=(
         Upstream(
             "pytorch/pytorch#108331",
-            "HSDP's sync_module_states broadcast ran over the intra-node group only, so other nodes never got "
-            "rank 0's weights ('broadcast semantics over only the sharding process group is an issue'): the same "
-            "pattern in another feature; no report of the order check itself was found",
+            "HSDP's sync_module_states broadcast ran over the intra-node group only, so other nodes never got rank "
+            "0's weights ('broadcast semantics over only the sharding process group is an issue'): the same pattern "
+            "in another feature; no report of the order check itself was found",
+            Relation.RELATED,
         ),
     ),
 )
@@ -424,24 +470,23 @@ def _hybrid_divergence_hidden_from_a_node(
     upstream=(
         Upstream(
             "pytorch/pytorch#84175",
-            "TRL with accelerate's FSDP, several forwards and generate() per step after a dummy forward: 'I "
-            "encounter this warning even if all iterations follow the first iteration's format'; the maintainer: "
-            "ignore the warning if training neither hangs nor errors: same bug",
+            "TRL with accelerate's FSDP, several forwards and generate() per step after a dummy forward, warns "
+            "'Forward order differs'; the maintainer blames the dummy forward being counted in the first iteration; "
+            "the user believes it warns with a uniform schedule too ('I need to verify this'), which was never "
+            "confirmed: the cause in that thread is not this record's",
+            Relation.SAME_SYMPTOM,
         ),
-        Upstream("facebookresearch/fairscale#1056", "the same report filed on fairscale first: same bug"),
+        Upstream(
+            "facebookresearch/fairscale#1056",
+            "the same user's report, filed on fairscale first, with no diagnosis",
+            Relation.SAME_SYMPTOM,
+        ),
         Upstream(
             "meta-pytorch/torchtune#513",
-            "LoRA distributed fine-tuning prints 'Forward order differs from that of the first iteration' for "
-            "every layer and rank ('Expected to not all-gather any more parameters ... lora_b'): same bug",
-        ),
-        Upstream(
-            "pytorch/pytorch#76949",
-            "the check's old wording flags the sequence [0, 1, 1] against a first iteration of [0, 1]: a repeated "
-            "unit taken for a deviation: same symptom",
-        ),
-        Upstream(
-            "pytorch/pytorch#110138",
-            "repeated forwards of a unit were appended again to the same pre-forward order record: related",
+            "LoRA distributed fine-tuning warns 'Forward order differs from that of the first iteration' ('Expected "
+            "to not all-gather any more parameters ... lora_b') for every layer and rank; closed once the recipe was "
+            "rewritten (torchtune#514: 'bugs which we don't know about (see #513)'), no cause named",
+            Relation.SAME_SYMPTOM,
         ),
     ),
 )
@@ -468,9 +513,10 @@ def _later_check_ignores_repeats(
     upstream=(
         Upstream(
             "pytorch/pytorch#83868",
-            "'some modules go unused in certain iterations' in multimodal training: related; no thread reports "
-            "the missing warning for units left out at the end (_ExecOrderData._check_order has no "
-            "end-of-iteration check)",
+            "'some modules go unused in certain iterations' in multimodal training: related; no thread reports the "
+            "missing warning for units left out at the end (_ExecOrderData._check_order has no end-of-iteration "
+            "check)",
+            Relation.RELATED,
         ),
     ),
 )
@@ -508,16 +554,22 @@ def _later_check_misses_dropped_units(
     upstream=(
         Upstream(
             "pytorch/pytorch#75902",
-            "the PR that added the check names the class it was to catch ('rank i's collective should not "
-            "logically match with rank j's collective. This error silently'); it compares only ranks that reach "
-            "it (see the TODO on 'number of valid indices' in _check_order): related",
+            "the PR that added the check names the class it was to catch ('rank i's collective should not logically "
+            "match with rank j's collective. This error silently'); it compares only ranks that reach it (see the "
+            "TODO on 'number of valid indices' in _check_order)",
+            Relation.RELATED,
         ),
         Upstream(
             "pytorch/pytorch#158719",
             "parameters used differently across ranks (mixture, conditional computation) hang; only DETAIL's "
-            "collective checker names a mismatch: same symptom",
+            "collective checker names a mismatch",
+            Relation.SAME_SYMPTOM,
         ),
-        Upstream("pytorch/pytorch#83107", "FSDP crashes when no parameters are used in a forward: related"),
+        Upstream(
+            "pytorch/pytorch#83107",
+            "FSDP crashes when no parameters are used in a forward",
+            Relation.RELATED,
+        ),
     ),
 )
 def _first_iteration_order_ends_early(
@@ -578,18 +630,21 @@ NON_LEAF_REQUIRES_GRAD = "you can only change requires_grad flags of leaf variab
         Upstream(
             "pytorch/pytorch#105371",
             "with SHARD_GRAD_OP, requires_grad changes after a no_grad step were lost ('train for n steps / "
-            "validation step / unfreeze additional parameters'); closed, but this eval-forward case still fails "
-            "in 2.13: related",
+            "validation step / unfreeze additional parameters'); closed, but this eval-forward case still fails in "
+            "2.13",
+            Relation.RELATED,
         ),
         Upstream(
             "huggingface/peft#1442",
             "disable_adapter() on a LoRA model wrapped in FSDP with use_orig_params=True raises the leaf-variable "
-            "error (fix proposed in peft#2692): same symptom",
+            "error (fix proposed in peft#2692)",
+            Relation.SAME_SYMPTOM,
         ),
         Upstream(
             "huggingface/peft#2977",
             "setting requires_grad=False on adapter parameters inside an FSDP training step raises 'you can only "
-            "change requires_grad flags of leaf variables' (worked around in peft#3001): same symptom",
+            "change requires_grad flags of leaf variables' (worked around in peft#3001)",
+            Relation.SAME_SYMPTOM,
         ),
     ),
 )
@@ -626,17 +681,16 @@ def _refreeze_hits_unsharded_views(
     """,
     upstream=(
         Upstream(
-            "pytorch/pytorch#79584", "'[FSDP] Default to not checking exec order': checking made opt-in: by design"
-        ),
-        Upstream(
             "pytorch/pytorch#109049",
             "'[FSDP] Only check exec order if DETAIL': 'the execution order check seems to have been causing more "
-            "problems than it prevents': by design",
+            "problems than it prevents'",
+            Relation.BY_DESIGN,
         ),
         Upstream(
             "pytorch/pytorch#158719",
             "modules used differently across ranks hang at the default level; only DETAIL says 'Detected mismatch "
-            "between collectives on ranks': same symptom",
+            "between collectives on ranks'",
+            Relation.SAME_SYMPTOM,
         ),
     ),
 )
@@ -659,13 +713,7 @@ def _unchecked_below_detail(scenario: Scenario, observations: Observations, viol
         later-iteration warning's lookup guards against that, this one does not. The divergence is still
         stopped, but with an error that names nothing.
     """,
-    upstream=(
-        Upstream(
-            "pytorch/pytorch#105006",
-            "a review there questions where _ExecOrderData builds param_to_fqn, the map whose lookup raises; "
-            "nobody reports the KeyError: related",
-        ),
-    ),
+    upstream=(),
 )
 def _order_error_raises_key_error(
     scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
@@ -724,18 +772,15 @@ def backward_steps_differ(scenario: Scenario) -> int | None:
     upstream=(
         Upstream(
             "pytorch/pytorch#64629",
-            "open: ranks whose gradients differ 'could break the assumptions and cause inaccurate results or "
-            "hangs'; a check was proposed, none exists",
+            "a maintainer's open issue: ranks that train different subgraphs 'could break the assumptions and cause "
+            "inaccurate results or hangs'; a check was proposed, none exists",
+            Relation.SAME_SYMPTOM,
         ),
         Upstream(
             "pytorch/pytorch#152964",
-            "FSDP2: torchtune's ranks with fully masked batches hang; the maintainer: 'I would recommend requiring "
-            "users to make their programs SPMD': by design",
-        ),
-        Upstream(
-            "facebookresearch/fairscale#754",
-            "'some ranks will skip the optimizer step if they detect NaNs ... thus they desync and collective "
-            "communication primitives deadlock' (ShardedDDP): same symptom",
+            "FSDP2: ranks that skip forward and backward (torchtune's fully masked batches) hang; the maintainer: 'I "
+            "would recommend requiring users to make their programs SPMD', by design there",
+            Relation.SAME_SYMPTOM,
         ),
     ),
 )
@@ -767,16 +812,20 @@ def _thawed_or_frozen_since_accumulating(scenario: Scenario, step: int) -> bool:
     upstream=(
         Upstream(
             "pytorch/pytorch#91167",
-            "with use_orig_params, 'we can still avoid forwarding a gradient to any original parameter that does "
-            "not require gradient' (done in #98221): by design",
+            "with use_orig_params, 'we can still avoid forwarding a gradient to any original parameter that does not "
+            "require gradient' (done in #98221)",
+            Relation.BY_DESIGN,
         ),
         Upstream(
-            "pytorch/pytorch#104186", "re-derives gradient state when requires_grad changes between steps: related"
+            "pytorch/pytorch#104186",
+            "re-derives gradient state when requires_grad changes between steps",
+            Relation.RELATED,
         ),
         Upstream(
             "facebookresearch/fairscale#605",
-            "freezing prototype weights for the first iterations made FSDP's loss curve differ from DDP's, with "
-            "no error: related",
+            "freezing prototype weights for the first iterations made FSDP's loss curve differ from DDP's, with no "
+            "error",
+            Relation.RELATED,
         ),
     ),
 )
@@ -805,19 +854,26 @@ TRAINING_STATE_ERROR = "expected to be in states [<TrainingState.IDLE"
     upstream=(
         Upstream(
             "facebookresearch/fairscale#761",
-            "parameters frozen after wrapping never get post-backward hooks: 'expected to be in states "
-            "[<TrainingState.BACKWARD_POST: 4>] but current state is TrainingState.BACKWARD_PRE': same symptom, "
-            "same trigger, in fairscale",
+            "a fairscale PR (for fairscale#758): parameters frozen after wrapping never get post-backward hooks: "
+            "'expected to be in states [<TrainingState.BACKWARD_POST: 4>] but current state is "
+            "TrainingState.BACKWARD_PRE', the same trigger in fairscale's FSDP",
+            Relation.SAME_SYMPTOM,
         ),
         Upstream(
             "facebookresearch/fairscale#643",
             "a frozen trunk with nested FSDP units for linear evaluation: 'expected to be in states "
-            "[<TrainingState.BACKWARD_PRE: 3>] but current state is TrainingState.IDLE': same symptom",
+            "[<TrainingState.BACKWARD_PRE: 3>] but current state is TrainingState.IDLE'",
+            Relation.SAME_SYMPTOM,
         ),
-        Upstream("facebookresearch/fairscale#610", "the earlier report of the frozen-trunk case: same symptom"),
+        Upstream(
+            "facebookresearch/fairscale#610",
+            "the earlier report of the frozen-trunk case",
+            Relation.SAME_SYMPTOM,
+        ),
         Upstream(
             "pytorch/pytorch#117510",
-            "a frozen FSDP1 module with an input that requires grad reshards without an unshard: related",
+            "a frozen FSDP1 module with an input that requires grad reshards without an unshard",
+            Relation.RELATED,
         ),
     ),
 )
@@ -859,18 +915,21 @@ def _stepped_while_unsharded(scenario: Scenario, step: int) -> bool:
     upstream=(
         Upstream(
             "pytorch/pytorch#144289",
-            "a maintainer describes this FSDP1 hazard: 'the sharded parameters were registered and modified by "
-            "the user but we did not re-all-gather unsharded parameters ... since the unsharded parameters were "
-            "already allocated'; FSDP2 was designed to rule it out: acknowledged",
+            "a maintainer describes this FSDP1 hazard: 'the sharded parameters were registered and modified by the "
+            "user but we did not re-all-gather unsharded parameters ... since the unsharded parameters were already "
+            "allocated'; FSDP2 was designed to rule it out: a limitation of FSDP1's design",
+            Relation.BY_DESIGN,
         ),
         Upstream(
             "pytorch/pytorch#137348",
-            "FSDP2: an unshard without a wait made the next unshard a no-op that 'can unexpectedly not propagate "
-            "the optimizer update'; fixed there: same symptom",
+            "FSDP2: an unshard without a wait made the next unshard a no-op that 'can unexpectedly not propagate the "
+            "optimizer update'; fixed there",
+            Relation.SAME_SYMPTOM,
         ),
         Upstream(
             "pytorch/pytorch#131965",
-            "the root staying unsharded after forward is by design, the precondition of this record: related",
+            "the root staying unsharded after forward is by design, the precondition of this record",
+            Relation.RELATED,
         ),
     ),
 )
@@ -896,20 +955,20 @@ def _optimizer_step_leaves_stale_unsharded_params(
     upstream=(
         Upstream(
             "pytorch/pytorch#124319",
-            "the PR adding set_reshard_after_backward: meant to be False only before the last microbatch "
-            "(with set_requires_gradient_sync); nothing guards an optimizer step after a backward with it off: "
-            "related",
+            "the PR adding set_reshard_after_backward: meant to be False only before the last microbatch (with "
+            "set_requires_gradient_sync); nothing guards an optimizer step after a backward with it off",
+            Relation.RELATED,
         ),
         Upstream(
             "pytorch/pytorch#137348",
             "an unshard without a wait made the next unshard a no-op that 'can unexpectedly not propagate the "
-            "optimizer update on the sharded parameters to the unsharded parameters'; fixed for that path: same "
-            "symptom",
+            "optimizer update on the sharded parameters to the unsharded parameters'; fixed for that path",
+            Relation.SAME_SYMPTOM,
         ),
         Upstream(
             "pytorch/pytorch#144800",
-            "set_unshard_in_backward(False) with parameters left unsharded after forward gives misleading state: "
-            "related",
+            "set_unshard_in_backward(False) with parameters left unsharded after forward gives misleading state",
+            Relation.RELATED,
         ),
     ),
 )
@@ -955,17 +1014,28 @@ def _stepped_after_a_forward_without_backward(scenario: Scenario, step: int) -> 
         Upstream(
             "pytorch/pytorch#131965",
             "'after forward before backward, root module parameters are unsharded ... want to confirm if this is by "
-            "design' (torchtune): by design, the precondition of this record",
+            "design' (torchtune), the precondition of this record",
+            Relation.BY_DESIGN,
         ),
         Upstream(
             "pytorch/pytorch#154655",
             "fully_shard(root, reshard_after_forward=True) did not reshard the root after forward; the maintainers "
-            "agreed to stop clamping it to False: related",
+            "agreed to stop clamping it to False",
+            Relation.RELATED,
         ),
         Upstream(
             "pytorch/pytorch#144289",
             "a maintainer: FSDP2 was designed so that sharded parameters updated by the user are always "
-            "re-all-gathered, unlike FSDP1; this record is a case where they are not: related",
+            "re-all-gathered, unlike FSDP1; this record is a case where they are not",
+            Relation.RELATED,
+        ),
+        Upstream(
+            "pytorch/pytorch#155319",
+            "'[FSDP2] keep root unsharded when not specifying reshard_after_forward' (closed after its merge command): "
+            "fully_shard(model) "
+            "without reshard_after_forward keeps the root unsharded after forward, an explicit value is respected: "
+            "the default that leaves this record's stale copy",
+            Relation.BY_DESIGN,
         ),
     ),
 )
@@ -1022,13 +1092,9 @@ def _thawed_while_unsharded(scenario: Scenario, step: int) -> bool:
     upstream=(
         Upstream(
             "pytorch/pytorch#105371",
-            "FSDP1 with SHARD_GRAD_OP: requires_grad changes made while the unsharded views are registered were "
-            "lost; the same hazard under fully_shard: related",
-        ),
-        Upstream(
-            "pytorch/pytorch#91167",
-            "FSDP's design for requires_grad under use_orig_params: gradients follow the flag at the time of the "
-            "backward bookkeeping: related",
+            "FSDP1 with SHARD_GRAD_OP: requires_grad changes made while the unsharded views are registered were lost; "
+            "the same hazard under fully_shard",
+            Relation.RELATED,
         ),
     ),
 )
@@ -1087,18 +1153,21 @@ def _eval_units_recorded(scenario: Scenario, rank: int) -> bool:
         Upstream(
             "pytorch/pytorch#84175",
             "a maintainer: a dummy forward before the first backward 'is being considered as part of the 1st "
-            "iteration'; the end of an iteration is the end of a backward: same mechanism, there in training mode",
+            "iteration'; the end of an iteration is the end of a backward: this record's mechanism, there in training "
+            "mode",
+            Relation.RELATED,
         ),
         Upstream(
             "pytorch/pytorch#110138",
-            "a validation run before training leaves is_first_iter True and records the eval forwards' handles "
-            "(fixed there: a handle recorded twice, wrong prefetching); the recording in eval mode itself stayed: "
-            "related",
+            "a validation run before training leaves is_first_iter True and records the eval forwards' handles (fixed "
+            "there: a handle recorded twice, wrong prefetching); the recording in eval mode itself stayed",
+            Relation.RELATED,
         ),
         Upstream(
             "pytorch/pytorch#77195",
-            "the PR that stopped checking the order in eval mode ('no reliable way to know the end of an "
-            "iteration'); it left the recording on: related",
+            "the PR that stopped checking the order in eval mode ('no reliable way to know the end of an iteration'); "
+            "it left the recording on",
+            Relation.RELATED,
         ),
     ),
 )
@@ -1144,13 +1213,15 @@ def _backward_ended_fsdp_first_iteration_in_eval(scenario: Scenario) -> bool:
     upstream=(
         Upstream(
             "pytorch/pytorch#77195",
-            "the PR that stopped checking the order in eval mode reasons that without a backward pass there is no "
-            "end of an iteration; an eval-mode backward is not considered: related",
+            "the PR that stopped checking the order in eval mode reasons that without a backward pass there is no end "
+            "of an iteration; an eval-mode backward is not considered",
+            Relation.RELATED,
         ),
         Upstream(
             "pytorch/pytorch#84175",
             "a maintainer: 'for FSDP, the end of an iteration is determined by the end of a backward pass': the "
             "mechanism; no report of an eval-mode backward was found",
+            Relation.RELATED,
         ),
     ),
 )
@@ -1229,24 +1300,29 @@ def gradient_units_differ(scenario: Scenario) -> int | None:
     upstream=(
         Upstream(
             "pytorch/pytorch#65195",
-            "'the unused parameters also could be different on different FSDP ranks, which will lead to desync "
-            "with current FSDP code': closed without a fix for FSDP1: same bug",
+            "filed by a maintainer: 'the unused parameters also could be different on different FSDP ranks, which "
+            "will lead to desync with current FSDP code'; closed as avoided ('unflatten_parameters feature is not "
+            "supported'), without a fix for FSDP1",
+            Relation.SAME_BUG,
         ),
         Upstream(
             "pytorch/pytorch#158719",
             "open: 'FSDP fails if a parameter is used differently between different GPU ranks' (mixture models, "
-            "conditional computation): hangs, or DETAIL's collective mismatch; there under FSDP2: same symptom",
+            "conditional computation): hangs, or DETAIL's collective mismatch; there under FSDP2",
+            Relation.SAME_SYMPTOM,
         ),
         Upstream(
             "pytorch/pytorch#83129",
             "'_post_backward_hook will not fire if ... all parameters in an FSDP module were unused'; fixed the "
-            "resharding only, on every rank alike: related",
+            "resharding only, on every rank alike",
+            Relation.RELATED,
         ),
         Upstream(
             "pytorch/pytorch#91167",
             "the design of non-uniform requires_grad under use_orig_params (done in #98221): the flat parameter "
-            "requires grad when any original does, and a frozen parameter's gradient is computed and reduced, "
-            "only not handed to it; why a forward through frozen parameters alone reduce-scatters: by design",
+            "requires grad when any original does, and a frozen parameter's gradient is computed and reduced, only "
+            "not handed to it; why a forward through frozen parameters alone reduce-scatters",
+            Relation.BY_DESIGN,
         ),
     ),
 )
@@ -1308,20 +1384,23 @@ def _ranks_froze_differently(scenario: Scenario, step: int) -> bool:
     upstream=(
         Upstream(
             "pytorch/pytorch#91167",
-            "the design of non-uniform requires_grad under use_orig_params: 'we can still avoid forwarding a "
-            "gradient to any original parameter that does not require gradient' (done in #98221), assuming the "
-            "flag is the same on every rank: by design, for one rank",
+            "the design of non-uniform requires_grad under use_orig_params: 'we can still avoid forwarding a gradient "
+            "to any original parameter that does not require gradient' (done in #98221), assuming the flag is the "
+            "same on every rank",
+            Relation.BY_DESIGN,
         ),
         Upstream(
             "pytorch/pytorch#99779",
-            "with use_orig_params=True each rank's parameters() shows a different slice (a weight split across "
-            "ranks, the bias on one): the layout that decides which gradients survive: related",
+            "with use_orig_params=True each rank's parameters() shows a different slice (a weight split across ranks, "
+            "the bias on one): the layout that decides which gradients survive",
+            Relation.RELATED,
         ),
         Upstream(
             "pytorch/pytorch#170667",
             "an FSDP2 fix for ranks using different parameters; the maintainer asks for a practical example of a "
             "parameter that requires grad on rank 0 but not on rank 1 ('a param should either require grad on all "
-            "ranks or does not require grad on all ranks'): related",
+            "ranks or does not require grad on all ranks')",
+            Relation.RELATED,
         ),
     ),
 )
@@ -1375,18 +1454,21 @@ def _reentrant_runs_since_backward(scenario: Scenario, rank: int, step: int) -> 
     upstream=(
         Upstream(
             "facebookresearch/fairscale#617",
-            "FSDP(checkpoint_wrapper(module)) with two forward passes before the backward asserts on training "
-            "states in fairscale's FSDP: same trigger, another symptom",
+            "FSDP(checkpoint_wrapper(module)) with two forward passes before the backward asserts on training states "
+            "in fairscale's FSDP: the same trigger, another symptom",
+            Relation.RELATED,
         ),
         Upstream(
             "facebookresearch/fairscale#777",
-            "errors with multiple passes through a checkpointed module under FSDP, a race with freeing the full "
-            "parameters: same trigger",
+            "errors with multiple passes through a checkpointed module under fairscale's FSDP, a race with freeing "
+            "the full parameters: the same trigger",
+            Relation.RELATED,
         ),
         Upstream(
             "NVIDIA/Megatron-LM#6323",
-            "Megatron's FSDP learns to recognise a reentrant recompute that runs before the block's backward-pre "
-            "hook and keeps its parameters materialised: the same hazard, fixed elsewhere",
+            "Megatron's FSDP learns to recognise a reentrant recompute that runs before the block's backward-pre hook "
+            "and keeps its parameters materialised: the same hazard, fixed elsewhere",
+            Relation.RELATED,
         ),
     ),
 )
@@ -1421,13 +1503,15 @@ def _reentrant_checkpoint_recompute_after_reshard(
     upstream=(
         Upstream(
             "pytorch/pytorch#77724",
-            "'only limited shared param support exists for FSDP, i.e., they must be part of the same FSDP unit': "
-            "the documented limitation, open; FSDP1 does not check it",
+            "'only limited shared param support exists for FSDP, i.e., they must be part of the same FSDP unit': the "
+            "documented limitation, open; FSDP1 does not check it",
+            Relation.BY_DESIGN,
         ),
         Upstream(
             "pytorch/torchtitan#2522",
-            "tied parameters are put in one FSDP group (FSDP2 refuses otherwise): the arrangement users must "
-            "make by hand",
+            "tied parameters are put in one FSDP group (FSDP2 refuses otherwise): the arrangement users must make by "
+            "hand",
+            Relation.RELATED,
         ),
     ),
 )
@@ -1476,8 +1560,8 @@ def _method_ran_before_the_root(scenario: Scenario) -> bool:
     upstream=(
         Upstream(
             "pytorch/pytorch#117881",
-            "FSDP2's lazy initialisation: 'the root FSDP module is the one whose forward runs first and ends "
-            "last': by design",
+            "FSDP2's lazy initialisation: 'the root FSDP module is the one whose forward runs first and ends last'",
+            Relation.BY_DESIGN,
         ),
     ),
 )
@@ -1519,13 +1603,15 @@ SHARD_SIZE_MISMATCH = "The size of tensor a"
     upstream=(
         Upstream(
             "pytorch/pytorch#106858",
-            "FSDP1's mixed precision mishandled a train -> EMA -> eval sequence of forwards: related, the "
-            "low-precision state set up by a forward that no backward follows",
+            "FSDP1's mixed precision mishandled a train -> EMA -> eval sequence of forwards: the low-precision state "
+            "set up by a forward that no backward follows",
+            Relation.RELATED,
         ),
         Upstream(
             "pytorch/pytorch#186998",
-            "FSDP2 mixed precision breaks after unfreezing when the first forward ran with requires_grad=False: "
-            "the first forward fixing the precision state, in FSDP2: related",
+            "FSDP2 mixed precision breaks after unfreezing when the first forward ran with requires_grad=False: the "
+            "first forward fixing the precision state, in FSDP2",
+            Relation.RELATED,
         ),
     ),
 )
@@ -1576,17 +1662,20 @@ def _reentrant_region_holds_a_unit(spec: ModelSpec) -> bool:
             "FSDP2 fix (closed) for nested FSDP with activation checkpointing and several forwards before the "
             "backward: a nested unit's post_backward reshards before another recompute needs it ('got mixed "
             "torch.Tensor and DTensor', fixes #153354): same trigger; on torch 2.13 the reentrant variant is silent",
+            Relation.RELATED,
         ),
         Upstream(
             "NVIDIA/Megatron-LM#6323",
-            "'with reentrant activation checkpointing, a child module can begin its recomputed forward before "
-            "that child module's backward-pre hook runs'; PyTorch FSDP2 is said to handle the ordering by checking "
-            "for an active autograd GraphTask: the same hazard; here the check does not cover two regions",
+            "'with reentrant activation checkpointing, a child module can begin its recomputed forward before that "
+            "child module's backward-pre hook runs'; PyTorch FSDP2 is said to handle the ordering by checking for an "
+            "active autograd GraphTask: the same hazard; here the check does not cover two regions",
+            Relation.RELATED,
         ),
         Upstream(
             "facebookresearch/fairscale#617",
             "FSDP and checkpoint_wrapper with multiple forward passes through sub-modules: same trigger in "
             "fairscale's FSDP",
+            Relation.RELATED,
         ),
     ),
 )
@@ -1652,7 +1741,9 @@ GRAD_DTYPE_ERROR = "attempting to assign a gradient with dtype"
         Upstream(
             "pytorch/pytorch#186998",
             "'[FSDP2] Mixed precision breaks after unfreezing when the first forward ran with requires_grad=False "
-            "(RuntimeError at backward)', the same error and trigger: same bug (closed)",
+            "(RuntimeError at backward)', the same error and trigger; closed with the fix #187376, which torch 2.13 "
+            "does not have (the reproducer fails there)",
+            Relation.SAME_BUG,
         ),
     ),
 )
@@ -1668,6 +1759,6 @@ def markdown_table() -> str:
     """The README's table of known issues, by priority."""
     rows = ["| name | engines | what | upstream |", "| --- | --- | --- | --- |"]
     for issue in by_priority():
-        threads = ", ".join(f"[{u.thread}]({u.url})" for u in issue.upstream) or "none found"
+        threads = ", ".join(f"[{u.thread}]({u.url}) ({u.relation})" for u in issue.upstream) or "none found"
         rows.append(f"| `{issue.name}` | {', '.join(issue.engines)} | {issue.description} | {threads} |")
     return "\n".join(rows)
