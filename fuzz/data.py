@@ -13,7 +13,7 @@ key on them, never on the words of a message.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path as FilePath
@@ -192,6 +192,13 @@ class FsdpSettings:
     limit_all_gathers: bool = True
     sync_module_states: bool = False
     mixed_precision: MixedPrecision | None = None
+    auto_wrap: bool = False
+    """Units wrapped by ``auto_wrap_policy=ModuleWrapPolicy({unit class})`` on
+    the root, as users wrap a transformer's blocks, instead of one
+    ``FullyShardedDataParallel`` call per unit."""
+    ignored: tuple[str, ...] = ()
+    """Blocks passed as ``ignored_states``: FSDP neither shards their
+    parameters nor reduces their gradients."""
 
 
 @dataclass(frozen=True)
@@ -215,6 +222,21 @@ class Fsdp2Settings:
     mp_policy: MixedPrecisionPolicy | None = None
     register_encode: bool = False
     """``register_fsdp_forward_method(root, "encode")``: FSDP2 runs its hooks around ``encode`` too."""
+    shard_dim: int = 0
+    """``shard_placement_fn``: 1 shards the 2-D parameters (weights) on dim
+    1 (``Shard(1)``) where it splits evenly over the shard group (FSDP2
+    refuses uneven dim-1 shards), 0 keeps FSDP2's ``Shard(0)``."""
+    gradient_divide_factor: float | None = None
+    """``set_gradient_divide_factor``: reduced gradients are the ranks' sum
+    divided by this instead of by the world size."""
+    force_sum_reduction: bool = False
+    """``set_force_sum_reduction_for_comms``: sum reductions, the division done apart."""
+    ignored: tuple[str, ...] = ()
+    """Blocks whose parameters every ``fully_shard`` call gets as
+    ``ignored_params``: neither sharded nor reduced."""
+    sharded_together: tuple[tuple[str, ...], ...] = ()
+    """Sibling units each sharded by one ``fully_shard([a, b, ...])`` call:
+    one parameter group, unsharded whichever of them runs first."""
 
 
 @dataclass(frozen=True)
@@ -226,10 +248,18 @@ class Step:
     empty list skips it. ``forwards`` forwards run, then one backward of the
     sum of their outputs when ``backward`` is set.
 
-    FSDP2 only: ``gradient_sync`` is ``set_requires_gradient_sync`` for the
-    step (off: gradients accumulate unreduced); ``unshard`` calls every
-    unit's ``unshard()`` before the forwards, ``reshard`` every unit's
-    ``reshard()`` at the end of the step.
+    ``gradient_sync`` off accumulates gradients unreduced: FSDP1 runs the
+    step inside the root's ``no_sync()``, FSDP2 calls
+    ``set_requires_gradient_sync(False)``.
+
+    FSDP2 only: ``unshard`` calls every unit's ``unshard()`` before the
+    forwards, ``reshard`` every unit's ``reshard()`` at the end of the step;
+    ``all_reduce`` is ``set_requires_all_reduce`` (HSDP: off, gradients are
+    reduce-scattered within a node but not all-reduced across nodes);
+    ``last_backward`` is ``set_is_last_backward`` (off for a microbatch
+    whose gradients a later backward completes); ``reshard_after_forward``,
+    when set, is ``set_reshard_after_forward`` on every unit from this step
+    on; ``reset_iter_state`` calls the root's ``reset_iter_state()`` first.
 
     ``method``: the entry point the forwards call (``METHODS``). ``frozen``:
     blocks whose parameters have ``requires_grad`` off for this step, as a
@@ -248,10 +278,22 @@ class Step:
     reshard: bool = False
     method: str = "forward"
     frozen: tuple[str, ...] = ()
+    all_reduce: bool = True
+    last_backward: bool = True
+    reshard_after_forward: bool | None = None
+    reset_iter_state: bool = False
 
     @property
     def training(self) -> bool:
         return self.mode == "train"
+
+    @property
+    def reduces_gradients(self) -> bool:
+        """Whether this step's backward leaves every rank's gradients reduced
+        over all ranks when it ends: not with ``gradient_sync`` off, not
+        without HSDP's all-reduce, not before the last backward of an
+        accumulation (``last_backward`` off)."""
+        return self.gradient_sync and self.all_reduce and self.last_backward
 
 
 @dataclass(frozen=True)
@@ -300,6 +342,11 @@ class Scenario:
     def param_dtype(self) -> str:
         policy = self.mixed_precision
         return (policy.param_dtype if policy is not None else None) or "float32"
+
+    @property
+    def ignored_blocks(self) -> tuple[str, ...]:
+        """Blocks whose parameters the engine ignores (``ignored``)."""
+        return self.fsdp2.ignored if self.engine == "fsdp2" else self.fsdp.ignored
 
     def scheduled_frozen(self) -> tuple[str, ...]:
         """Blocks some step freezes, in the spec's order."""
@@ -363,19 +410,19 @@ def validate_scenario(scenario: Scenario) -> None:
                     )
 
 
-_FSDP2_STEP_FIELDS = ("gradient_sync", "unshard", "reshard")
+_FSDP2_STEP_FIELDS = ("unshard", "reshard", "all_reduce", "last_backward", "reshard_after_forward", "reset_iter_state")
 
 
 def first_step_on_unreduced_gradients(steps: Sequence[Step]) -> int | None:
     """The first of one rank's steps that steps the optimizer while the last
-    backward since the previous optimizer step ran with ``gradient_sync``
-    off (or with sync off in that step). FSDP2 documents the flag as
-    gradient accumulation without communication: such gradients are each
-    rank's own until a synced backward reduces them."""
+    backward since the previous optimizer step left gradients unreduced
+    (``Step.reduces_gradients``), or in a step that does. Both engines
+    document these settings as gradient accumulation: such gradients are
+    each rank's own until a backward that reduces them."""
     unreduced = False
     for index, step in enumerate(steps):
-        unreduced = (not step.gradient_sync) if step.backward else unreduced
-        if step.optimizer_step and (unreduced or not step.gradient_sync):
+        unreduced = (not step.reduces_gradients) if step.backward else unreduced
+        if step.optimizer_step and (unreduced or not step.reduces_gradients):
             return index
         unreduced = unreduced and not step.optimizer_step
     return None
@@ -440,6 +487,7 @@ def _validate_engine_settings(scenario: Scenario) -> None:
     if scenario.engine == "fsdp1":
         if scenario.fsdp2 != Fsdp2Settings():
             raise ScenarioError("'fsdp2' settings need engine 'fsdp2'")
+        _validate_ignored(scenario, scenario.fsdp.ignored)
         for rank, steps in enumerate(scenario.ranks):
             for index, step in enumerate(steps):
                 for name in _FSDP2_STEP_FIELDS:
@@ -448,6 +496,19 @@ def _validate_engine_settings(scenario: Scenario) -> None:
         return
     if scenario.fsdp != FsdpSettings():
         raise ScenarioError("'fsdp' settings are FullyShardedDataParallel's: engine 'fsdp2' takes 'fsdp2' settings")
+    settings = scenario.fsdp2
+    _validate_ignored(scenario, settings.ignored)
+    if settings.shard_dim not in (0, 1):
+        raise ScenarioError(f"shard_dim {settings.shard_dim!r} must be 0 or 1 (the dim 2-D parameters are sharded on)")
+    if settings.gradient_divide_factor is not None:
+        if not settings.gradient_divide_factor > 0:
+            raise ScenarioError(f"gradient_divide_factor {settings.gradient_divide_factor!r} must be positive")
+        if not settings.force_sum_reduction:
+            raise ScenarioError(
+                "gradient_divide_factor without force_sum_reduction: FSDP2 then reduces with PREMUL_SUM, which "
+                "gloo lacks; set force_sum_reduction too (FSDP2 then divides apart)"
+            )
+    _validate_sharded_together(scenario.model, settings.sharded_together)
     reshard = scenario.fsdp2.reshard_after_forward
     if isinstance(reshard, int) and not isinstance(reshard, bool):
         shard_size = HYBRID_NODE_SIZE if scenario.hybrid else scenario.world_size
@@ -455,6 +516,51 @@ def _validate_engine_settings(scenario: Scenario) -> None:
             raise ScenarioError(
                 f"reshard_after_forward={reshard} must be a divisor of the shard group's size ({shard_size}) "
                 "other than 1 and itself"
+            )
+
+
+def _validate_ignored(scenario: Scenario, ignored: tuple[str, ...]) -> None:
+    blocks = {node.name for node in scenario.model.named() if isinstance(node, Sequential)}
+    tied = {name for pair in scenario.model.ties().items() for name in pair}
+    for name in ignored:
+        if name not in blocks or name == scenario.model.root.name:
+            raise ScenarioError(f"ignored block {name!r} is not a named Sequential below the root")
+        if name in tied:
+            raise ScenarioError(
+                f"ignored block {name!r} is tied: its parameters would be managed at one place and ignored at "
+                "the other; ignore a block no tie involves"
+            )
+        if scenario.engine == "fsdp1" and any(node.fsdp_unit for node in _named_in(scenario.model.block(name))):
+            raise ScenarioError(
+                f"ignored block {name!r} is or holds an FSDP unit, and FSDP1's ignored_states refuses FSDP "
+                "modules; ignore a block inside a unit, or make it no unit"
+            )
+
+
+def _named_in(node: Sequential | Choice) -> Iterator[Sequential | Choice]:
+    yield node
+    for child in node.children if isinstance(node, Sequential) else node.alternatives:
+        if isinstance(child, (Sequential, Choice)):
+            yield from _named_in(child)
+
+
+def _validate_sharded_together(model: ModelSpec, groups: tuple[tuple[str, ...], ...]) -> None:
+    units = {node.name for node in model.units() if node is not model.root}
+    parents = model.parents()
+    seen: set[str] = set()
+    for group in groups:
+        if len(group) < 2:
+            raise ScenarioError(f"sharded_together group {list(group)} needs at least two units")
+        for name in group:
+            if name not in units:
+                raise ScenarioError(f"sharded_together names {name!r}, which is not a unit below the root")
+            if name in seen:
+                raise ScenarioError(f"sharded_together names unit {name!r} twice")
+            seen.add(name)
+        if len({parents[name] for name in group}) > 1:
+            raise ScenarioError(
+                f"sharded_together group {list(group)} must be siblings (one parent block), so that one "
+                "fully_shard call can take them after their inner units and before their parent"
             )
 
 
@@ -476,7 +582,21 @@ def step_to_json(step: Step, *, complete: bool = False) -> dict[str, Any]:
     return encoded
 
 
-_STEP_FIELDS = ("forwards", "backward", "grad_enabled", "optimizer_step", *_FSDP2_STEP_FIELDS, "method", "frozen")
+_STEP_FIELDS = (
+    "forwards",
+    "backward",
+    "grad_enabled",
+    "optimizer_step",
+    "gradient_sync",
+    "unshard",
+    "reshard",
+    "method",
+    "frozen",
+    "all_reduce",
+    "last_backward",
+    "reshard_after_forward",
+    "reset_iter_state",
+)
 
 
 def step_from_json(encoded: Mapping[str, Any]) -> Step:
@@ -497,7 +617,15 @@ def step_from_json(encoded: Mapping[str, Any]) -> Step:
         reshard=bool(encoded.get("reshard", False)),
         method=str(encoded.get("method", "forward")),
         frozen=tuple(str(name) for name in encoded.get("frozen", ())),
+        all_reduce=bool(encoded.get("all_reduce", True)),
+        last_backward=bool(encoded.get("last_backward", True)),
+        reshard_after_forward=_optional_bool(encoded.get("reshard_after_forward")),
+        reset_iter_state=bool(encoded.get("reset_iter_state", False)),
     )
+
+
+def _optional_bool(value: Any) -> bool | None:
+    return None if value is None else bool(value)
 
 
 def scenario_to_json(scenario: Scenario, *, complete: bool = False) -> dict[str, Any]:
@@ -521,7 +649,17 @@ def scenario_to_json(scenario: Scenario, *, complete: bool = False) -> dict[str,
     }
 
 
-_ADDED_SETTINGS = ("mixed_precision", "mp_policy", "register_encode")
+_ADDED_SETTINGS = (
+    "mixed_precision",
+    "mp_policy",
+    "register_encode",
+    "auto_wrap",
+    "ignored",
+    "shard_dim",
+    "gradient_divide_factor",
+    "force_sum_reduction",
+    "sharded_together",
+)
 """Settings newer than the first saved scenarios: written only where set, so old files stay as they were."""
 
 
@@ -539,6 +677,12 @@ def _settings_from_json(kind: type, encoded: Mapping[str, Any]) -> Any:
     for name, policy in (("mixed_precision", MixedPrecision), ("mp_policy", MixedPrecisionPolicy)):
         if fields.get(name) is not None:
             fields[name] = policy(**fields[name])
+    if "ignored" in fields:
+        fields["ignored"] = tuple(str(name) for name in fields["ignored"])
+    if "sharded_together" in fields:
+        fields["sharded_together"] = tuple(tuple(str(name) for name in group) for group in fields["sharded_together"])
+    if fields.get("gradient_divide_factor") is not None:
+        fields["gradient_divide_factor"] = float(fields["gradient_divide_factor"])
     return kind(**fields)
 
 

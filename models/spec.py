@@ -141,6 +141,16 @@ class ModelSpec:
         visit(self.root, self.root.name)
         return owners
 
+    def parents(self) -> dict[str, str]:
+        """Every Sequential and Choice but the root -> the Sequential or
+        Choice it sits directly in: blocks with one parent are siblings."""
+        found: dict[str, str] = {}
+        for node in _named(self.root):
+            for child in node.children if isinstance(node, Sequential) else node.alternatives:
+                if isinstance(child, (Sequential, Choice)):
+                    found[child.name] = node.name
+        return found
+
     @property
     def encoder_stages(self) -> int:
         """How many of the root's children the ``encode`` method runs: all but the last."""

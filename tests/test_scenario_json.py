@@ -33,11 +33,14 @@ def test_the_executor_form_spells_out_every_default():
     assert complete["engine"] == "fsdp1" and complete["hybrid"] is False and complete["hybrid_node_size"] == 2
     step = complete["ranks"][0][0]
     fields = {"mode", "path", "forwards", "backward", "grad_enabled", "optimizer_step"}
-    assert set(step) == fields | {"gradient_sync", "unshard", "reshard", "method", "frozen"}
+    fsdp2_controls = {"unshard", "reshard", "all_reduce", "last_backward", "reshard_after_forward", "reset_iter_state"}
+    assert set(step) == fields | fsdp2_controls | {"gradient_sync", "method", "frozen"}
     unit = complete["model"]["root"]["children"][0]
     assert unit["fsdp_unit"] is False and unit["frozen"] is False
     assert unit["checkpoint"] is None and unit["tied_to"] is None
     assert complete["fsdp"]["mixed_precision"] is None
+    assert complete["fsdp"]["auto_wrap"] is False and complete["fsdp"]["ignored"] == ()
+    assert complete["fsdp2"]["sharded_together"] == () and complete["fsdp2"]["shard_dim"] == 0
     assert scenario_from_json(complete) == scenario
 
 
@@ -74,7 +77,8 @@ def _seed_json():
         (lambda d: d.update(debug_level="LOUD"), "LOUD"),
         (lambda d: d.update(engine="fsdp3"), "engine 'fsdp3'"),
         (lambda d: d.update(fsdp2={"hsdp": True}), "'fsdp2' settings need engine 'fsdp2'"),
-        (lambda d: d["ranks"][0][0].update(gradient_sync=False), "'gradient_sync' needs engine 'fsdp2'"),
+        (lambda d: d["ranks"][0][0].update(all_reduce=False), "'all_reduce' needs engine 'fsdp2'"),
+        (lambda d: d["fsdp"].update(ignored=["nowhere"]), "ignored block 'nowhere'"),
         (
             lambda d: (d.update(engine="fsdp2"), d["fsdp"].update(sharding_strategy="SHARD_GRAD_OP")),
             "engine 'fsdp2' takes 'fsdp2' settings",

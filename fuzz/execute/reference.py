@@ -13,6 +13,10 @@ inputs cast to it, the outputs to ``output_dtype``), buffers in
 ``buffer_dtype``, and gradients averaged into the masters. Buffers are each
 rank's own (no engine synchronises them), so each rank's running statistics
 are kept apart.
+
+Parameters the engine was told to ignore are each rank's own too: each rank
+updates its copy with its own gradient. A gradient divide factor replaces
+the world size as the divisor of the ranks' summed gradients.
 """
 
 from __future__ import annotations
@@ -62,6 +66,9 @@ def _reference_steps(scenario: Scenario) -> tuple[ReferenceStep, ...]:
             if buffer.is_floating_point():
                 buffer.data = buffer.data.to(dtypes.buffer)
     buffers = [[buffer.detach().clone() for buffer in built.module.buffers()] for _ in range(scenario.world_size)]
+    ignored = _ignored_positions(scenario, built, parameters)
+    own = [{position: masters[position].clone() for position in ignored} for _ in range(scenario.world_size)]
+    divisor = _gradient_divisor(scenario)
     steps = []
     for index in range(scenario.num_steps):
         output_sums, magnitudes = [], []
@@ -69,7 +76,10 @@ def _reference_steps(scenario: Scenario) -> tuple[ReferenceStep, ...]:
         for rank in range(scenario.world_size):
             step = scenario.ranks[rank][index]
             _load(built.module.buffers(), buffers[rank])
-            _load(parameters, [master.to(dtypes.param) for master in masters])
+            _load(
+                parameters,
+                [own[rank].get(position, master).to(dtypes.param) for position, master in enumerate(masters)],
+            )
             forwards = run_forwards(encoded, built, rank, index, CPU, dtypes.param, dtypes.output)
             buffers[rank] = [buffer.detach().clone() for buffer in built.module.buffers()]
             output_sums.append(float(forwards.total.detach()))
@@ -78,15 +88,18 @@ def _reference_steps(scenario: Scenario) -> tuple[ReferenceStep, ...]:
                 # .backward(), not autograd.grad: reentrant checkpointing supports only the former.
                 forwards.total.backward()
                 for position, parameter in enumerate(parameters):
-                    if parameter.grad is not None:
+                    if parameter.grad is not None and position in ignored:
+                        mine = own[rank][position]
+                        mine.grad = parameter.grad.float() if mine.grad is None else mine.grad + parameter.grad.float()
+                    elif parameter.grad is not None:
                         summed[position] = summed.get(position, 0) + parameter.grad.float()
-                        parameter.grad = None
+                    parameter.grad = None
         step = scenario.ranks[0][index]
         grad_sum = grad_magnitude = None
         if step.backward:
             for position, master in enumerate(masters):
                 if position in summed:
-                    average = summed[position] / scenario.world_size
+                    average = summed[position] / divisor
                     master.grad = average if master.grad is None else master.grad + average
             grads = [master.grad for master in masters if master.grad is not None]
             grad_sum = float(sum((grad.sum() for grad in grads), torch.zeros(())))
@@ -94,8 +107,25 @@ def _reference_steps(scenario: Scenario) -> tuple[ReferenceStep, ...]:
         if step.optimizer_step:
             optimizer.step()
             optimizer.zero_grad()
+            for copies in own:
+                for mine in copies.values():
+                    if mine.grad is not None:
+                        mine.sub_(LEARNING_RATE * mine.grad)
+                        mine.grad = None
         steps.append(ReferenceStep(tuple(output_sums), grad_sum, tuple(magnitudes), grad_magnitude))
     return tuple(steps)
+
+
+def _ignored_positions(scenario: Scenario, built, parameters: list) -> frozenset[int]:
+    ids = {id(parameter) for name in scenario.ignored_blocks for parameter in built.block(name).parameters()}
+    return frozenset(position for position, parameter in enumerate(parameters) if id(parameter) in ids)
+
+
+def _gradient_divisor(scenario: Scenario) -> float:
+    """What the ranks' summed gradients are divided by: the world size, or
+    FSDP2's ``gradient_divide_factor``."""
+    factor = scenario.fsdp2.gradient_divide_factor if scenario.engine == "fsdp2" else None
+    return scenario.world_size if factor is None else factor
 
 
 class _Dtypes:
