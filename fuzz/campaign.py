@@ -7,8 +7,19 @@ per class (``fsdp_fuzz.verdict``). The campaign saves each class once (the
 ``Ledger`` says who saves it when workers share a campaign), settles it so
 that later runs count it without failing on it, and starts the next run with
 a fresh seed. Settled classes still count, so a known issue that changes
-shape shows up as a new class. A spent budget never cuts a shrink short: an
-unshrunk finding is worth less than the time it saves.
+shape shows up as a new class.
+
+``--time T`` is a budget and a deadline. Once T is spent, exploring stops
+and no run starts; a shrink under way goes on, but only until the deadline
+(``deadline``): T plus an allowance of a tenth of T, less the part of it
+kept for ending the pools and writing the report. There the shrink is cut
+short: each class it had not finished is saved as it stands, marked not
+fully shrunk, and left unsettled, and Hypothesis's database keeps the
+shrink's progress in a form the next run resumes from (``_resume_later``).
+A nightly job with a hard limit gets its report either way.
+
+Each scenario's time is charged to what it was for (``Activity``), so the
+summary can say where a campaign's time went.
 """
 
 from __future__ import annotations
@@ -18,20 +29,31 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 from hypothesis import HealthCheck, Phase, Verbosity, given, seed, settings
 from hypothesis import strategies as st
-from hypothesis.database import ExampleDatabase
+from hypothesis.control import current_build_context
+from hypothesis.database import ExampleDatabase, choices_to_bytes
 from hypothesis.errors import Flaky
+from hypothesis.internal.conjecture.shrinker import sort_key
+from hypothesis.internal.reflection import function_digest
 
 from fsdp_fuzz.corpus import save_finding, scenario_id
 from fsdp_fuzz.execute.pool import PoolSet
 from fsdp_fuzz.generate.seed_family import seed_family_scenarios
 from fsdp_fuzz.generate.strategies import scenarios
 from fsdp_fuzz.ledger import Ledger
-from fsdp_fuzz.report import TargetTally
-from fsdp_fuzz.verdict import ContractCheck, failures_in, only_contract_violations
+from fsdp_fuzz.report import CampaignReport, TargetTally
+from fsdp_fuzz.verdict import (
+    ContractCheck,
+    ContractViolation,
+    Failure,
+    FailureClass,
+    failures_in,
+    only_contract_violations,
+)
 
 TARGETS: dict[str, Callable[[str], st.SearchStrategy]] = {
     "generated": lambda engine: scenarios(engine=engine),
@@ -44,6 +66,30 @@ RUN_EXAMPLES = 400
 target phase steers towards rare classes and new settled classes apply."""
 
 
+ALLOWANCE = 0.1
+"""How far past ``--time`` a campaign may end, as a share of it."""
+
+TEARDOWN_S = 4.0
+"""Kept from the allowance for what follows the deadline. Measured on the
+2-core machine under a load of 5 (2 workers, torch 2.13.0+cpu): the
+scenario in flight 0.1 to 0.6 s, closing the pools 0.2 to 0.4 s, the
+workers' exit (interpreters that imported torch) 1.5 s, the summary and
+report 0.01 s, the command's own exit 1.1 s; 3.5 s in all. Never more than
+the allowance: a ``--time`` under 40 s gets no shrinking past its budget."""
+
+
+def allowance_s(seconds: float) -> float:
+    return seconds * ALLOWANCE
+
+
+def deadline(started: float, seconds: float) -> float:
+    """The monotonic time at which a campaign of ``seconds`` stops running
+    scenarios, shrinking or not: its end, ``seconds`` plus the allowance,
+    less the larger of half the allowance and ``TEARDOWN_S``."""
+    allowance = allowance_s(seconds)
+    return started + seconds + allowance - min(allowance, max(allowance / 2, TEARDOWN_S))
+
+
 def target_name(target: str, engine: str) -> str:
     return f"{target}[{engine}]"
 
@@ -53,11 +99,26 @@ class Stop(BaseException):
     neither catches nor shrinks it."""
 
 
+class Activity(str, Enum):
+    """What a scenario's time went to, in the report's words."""
+
+    EXPLORING = "exploring"
+    SHRINKING = "shrinking"
+    """From a run's first failure on: the scenarios Hypothesis runs to shrink it."""
+    REPLAYING = "replaying"
+    """A scenario saved as a finding, or reused from the database."""
+    OTHER = "other"
+    """Starting pools, saving findings, Hypothesis between runs; in the
+    summary also starting workers and ending them."""
+
+
 @dataclass
 class Budget:
     examples: int | None = None
     seconds: float | None = None
     started: float = field(default_factory=time.monotonic)
+    deadline: float | None = None
+    """When to stop even a shrink (``deadline()``); None: never."""
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -66,6 +127,10 @@ class Budget:
         return (self.examples is not None and examples >= self.examples) or (
             self.seconds is not None and self.elapsed() >= self.seconds
         )
+
+    def overdue(self, ahead_s: float = 0.0) -> bool:
+        """Whether the deadline has come, or will have within ``ahead_s``."""
+        return self.deadline is not None and time.monotonic() + ahead_s >= self.deadline
 
 
 @dataclass
@@ -77,6 +142,20 @@ class CampaignResult:
     hypothesis_runs: int
     flaky: int = 0
     """Hypothesis runs that ended because a failure did not replay."""
+    unfinished: list[Path] = field(default_factory=list)
+    """Those of ``findings`` whose shrink the deadline cut short."""
+
+
+@dataclass
+class Best:
+    """A class's best failing run in the Hypothesis run under way: the one
+    Hypothesis keeps in its database as the class's current minimal case."""
+
+    failure: Failure
+    choices: tuple
+    """What Hypothesis drew for it."""
+    order: tuple
+    """Hypothesis's own order (shrinking only ever lowers it)."""
 
 
 def run_campaign(
@@ -94,38 +173,94 @@ def run_campaign(
     after_each: Callable[[], None] = lambda: None,
 ) -> CampaignResult:
     """Fuzz one target with one engine until the budget is spent or
-    ``stop_requested``; ``note`` receives a line per saved finding,
-    ``after_each`` is called after every scenario."""
+    ``stop_requested``, finishing a shrink under way unless
+    ``budget.deadline`` comes first; ``note`` receives a line per saved
+    finding, ``after_each`` is called after every scenario."""
     strategy = TARGETS[target](engine)
     name = target_name(target, engine)
     check.target = name
     tally = check.report.tally(name)
     started_examples = tally.examples
+    charged_before = sum(tally.seconds.values())
     rng = random.Random(random_seed)
-    findings: list[tuple[Path, bool]] = []
-    runs = flaky = 0
+    result = CampaignResult(0, 0.0, [], 0)
+    found_by = f"python -m fsdp_fuzz run --target {target} --engine {engine}"
 
     saved_scenarios: frozenset[str] = frozenset()
+    stored: frozenset[bytes] = frozenset()
+    """What the database held for this target when the run began."""
+    best: dict[FailureClass, Best] = {}
+    stopped_on: list[bytes] = []
+    """The case a ``Stop`` refused to run: Hypothesis saves it as if it failed."""
+    mark = time.monotonic()
+    typical_s = 0.0
+    """Recent scenarios' mean duration: one that would end past the deadline does not start."""
 
     def one_scenario(scenario) -> None:
-        if stop_requested() or (budget.spent(tally.examples - started_examples) and not check.failed):
+        nonlocal mark, typical_s
+        data = current_build_context().data
+        encoded = choices_to_bytes(data.choices)
+        if (
+            stop_requested()
+            or budget.overdue(ahead_s=typical_s)
+            or (budget.spent(tally.examples - started_examples) and not check.failed)
+        ):
+            stopped_on.append(encoded)
             raise Stop
-        if saved_scenarios and scenario_id(scenario) in saved_scenarios:
-            tally.replayed_findings += 1
+        saved_before = bool(saved_scenarios) and scenario_id(scenario) in saved_scenarios
+        tally.replayed_findings += saved_before
+        if scenario.world_size not in pools.pools:
+            activity = Activity.OTHER  # the first scenario of a world size starts its pool: seconds
+        elif check.failed:
+            activity = Activity.SHRINKING
+        elif saved_before or encoded in stored:
+            activity = Activity.REPLAYING
+        else:
+            activity = Activity.EXPLORING
+        running = time.monotonic()
         try:
             check(scenario, pools.run(scenario))
+        except ContractViolation as violation:
+            order = sort_key(data.nodes)
+            kept = best.get(violation.failure.failure_class)
+            if kept is None or order <= kept.order:
+                best[violation.failure.failure_class] = Best(violation.failure, tuple(data.choices), order)
+            raise
         finally:
+            # Hypothesis's own time since the last scenario (drawing this
+            # one, shrinking bookkeeping) goes with the scenario it served.
+            now = time.monotonic()
+            tally.seconds[activity.value] += now - mark
+            if activity is not Activity.OTHER:
+                typical_s += 0.2 * (now - running - typical_s)
+            mark = now
             after_each()
 
+    def save(failure: Failure, fully_shrunk: bool) -> None:
+        path, new = save_finding(
+            corpus, failure.scenario, failure.observations, failure.violations, failure.known, found_by, fully_shrunk
+        )
+        result.findings.append((path, new))
+        check.report.record_saved(name, failure.failure_class, str(path), new, fully_shrunk)
+        where = "saved to" if new else "already in the corpus:"
+        cut = "" if fully_shrunk else " (not fully shrunk: the deadline cut its shrink short)"
+        note(f"finding [{failure.failure_class.name}] {where} {path}{cut}")
+        if not fully_shrunk:
+            result.unfinished.append(path)
+
     one_scenario._hypothesis_internal_add_digest = name.encode()  # one database key per target, in every worker
+    key = function_digest(one_scenario)  # the one Hypothesis files this target's cases under
     while not budget.spent(tally.examples - started_examples) and not stop_requested():
         done = tally.examples - started_examples
         remaining = budget.examples - done if budget.examples is not None else RUN_EXAMPLES
-        runs += 1
+        result.hypothesis_runs += 1
         check.failed = False
+        best.clear()
+        stopped_on.clear()
         claims = ledger.claims()
         saved_scenarios = frozenset(claims.values())
         check.settled = claims.__contains__
+        stored = _stored(database, key)
         # The seed goes on first: applied last, ``seed`` would turn the database off.
         hypothesis_run = settings(
             max_examples=max(1, min(remaining, RUN_EXAMPLES)),
@@ -136,31 +271,92 @@ def run_campaign(
             print_blob=False,
             verbosity=Verbosity.quiet,  # the campaign reports its findings itself
         )(seed(rng.getrandbits(64))(given(strategy)(one_scenario)))
+        mark = time.monotonic()
         try:
             hypothesis_run()
         except Stop:
+            _forget(database, key, [case for case in stopped_on if case not in stored])
+            if check.failed:
+                # Cut short mid-shrink: each class's best so far, as it stands.
+                for failure_class, kept in sorted(best.items(), key=lambda item: item[0].name):
+                    if failure_class.name in ledger.claims():
+                        continue  # another worker finished this class's shrink
+                    if not ledger.claim(failure_class, scenario_id(kept.failure.scenario), finished=False):
+                        note(f"{failure_class.name}: saved already, unfinished, by another worker")
+                        continue
+                    save(kept.failure, fully_shrunk=False)
+                    _resume_later(database, key, kept.choices)
             break
         except Flaky as exc:
-            flaky += 1
+            result.flaky += 1
             note(f"a failure did not replay, run dropped (nondeterministic observation?): {str(exc).splitlines()[0]}")
         except Exception as exc:
             if not only_contract_violations(exc):
                 note("the fuzzer itself failed (a harness bug, not an FSDP finding); its traceback follows")
                 raise
-            found_by = f"python -m fsdp_fuzz run --target {target} --engine {engine}"
             for failure in failures_in(exc):
                 if not ledger.claim(failure.failure_class, scenario_id(failure.scenario)):
                     note(f"{failure.failure_class.name}: saved already by another worker")
                     continue
-                path, new = save_finding(
-                    corpus, failure.scenario, failure.observations, failure.violations, failure.known, found_by
-                )
-                findings.append((path, new))
-                check.report.record_saved(name, failure.failure_class, str(path), new)
-                where = "saved to" if new else "already in the corpus:"
-                note(f"finding [{failure.failure_class.name}] {where} {path}")
-    tally.wall_s += budget.elapsed()
-    return CampaignResult(tally.examples - started_examples, budget.elapsed(), findings, runs, flaky)
+                save(failure, fully_shrunk=True)
+    result.examples = tally.examples - started_examples
+    result.wall_s = budget.elapsed()
+    tally.wall_s += result.wall_s
+    charged = sum(tally.seconds.values()) - charged_before
+    tally.seconds[Activity.OTHER.value] += max(0.0, result.wall_s - charged)
+    return result
+
+
+def _stored(database: ExampleDatabase | None, key: bytes) -> frozenset[bytes]:
+    """Every case the database holds under ``key``: those Hypothesis may
+    reuse before it generates anything (a replay, not exploring)."""
+    if database is None:
+        return frozenset()
+    return frozenset(case for sub_key in (b"", b".secondary", b".pareto") for case in database.fetch(key + sub_key))
+
+
+def _forget(database: ExampleDatabase | None, key: bytes, cases: list[bytes]) -> None:
+    """Delete cases from the database's primary corpus, even from one that
+    otherwise keeps findings (``KeepingFindings.forget``).
+
+    Hypothesis saves the case a test was running when any ``BaseException``
+    left it, ``Stop`` included, as if it were a failure: left there, a case
+    that never ran would be replayed by every later run."""
+    if database is None:
+        return
+    delete = getattr(database, "forget", database.delete)
+    for case in cases:
+        delete(key, case)
+
+
+def _resume_later(database: ExampleDatabase | None, key: bytes, choices: tuple) -> None:
+    """Leave a cut-short shrink's best case where the next run shrinks it
+    further.
+
+    Hypothesis does not shrink a case it replays from the database exactly
+    (same choices drawn as stored): it takes it for a minimal case a
+    finished shrink saved. Stored with one choice more than the test draws,
+    the case replays as the same failure without being exact, so the next
+    run resumes shrinking from it."""
+    if database is not None:
+        database.save(key, choices_to_bytes((*choices, 0)))
+
+
+def time_spent(report: CampaignReport, workers: int) -> dict[str, float]:
+    """Where a campaign's time went, in seconds summed over its workers:
+    each activity over every target, and ``other`` whatever no target ran
+    (starting workers and pools, saving, ending pools, the report)."""
+    spent = Counter()
+    for tally in report.targets.values():
+        spent.update(tally.seconds)
+    charged = sum(spent[activity.value] for activity in Activity if activity is not Activity.OTHER)
+    total = report.elapsed() * workers
+    return {
+        **{activity.value: round(spent[activity.value], 1) for activity in Activity if activity is not Activity.OTHER},
+        Activity.OTHER.value: round(max(0.0, total - charged), 1),
+        "wall": round(report.elapsed(), 1),
+        "workers": workers,
+    }
 
 
 def progress_line(tallies: list[TargetTally], elapsed: float, budget: Budget, workers: int = 1) -> str:
@@ -173,11 +369,14 @@ def progress_line(tallies: list[TargetTally], elapsed: float, budget: Budget, wo
     saved = {name for tally in tallies for name in tally.saved}
     outcomes = sum((tally.outcomes for tally in tallies), Counter())
     on = f" on {workers} workers" if workers > 1 else ""
-    over = budget.spent(examples)
+    over = ""
+    if budget.spent(examples):
+        over = "; budget spent, shrinking what was found"
+        if budget.deadline is not None:
+            over += f" for {max(0.0, budget.deadline - time.monotonic()):.0f} s at most"
     return (
         f"[{elapsed:5.0f} s] {examples}{of} scenarios{on} ({rate:.1f}/s{left}); "
-        f"classes: {len(seen)} seen, {len(saved)} saved; steps: {counts(outcomes)}"
-        + ("; budget spent, shrinking what was found" if over else "")
+        f"classes: {len(seen)} seen, {len(saved)} saved; steps: {counts(outcomes)}" + over
     )
 
 

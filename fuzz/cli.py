@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from fsdp_fuzz.campaign import TARGETS, Budget, counts, progress_line
+from fsdp_fuzz.campaign import ALLOWANCE, TARGETS, Activity, Budget, counts, progress_line, time_spent
 from fsdp_fuzz.corpus import CorpusEntry, corpus_files, load_entry
 from fsdp_fuzz.data import ENGINES, ScenarioError
 from fsdp_fuzz.execute.executor import DeviceError, HarnessError, Placement, check_trace
@@ -46,7 +46,10 @@ class UsageProblem(Exception):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command; ``argv`` None reads the command line, and then a
+    campaign's clock starts with the process, as a job's wall-clock limit does."""
     args = _parser().parse_args(argv)
+    args.started = _process_started() if argv is None else time.monotonic()
     try:
         return args.command(args)
     except UsageProblem as exc:
@@ -79,7 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     budget = run.add_argument_group(f"budget (default: {DEFAULT_EXAMPLES} scenarios)")
     budget.add_argument("--examples", type=int, help="stop after this many scenarios")
-    budget.add_argument("--time", type=_duration, help="stop after this long: 90s, 10m, 1h")
+    budget.add_argument(
+        "--time",
+        type=_duration,
+        help=f"stop after this long: 90s, 10m, 1h; a shrink under way may run on, but the campaign ends within "
+        f"a tenth more ({ALLOWANCE * 100:.0f}%% allowance; shrinks cut short are saved, marked not fully shrunk)",
+    )
     run.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="findings go to CORPUS/found (%(default)s)")
     run.add_argument("--report", type=Path, help="write the campaign report as JSON here")
     run.add_argument("--strict", action="store_true", help="treat known issues as findings too")
@@ -138,6 +146,18 @@ def _duration(text: str) -> float:
     return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
 
 
+def _process_started() -> float:
+    """When this process started, on the ``time.monotonic`` clock (Linux's
+    ``/proc``; elsewhere, now): Python starting and importing torch count
+    against ``--time`` too."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.monotonic()
+    return time.monotonic() - max(0.0, age)
+
+
 def _pools(args: argparse.Namespace, log_path: Path | None = None) -> PoolSet:
     placement = Placement(args.device)
     placement.check(2)
@@ -172,6 +192,7 @@ def _run(args: argparse.Namespace) -> int:
         device=args.device,
         group_timeout_s=args.group_timeout,
         directory=directory,
+        started=args.started,
     )
     limits = [f"{examples} scenarios"] if examples is not None else []
     limits += [f"{args.time:.0f} s"] if args.time is not None else []
@@ -182,7 +203,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     print(f"ranks' output: {spec.log_path}", flush=True)
     latest: list = []
-    budget = Budget(examples=examples, seconds=args.time, started=spec.started)
+    budget = Budget(examples=examples, seconds=args.time, started=spec.started, deadline=spec.deadline)
 
     def show(tallies: list) -> None:
         latest[:] = tallies
@@ -193,6 +214,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         document = report.to_json(profile=f"cli:{args.target}", backend=Placement(args.device).backend)
+        document["time"] = time_spent(report, args.workers)
         args.report.write_text(json.dumps(document, indent=1) + "\n")
         print(f"  report written to {args.report}")
     if signum is not None:
@@ -212,9 +234,24 @@ def _summarise(report: CampaignReport, result: WorkerResult, spec: CampaignSpec,
         f"worker(s), {result.hypothesis_runs} Hypothesis run(s)"
         + (f", {result.flaky} dropped as flaky" if result.flaky else "")
     )
+    spent = time_spent(report, workers)
+    within = (
+        ""
+        if spec.seconds is None
+        else f" (--time {spec.seconds:.0f} s plus a tenth: {spec.seconds * (1 + ALLOWANCE):.0f} s)"
+    )
+    print(
+        f"  time{within}, in seconds{' summed over workers' if workers > 1 else ''}: "
+        + ", ".join(f"{activity.value} {spent[activity.value]:.1f}" for activity in Activity)
+        + " (other: starting workers and pools, saving findings, ending)"
+    )
     for name, tally in report.targets.items():
         print(f"  {name}: {tally.examples} scenarios; steps: {counts(tally.outcomes) or 'none'}")
         print("    violated clauses (known issues included): " + (counts(tally.clauses) or "none"))
+        print(
+            f"    time: {tally.examples / tally.wall_s if tally.wall_s else 0:.1f} scenarios/s; "
+            + ", ".join(f"{activity.value} {tally.seconds[activity.value]:.1f} s" for activity in Activity)
+        )
         if tally.replayed_findings:
             print(f"    findings replayed from the shared database: {tally.replayed_findings} run(s)")
         if tally.first_seen:
@@ -222,6 +259,7 @@ def _summarise(report: CampaignReport, result: WorkerResult, spec: CampaignSpec,
         for class_name, first in sorted(tally.first_seen.items(), key=lambda item: item[1]["seconds"]):
             saved = tally.saved.get(class_name)
             when = f"saved at {saved['seconds']:.0f} s" if saved else "not saved"
+            when += "" if saved is None or saved.get("fully_shrunk", True) else ", not fully shrunk"
             print(
                 f"      {first['seconds']:6.1f} s (scenario {first['scenarios']}): {class_name}; "
                 f"{tally.classes[class_name]} run(s); {when}"
@@ -229,10 +267,21 @@ def _summarise(report: CampaignReport, result: WorkerResult, spec: CampaignSpec,
         for issue, count in tally.known_issues.most_common():
             print(f"    known issue {issue}: {count} run(s); upstream: {issue_named(issue).upstream_summary}")
     for path, new in result.findings:
-        print(f"  finding {'NEW' if new else 'seen before'}: {path}")
+        cut = " (not fully shrunk)" if path in result.unfinished else ""
+        print(f"  finding {'NEW' if new else 'seen before'}{cut}: {path}")
         print(f"    python -m fsdp_fuzz show {path}; python -m fsdp_fuzz repro {path}")
     if not result.findings:
         print("  findings: none")
+    if result.unfinished:
+        kept = (
+            f"Hypothesis's database ({spec.database}) keeps their progress: a later run with it shrinks them further"
+            if spec.database not in (None, "none")
+            else "with --database none their progress is lost: a later run shrinks them again from the start"
+        )
+        print(
+            f"  {len(result.unfinished)} finding(s) saved as they stood, not fully shrunk: the deadline cut their "
+            f"shrink short; their classes stay unsettled, and {kept}"
+        )
     print(f"  ranks' output: {spec.log_path}")
 
 
@@ -286,6 +335,11 @@ def _show(args: argparse.Namespace) -> int:
         finding = entry.finding
         print(f"\nrecorded finding (torch {finding.torch_version}, {finding.backend}):")
         print("\n".join(f"  {line}" for line in finding.violations))
+        if not finding.fully_shrunk:
+            print(
+                "  not fully shrunk: the campaign's deadline cut its shrink short; a later run with the same "
+                "Hypothesis database shrinks it further"
+            )
     return 0
 
 

@@ -1,4 +1,4 @@
-"""pytest wiring for the fuzz targets: profiles, device choice, corpus path."""
+"""pytest wiring for the fuzz targets: profiles, device and backend choice, corpus path."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from hypothesis import settings
 from fsdp_fuzz.campaign import Budget, counts, progress_line
 from fsdp_fuzz.corpus import corpus_root, save_finding
 from fsdp_fuzz.data import ENGINES
-from fsdp_fuzz.execute.executor import DeviceError, HarnessError, Placement, check_trace
+from fsdp_fuzz.execute.devices import BACKENDS, DEVICES, WORLD_SIZES, DeviceError, DeviceRequest
+from fsdp_fuzz.execute.executor import HarnessError, check_trace
 from fsdp_fuzz.execute.pool import DEFAULT_GROUP_TIMEOUT_S, PoolSet
 from fsdp_fuzz.judge.known_issues import issue_named
 from fsdp_fuzz.profiles import PROFILES, profile_from_environment, register_profiles, unknown_profile_message
@@ -29,8 +30,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--fuzz-device",
         default="cpu",
-        choices=("cpu", "cuda"),
-        help="run ranks on CPU with gloo (default) or one GPU per rank with NCCL",
+        choices=DEVICES,
+        help="run ranks on the CPU (default) or on GPUs, rank r on GPU r mod (visible GPUs)",
+    )
+    group.addoption(
+        "--fuzz-backend",
+        default=None,
+        choices=BACKENDS,
+        help="force a backend; default: nccl where every rank has a GPU of its own, gloo otherwise",
     )
     group.addoption(
         "--group-timeout",
@@ -72,12 +79,19 @@ def rank_log(config: pytest.Config) -> Path:
     return config.stash[_LOG]
 
 
+def device_request(config: pytest.Config) -> DeviceRequest:
+    """``--fuzz-device`` and ``--fuzz-backend``, placed per world size by the pools."""
+    return DeviceRequest(config.getoption("--fuzz-device"), config.getoption("--fuzz-backend"))
+
+
 @pytest.fixture(scope="session")
 def pools(pytestconfig: pytest.Config):
-    """The campaign's ranks: spawned on first use, closed at the end of the session."""
-    placement = Placement(pytestconfig.getoption("--fuzz-device"))
+    """The campaign's ranks: spawned on first use, closed at the end of the
+    session. A device or backend that cannot run every world size the
+    targets draw stops the session before any rank starts."""
+    placement = device_request(pytestconfig)
     try:
-        placement.check(2)
+        placement.check(WORLD_SIZES)
         for engine in ENGINES:
             check_trace(engine)
     except HarnessError as exc:
@@ -170,6 +184,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     replays = config.stash.get(_REPLAYS, None)
     if check is None and not replays:
         return
+    try:
+        device_request(config).check(WORLD_SIZES)
+    except DeviceError:
+        return  # refused at the start: nothing ran
     write = terminalreporter.write_line
     terminalreporter.section("fsdp fuzz summary")
     if replays:
@@ -182,6 +200,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
 
 def _summarise_campaign(check: ContractCheck, config: pytest.Config, write) -> None:
     profile = settings.get_current_profile_name()
+    write(f"ranks on {device_request(config).describe()}")
     for name, tally in check.report.targets.items():
         outcomes = counts(tally.outcomes)
         write(
@@ -203,7 +222,9 @@ def _summarise_campaign(check: ContractCheck, config: pytest.Config, write) -> N
         )
     path = config.getoption("--fuzz-report")
     if path:
-        backend = Placement(config.getoption("--fuzz-device")).backend
+        request = device_request(config)
+        backend = ",".join(sorted(set(request.backends().values())))
+        document = check.report.to_json(profile, backend, placement=request.to_json())
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(check.report.to_json(profile, backend), indent=1) + "\n")
+        Path(path).write_text(json.dumps(document, indent=1) + "\n")
         write(f"report written to {path}")

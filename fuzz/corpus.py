@@ -4,8 +4,9 @@
 - ``{"known_issue": NAME, "scenario": ...}`` (``corpus/known/``) reproduces a
   triaged FSDP misbehaviour and must keep failing in that known way.
 - A finding (``corpus/found/<id>.json``), written by a campaign after
-  shrinking: the scenario with the verdict, observations, torch version and
-  backend it was found with. Its name is a hash of the scenario, so finding
+  shrinking: the scenario with the verdict, observations, torch version,
+  backend and placement (device, backend, visible GPUs) it was found with
+  (files saved before placements were recorded load as well). Its name is a hash of the scenario, so finding
   the same minimal case twice gives one file.
 """
 
@@ -31,6 +32,7 @@ from fsdp_fuzz.data import (
     scenario_from_json,
     scenario_to_json,
 )
+from fsdp_fuzz.execute.devices import Placement, visible_gpus
 from fsdp_fuzz.jsonfmt import format_json
 from fsdp_fuzz.judge.known_issues import KnownIssue, issue_named
 
@@ -52,6 +54,15 @@ class RecordedFinding:
     torch_version: str
     backend: str
     observations: Observations | None
+    placement: dict[str, Any] | None = None
+    """``{"device", "backend", "gpus"}``; None in files saved before it was recorded."""
+
+    def where(self) -> str:
+        """``gloo``, or where the placement was recorded ``cuda with gloo, 1 GPU(s)``."""
+        if self.placement is None:
+            return self.backend
+        gpus = f", {self.placement['gpus']} GPU(s)" if self.placement["device"] == "cuda" else ""
+        return f"{self.placement['device']} with {self.placement['backend']}{gpus}"
 
 
 @dataclass(frozen=True)
@@ -123,10 +134,18 @@ def finding_document(
             "found_by": found_by,
             "torch_version": torch.__version__,
             "backend": observations.backend,
+            "placement": recorded_placement(observations).to_json(),
         },
         "scenario": scenario_to_json(scenario),
         "observations": observations_to_json(observations),
     }
+
+
+def recorded_placement(observations: Observations) -> Placement:
+    """Where the observed ranks ran: this process saves what its own ranks
+    observed, so the GPUs they saw are the ones it sees."""
+    gpus = visible_gpus() if observations.device == "cuda" else 0
+    return Placement(observations.device, observations.backend, gpus)
 
 
 def save_finding(
@@ -165,9 +184,18 @@ def _finding_from_json(document: dict[str, Any]) -> RecordedFinding:
             torch_version=str(encoded["torch_version"]),
             backend=str(encoded["backend"]),
             observations=None if observations is None else observations_from_json(observations),
+            placement=_placement_from_json(encoded.get("placement")),
         )
     except KeyError as exc:
         raise ScenarioError(f"finding: missing field {exc.args[0]!r}") from None
     except (TypeError, ValueError) as exc:
         raise ScenarioError(f"finding: malformed signature ({exc})") from None
     return recorded
+
+
+def _placement_from_json(encoded: Any) -> dict[str, Any] | None:
+    if encoded is None:
+        return None
+    if not isinstance(encoded, dict) or not {"device", "backend", "gpus"} <= encoded.keys():
+        raise ScenarioError("finding: 'placement' must be an object with device, backend and gpus")
+    return {"device": str(encoded["device"]), "backend": str(encoded["backend"]), "gpus": int(encoded["gpus"])}

@@ -106,10 +106,14 @@ class CampaignReport:
                 "observations": observations_to_json(observations),
             }
 
-    def to_json(self, profile: str, backend: str) -> dict[str, Any]:
+    def to_json(self, profile: str, backend: str, placement: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``backend``: the backends the ranks used, comma-separated;
+        ``placement`` (``DeviceRequest.to_json``): the device, the backend
+        asked for, the GPUs visible and the backend of each world size."""
         return {
             "torch_version": torch.__version__,
             "backend": backend,
+            **({"placement": placement} if placement is not None else {}),
             "profile": profile,
             "targets": {
                 name: {

@@ -16,7 +16,7 @@ import textwrap
 from typing import Any
 
 from fsdp_fuzz.data import Scenario, scenario_to_json
-from fsdp_fuzz.execute import executor
+from fsdp_fuzz.execute import devices, executor
 
 __all__ = ["reproducer_script"]
 
@@ -47,10 +47,38 @@ def reproducer_script(scenario: Scenario, *, title: str = "", notes: str = "") -
 
 
 def _executor_body() -> str:
-    """The executor's source without its module docstring."""
+    """The executor's source without its module docstring, with the
+    ``devices`` module inlined where the executor imports it."""
     source = inspect.getsource(executor)
-    docstring = ast.parse(source).body[0]
-    return "\n".join(source.splitlines()[docstring.end_lineno :]).strip("\n")
+    tree = ast.parse(source)
+    (imported,) = [node for node in tree.body if isinstance(node, ast.ImportFrom) and node.module == devices.__name__]
+    lines = source.splitlines()
+    lines[imported.lineno - 1 : imported.end_lineno] = [devices_body(_bound_names(tree))]
+    return "\n".join(lines[tree.body[0].end_lineno :]).strip("\n")
+
+
+def devices_body(imported_by_executor: set[tuple[str | None, str, str | None]]) -> str:
+    """``fsdp_fuzz.execute.devices`` without its docstring and imports,
+    which must all be the executor's too: the script imports them once."""
+    source = inspect.getsource(devices)
+    tree = ast.parse(source)
+    imports = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+    missing = _bound_names(tree) - imported_by_executor
+    if missing:
+        raise AssertionError(f"fsdp_fuzz.execute.devices imports what the executor does not: {sorted(missing)}")
+    lines = source.splitlines()
+    return "\n".join(lines[imports[-1].end_lineno :]).strip("\n")
+
+
+def _bound_names(tree: ast.Module) -> set[tuple[str | None, str, str | None]]:
+    """(module, name, alias) of each top-level import."""
+    bound = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            bound |= {(None, alias.name, alias.asname) for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            bound |= {(node.module, alias.name, alias.asname) for alias in node.names}
+    return bound
 
 
 def _docstring(scenario: Scenario, title: str, notes: str) -> str:
@@ -67,7 +95,8 @@ def _docstring(scenario: Scenario, title: str, notes: str) -> str:
     )
     usage = (
         "    python repro.py                  # gloo on CPU\n"
-        "    python repro.py --device cuda    # NCCL, one GPU per rank\n"
+        "    python repro.py --device cuda    # rank r on GPU r mod n: NCCL if each rank has its own, else gloo\n"
+        "    python repro.py --device cuda --backend gloo    # force a backend (gloo or nccl)\n"
         "    python repro.py --timeout 30     # seconds before a collective counts as hung (default 10)"
     )
     closing = (

@@ -29,7 +29,7 @@ import torch.multiprocessing as mp
 from hypothesis.database import DirectoryBasedExampleDatabase, ExampleDatabase
 
 from fsdp_fuzz.campaign import Budget, CampaignResult, run_campaign, target_name
-from fsdp_fuzz.execute.executor import Placement
+from fsdp_fuzz.execute.devices import DeviceRequest
 from fsdp_fuzz.execute.pool import PoolSet, die_with_parent
 from fsdp_fuzz.ledger import Ledger
 from fsdp_fuzz.report import CampaignReport, TargetTally
@@ -59,6 +59,8 @@ class CampaignSpec:
     directory: Path
     """The campaign's own: the ledger and the ranks' log."""
     started: float = field(default_factory=time.monotonic)
+    backend: str | None = None
+    """Forced with ``--backend``; None leaves it to ``fsdp_fuzz.execute.devices``."""
 
     @property
     def log_path(self) -> Path:
@@ -214,7 +216,7 @@ def campaign_worker(index: int, spec: CampaignSpec, events, stop) -> None:
     error = None
     try:
         ledger, database = Ledger(spec.directory / "ledger"), open_database(spec.database)
-        with PoolSet(Placement(spec.device), spec.group_timeout_s, log_path=spec.log_path) as pools:
+        with PoolSet(DeviceRequest(spec.device, spec.backend), spec.group_timeout_s, log_path=spec.log_path) as pools:
             examples, seconds = spec.examples, spec.seconds
             for position, engine in enumerate(spec.engines):
                 share = len(spec.engines) - position

@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fsdp_fuzz.corpus import corpus_files, load_entry
 from fsdp_fuzz.data import Status, outcome_from_json
-from fsdp_fuzz.execute import executor
+from fsdp_fuzz.execute import devices, executor
 from fsdp_fuzz.repro import reproducer_script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,10 +43,15 @@ def repro_outcomes(stdout: str) -> list[list]:
 
 
 def test_the_script_is_the_executor_verbatim_plus_the_scenario(tmp_path):
+    """The executor's source, its import of ``devices`` replaced by that
+    module's own source (its docstring and imports aside)."""
     script = write_script(tmp_path, "hybrid-order-check-intra-node-only").read_text()
     body = inspect.getsource(executor).split('"""', 2)[2].strip("\n")
-    assert body in script
-    outside = script.replace(body, "")
+    head, tail = body.split("from fsdp_fuzz.execute.devices import (", 1)
+    tail = tail.split(")\n", 1)[1]
+    inlined = inspect.getsource(devices).split("import torch\n", 1)[1].strip("\n")
+    assert head + inlined in script and tail in script
+    outside = script.replace(head, "").replace(inlined, "").replace(tail, "")
     definitions = [node for node in ast.parse(outside).body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
     assert definitions == [], "execution code outside the executor would drift from it"
     assert "SCENARIO = {" in outside and "sys.exit(main(SCENARIO))" in outside
@@ -111,10 +117,17 @@ def test_a_hang_in_a_clean_interpreter_is_a_hang(tmp_path):
     assert "hang" in ran.stdout
 
 
-def test_cuda_without_enough_gpus_exits_naming_the_shortfall(tmp_path):
+@pytest.mark.skipif(torch.cuda.device_count() > 0, reason="this machine has a GPU")
+def test_cuda_without_a_gpu_exits_naming_the_fix(tmp_path):
     ran = run_script(write_script(tmp_path, "train_eval-full_shard"), "--device", "cuda")
     assert ran.returncode == 2
-    assert "needs 2 ranks" in ran.stderr and "GPU(s) are visible" in ran.stderr
+    assert "no GPU is visible" in ran.stderr and "device 'cpu'" in ran.stderr
+
+
+def test_nccl_on_the_cpu_exits_naming_the_fix(tmp_path):
+    ran = run_script(write_script(tmp_path, "train_eval-full_shard"), "--backend", "nccl")
+    assert ran.returncode == 2
+    assert "NCCL runs on GPUs only" in ran.stderr
 
 
 def test_bad_arguments_exit_nonzero(tmp_path):

@@ -80,7 +80,9 @@ def test_two_runs_at_once_do_not_collide():
     assert results[0] == results[1]
 
 
-@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() >= 2, reason="this machine has the GPUs")
-def test_too_few_gpus_is_refused_with_the_shortfall():
-    with pytest.raises(DeviceError, match=r"needs 2 ranks .* GPU\(s\) are visible"):
-        Placement("cuda").check(2)
+def test_a_placement_that_cannot_run_is_refused_with_the_fix():
+    """The choices themselves are in tests/test_devices.py."""
+    with pytest.raises(DeviceError, match=r"no GPU is visible.*device 'cpu'"):
+        Placement("cuda", "gloo", gpus=0).check(2)
+    with pytest.raises(DeviceError, match=r"needs one GPU per rank.*4 ranks and 2 GPU\(s\)"):
+        Placement("cuda", "nccl", gpus=2).check(4)

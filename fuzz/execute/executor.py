@@ -49,6 +49,14 @@ import torch.multiprocessing as mp
 import torch.utils.checkpoint
 from torch import nn
 
+from fsdp_fuzz.execute.devices import (
+    CPU,
+    DeviceError,
+    DeviceRequest,
+    Placement,
+    prepare_rank,
+)
+
 Json = dict[str, Any]
 
 # The words of a report: ``fsdp_fuzz.data.Status`` and ``Purpose`` parse them
@@ -64,50 +72,14 @@ the parent calls it a deadlock rather than wait out the group's timeout."""
 LEARNING_RATE = 0.01
 
 
-class DeviceError(RuntimeError):
-    """The requested device cannot run the scenario (too few GPUs, say)."""
-
-
 class HarnessError(RuntimeError):
     """The fuzzer cannot observe what it promises to (a hook it relies on is
     gone from this torch): a reason to stop, never an observation of FSDP."""
 
 
-# Devices -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where the ranks run: ``cpu`` with gloo, or ``cuda`` with NCCL, one GPU per rank."""
-
-    device: str = "cpu"
-
-    @property
-    def backend(self) -> str:
-        return "nccl" if self.device == "cuda" else "gloo"
-
-    def check(self, world_size: int) -> None:
-        if self.device == "cpu":
-            return
-        if self.device != "cuda":
-            raise DeviceError(f"unknown device {self.device!r}: use 'cpu' or 'cuda'")
-        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if available < world_size:
-            raise DeviceError(
-                f"the scenario needs {world_size} ranks and NCCL needs one GPU per rank, "
-                f"but {available} GPU(s) are visible; run on CPU (device 'cpu') or on a machine "
-                f"with {world_size} GPUs"
-            )
-
-    def rank_device(self, rank: int) -> torch.device:
-        """The rank's device, made current for it (NCCL needs that)."""
-        if self.device == "cuda":
-            torch.cuda.set_device(rank)
-            return torch.device("cuda", rank)
-        return torch.device("cpu")
-
-
-CPU = Placement()
+# Devices: ``Placement`` (which backend, which GPU each rank computes on), the
+# choice of it and its refusals are in ``fsdp_fuzz.execute.devices``, imported
+# above (a reproducer script inlines that module there).
 
 
 # The model -----------------------------------------------------------------------
@@ -708,7 +680,9 @@ TIMEOUT_MARKERS = (
 def join_default_group(rank: int, world_size: int, store_path: str, placement: Placement) -> None:
     """The long-lived group that only creates each scenario's own. Created
     below DETAIL whatever the environment says, so it never carries the
-    collective-checking wrapper: that is the scenario's choice."""
+    collective-checking wrapper: that is the scenario's choice. The rank's
+    GPU is made current first, and NCCL gets its settings (``prepare_rank``)."""
+    prepare_rank(placement, rank)
     dist.set_debug_level(dist.DebugLevel.OFF)
     dist.init_process_group(
         placement.backend,
@@ -1238,19 +1212,24 @@ def main(scenario: Json, argv: list[str] | None = None) -> int:
     """Run ``scenario`` on fresh ranks, print what each rank did in each step,
     and end with one line ``REPRO-RESULT <json>``: every rank's outcomes."""
     parser = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").strip().splitlines()[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cpu: gloo; cuda: NCCL, 1 GPU/rank")
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="cpu, or cuda: rank r on GPU r mod (visible GPUs)"
+    )
+    parser.add_argument(
+        "--backend", choices=["gloo", "nccl"], help="default: nccl if every rank has a GPU of its own, else gloo"
+    )
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds before a collective counts as hung")
     args = parser.parse_args(argv)
     if args.timeout <= 0:
         parser.error("--timeout must be positive")
-    placement = Placement(args.device)
     try:
+        placement = DeviceRequest(args.device, args.backend).place(scenario["world_size"])
         outcomes = run_fresh(scenario, placement, args.timeout)
     except (DeviceError, HarnessError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(
-        f"\n{scenario['world_size']} ranks, engine {scenario['engine']}, {placement.backend} on {placement.device}, "
+        f"\n{scenario['world_size']} ranks, engine {scenario['engine']}, {placement.describe(scenario['world_size'])}, "
         f"torch {torch.__version__}, timeout {args.timeout:g} s"
     )
     print_outcomes(scenario, outcomes)

@@ -19,6 +19,14 @@ before it (fresh interpreters, hangs waited out), stays for the benchmark.
 Workers die with the pool's process, however it ends, and ignore
 Ctrl-C, which is the campaign's to handle; their output goes to the pool's
 log file, not the terminal.
+
+On GPUs (``fsdp_fuzz.execute.devices``): the fork server imports torch but
+never initialises CUDA, so that every forked worker can (``fork_server_state``
+checks); a worker gives its cached GPU memory back after each scenario; and
+a rank set whose scenario ended in a CUDA or NCCL error, or in an NCCL
+collective that timed out, is killed and replaced, since its CUDA contexts
+or communicators cannot be trusted with the next scenario
+(``needs_fresh_ranks``).
 """
 
 from __future__ import annotations
@@ -28,23 +36,31 @@ import multiprocessing.connection
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.multiprocessing as mp
 
 from fsdp_fuzz.data import Observations, Scenario, scenario_to_json
-from fsdp_fuzz.execute.executor import (
+from fsdp_fuzz.execute.devices import (
     CPU,
+    DeviceRequest,
+    Placement,
+    as_request,
+    needs_fresh_ranks,
+    release_memory,
+)
+from fsdp_fuzz.execute.executor import (
     DEADLOCK_AFTER_S,
     HANG,
     STARTUP_TIMEOUT_S,
     Collected,
     HarnessError,
-    Placement,
     RankHandles,
     answer_inquiries,
     check_trace,
@@ -72,11 +88,14 @@ PRELOAD = [
     "torch.utils.checkpoint",
     "torch.distributed.algorithms._checkpoint.checkpoint_wrapper",
     "torch.distributed._composable",
+    "fsdp_fuzz.execute.devices",
     "fsdp_fuzz.execute.executor",
 ]
 """What the fork server imports once, so that no worker imports it again
 (``torch._dynamo``: the optimizer's constructor imports it, half a second;
-the checkpointing modules: a checkpointed block imports them)."""
+the checkpointing modules: a checkpointed block imports them). Importing
+them must not initialise CUDA: a process forked after CUDA is initialised
+cannot use it (tests/test_devices.py spies on ``torch.cuda`` while they load)."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +129,11 @@ class PoolStats:
     """Scenarios in which some rank died."""
     deadlocks: int = 0
     """Scenarios whose hang was recognised as a deadlock, before any timeout."""
+    device_resets: int = 0
+    """Rank sets replaced because a CUDA or NCCL failure may have broken them
+    (counted in ``respawns`` too)."""
+    last_device_reset: str | None = None
+    """Why the last of those was replaced."""
 
 
 class RankSet:
@@ -273,7 +297,14 @@ class RankPool:
         if collected.deadlocked:
             self.stats.deadlocks += 1
         ranks.scenarios += 1
-        if collected.silent or collected.crashed or collected.deadlocked or collected.no_groups is not None:
+        device_failure = needs_fresh_ranks(self.placement, collected.outcomes)
+        if device_failure is not None:
+            self.stats.device_resets += 1
+            self.stats.last_device_reset = device_failure
+        broken = collected.silent or collected.crashed or collected.deadlocked or collected.no_groups is not None
+        if broken or device_failure is not None:
+            # Killing the processes is the abort that cannot wedge: their
+            # communicators and CUDA contexts go with them.
             ranks.stop(at_once=True)
             self._active = None
             self.stats.respawns += 1
@@ -305,16 +336,18 @@ class RankPool:
 
 
 class PoolSet:
-    """One pool per world size, started on first use."""
+    """One pool per world size, started on first use, each on the placement
+    the request gives its world size (with 2 GPUs, 2 ranks get NCCL and 3
+    get gloo); a fixed ``Placement`` is used for every world size it can run."""
 
     def __init__(
         self,
-        placement: Placement = CPU,
+        placement: DeviceRequest | Placement = CPU,
         group_timeout_s: float = DEFAULT_GROUP_TIMEOUT_S,
         handling: FailureHandling = FAST,
         log_path: Path | None = None,
     ) -> None:
-        self.placement = placement
+        self.request = as_request(placement)
         self.group_timeout_s = group_timeout_s
         self.handling = handling
         self.log_path = log_path
@@ -324,7 +357,11 @@ class PoolSet:
         pool = self.pools.get(scenario.world_size)
         if pool is None:
             pool = self.pools[scenario.world_size] = RankPool(
-                scenario.world_size, self.placement, self.group_timeout_s, self.handling, self.log_path
+                scenario.world_size,
+                self.request.place(scenario.world_size),
+                self.group_timeout_s,
+                self.handling,
+                self.log_path,
             )
         return pool.run(scenario)
 
@@ -372,10 +409,47 @@ def _worker_main(
     threading.Thread(target=answer_inquiries, args=(rank, inquiries, reports), daemon=True).start()
     stack_file = open(os.path.join(workdir, f"stack-{rank}.txt"), "w")  # noqa: SIM115 - lives as long as the worker
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
+    if placement.device == "cuda" and torch.cuda._is_in_bad_fork():
+        # Reported by the parent as a crash at setup; the log says why.
+        print("fsdp-fuzz: this worker was forked after CUDA was initialised: it cannot use the GPU", flush=True)
+        os._exit(1)
     join_default_group(rank, world_size, store_path, placement)
     while (command := commands.get()) is not None:
         scenario_id, scenario = command
         serve_scenario(scenario, scenario_id, rank, placement, group_timeout_s, reports)
+        release_memory(placement)
     reports.close()
     reports.join_thread()
     os._exit(0)
+
+
+def fork_server_state(start_method: str = "forkserver") -> dict[str, bool]:
+    """What a worker inherits from the pool's fork server (loaded with
+    ``PRELOAD``, started if it is not running): whether CUDA was initialised
+    there before the fork. Both must be False for a worker to use a GPU."""
+    context = mp.get_context(start_method)
+    if start_method == "forkserver":
+        context.set_forkserver_preload(PRELOAD)
+    answers = context.Queue()
+    probe = context.Process(target=_report_fork_state, args=(answers,), daemon=True)
+    probe.start()
+    try:
+        return answers.get(timeout=STARTUP_TIMEOUT_S)
+    finally:
+        probe.join(timeout=5)
+        if probe.is_alive():
+            probe.kill()
+            probe.join()
+        answers.close()
+        answers.join_thread()
+
+
+def _report_fork_state(answers) -> None:
+    answers.put(
+        {
+            # After a fork torch resets ``is_initialized`` and marks the child bad instead.
+            "bad_fork": torch.cuda._is_in_bad_fork(),
+            "cuda_initialized": torch.cuda.is_initialized(),
+            "preloaded": all(module in sys.modules for module in PRELOAD),
+        }
+    )
