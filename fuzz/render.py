@@ -36,6 +36,8 @@ def _engine_line(scenario: Scenario) -> str:
         f"forward_prefetch={fsdp.forward_prefetch}, backward_prefetch={fsdp.backward_prefetch}, "
         f"limit_all_gathers={fsdp.limit_all_gathers}, sync_module_states={fsdp.sync_module_states}"
         + (f", mixed_precision={fsdp.mixed_precision}" if fsdp.mixed_precision else "")
+        + (", units wrapped by ModuleWrapPolicy" if fsdp.auto_wrap else "")
+        + (f", ignored_states={list(fsdp.ignored)}" if fsdp.ignored else "")
     )
 
 
@@ -92,8 +94,16 @@ def describe_step(step: Step) -> str:
         actions.append("no-grad")
     if step.backward:
         actions.append("bwd")
+    if step.reset_iter_state:
+        actions.insert(0, "reset_iter_state")
+    if step.reshard_after_forward is not None:
+        actions.insert(0, f"reshard_after_forward={step.reshard_after_forward}")
     if step.backward and not step.gradient_sync:
         actions.append("(no sync)")
+    if step.backward and not step.all_reduce:
+        actions.append("(no all-reduce)")
+    if step.backward and not step.last_backward:
+        actions.append("(not last)")
     if step.optimizer_step:
         actions.append("opt")
     if step.reshard:

@@ -117,6 +117,7 @@ def fsdp_settings(draw: st.DrawFn, world_size: int, *, device: str = "cpu", hybr
         limit_all_gathers=not draw(st.booleans()),
         sync_module_states=device != "cpu" and draw(st.booleans()),
         mixed_precision=draw(mixed_precision()),
+        auto_wrap=draw(_chance(1, 3)),
     )
 
 
@@ -124,14 +125,18 @@ def fsdp_settings(draw: st.DrawFn, world_size: int, *, device: str = "cpu", hybr
 def fsdp2_settings(draw: st.DrawFn, world_size: int, *, hybrid: bool = True) -> Fsdp2Settings:
     """Every ``fully_shard`` setting; shrinks to ``Fsdp2Settings()``.
 
-    ``hsdp`` where the ranks split into simulated nodes. An int
-    ``reshard_after_forward`` is valid in a scenario but not drawn: FSDP2
-    then builds process groups of its own, with torch's default timeout of
-    30 minutes, which a pool worker cannot bound (see the README).
+    ``hsdp`` where the ranks split into simulated nodes; an int
+    ``reshard_after_forward`` where the shard group has a divisor other
+    than 1 and itself (4 ranks without HSDP); a gradient divide factor with
+    sum reductions only (gloo has no ``PREMUL_SUM``). What depends on the
+    model (``ignored``, ``sharded_together``) is drawn with it.
     """
     hsdp = hybrid and hybrid_allowed(world_size) and draw(_chance(1, 3))
+    divisors = () if hsdp else tuple(n for n in range(2, world_size) if world_size % n == 0)
+    force_sum = draw(_chance(1, 4))
+    factor = draw(st.sampled_from((None, None, 1.0, float(2 * world_size))))
     return Fsdp2Settings(
-        reshard_after_forward=draw(st.sampled_from((None, True, False))),
+        reshard_after_forward=draw(st.sampled_from((None, True, False, *divisors))),
         hsdp=hsdp,
         reduce_scatter_unused_params=draw(st.booleans()),
         reshard_after_backward=not draw(_chance(1, 4)),
@@ -139,7 +144,50 @@ def fsdp2_settings(draw: st.DrawFn, world_size: int, *, hybrid: bool = True) -> 
         backward_prefetch=draw(_chance(1, 3)),
         mp_policy=draw(mp_policies()),
         register_encode=draw(st.booleans()),
+        shard_dim=int(draw(_chance(1, 4))),
+        force_sum_reduction=force_sum,
+        gradient_divide_factor=factor if force_sum else None,
     )
+
+
+@st.composite
+def ignored_blocks(draw: st.DrawFn, scenario: Scenario) -> tuple[str, ...]:
+    """About one scenario in five: a block whose parameters the engine
+    ignores; shrinks to none. Never the stem, so a backward always has a
+    managed parameter; never a tied block, and for FSDP1 none that is or
+    holds a unit (``validate_scenario``)."""
+    model = scenario.model
+    tied = {name for pair in model.ties().items() for name in pair}
+    stem = getattr(model.root.children[0], "name", None)
+    candidates = [
+        node.name
+        for node in model.named()
+        if isinstance(node, Sequential)
+        and node is not model.root
+        and node.name not in tied
+        and node.name != stem
+        and not (scenario.engine == "fsdp1" and any(inner.fsdp_unit for inner in _named(node)))
+    ]
+    enabled = draw(_chance(1, 5))
+    block = draw(st.sampled_from(candidates or [""]))
+    return (block,) if enabled and candidates else ()
+
+
+@st.composite
+def sharded_together(draw: st.DrawFn, model: ModelSpec) -> tuple[tuple[str, ...], ...]:
+    """About one FSDP2 scenario in three: two sibling units sharded by one
+    ``fully_shard`` call; shrinks to none."""
+    parents = model.parents()
+    units = [node.name for node in model.units() if node is not model.root]
+    pairs = [
+        (first, second)
+        for index, first in enumerate(units)
+        for second in units[index + 1 :]
+        if parents[first] == parents[second]
+    ]
+    enabled = draw(_chance(1, 3))
+    pair = draw(st.sampled_from(pairs or [()]))
+    return (pair,) if enabled and pairs else ()
 
 
 @cache
@@ -175,11 +223,13 @@ _FORWARDS = (1, 1, 1, *(n for n in range(MAX_FORWARDS + 1) if n != 1))
 
 
 @st.composite
-def steps(draw: st.DrawFn, model: ModelSpec, engine: str = "fsdp1") -> Step:
+def steps(draw: st.DrawFn, model: ModelSpec, engine: str = "fsdp1", hsdp: bool = False) -> Step:
     """A valid step; shrinks to ``Step()``: train, default path, one forward
-    and its backward. FSDP2 steps also skip gradient sync now and then,
-    unshard or reshard every unit explicitly, or call ``encode`` instead of
-    ``forward``."""
+    and its backward. Steps skip gradient sync now and then (FSDP1's
+    ``no_sync``). FSDP2 steps also unshard or reshard every unit
+    explicitly, call ``encode`` instead of ``forward``, skip HSDP's
+    all-reduce, mark a backward not the last of an accumulation, change
+    ``reshard_after_forward``, or reset the iteration state first."""
     mode = "eval" if draw(_chance(1, 3)) else "train"
     grad_enabled = not draw(_chance(1, 4))
     forwards = draw(st.sampled_from(_FORWARDS))
@@ -191,12 +241,23 @@ def steps(draw: st.DrawFn, model: ModelSpec, engine: str = "fsdp1") -> Step:
         backward=backward and forwards > 0 and grad_enabled,
         grad_enabled=grad_enabled,
         optimizer_step=draw(_chance(1, 3)),
+        gradient_sync=not draw(_chance(1, 4)),
     )
     if engine == "fsdp2":
-        gradient_sync, unshard, reshard = not draw(_chance(1, 4)), draw(_chance(1, 6)), draw(_chance(1, 6))
+        unshard, reshard = draw(_chance(1, 6)), draw(_chance(1, 6))
         method = "encode" if draw(_chance(1, 6)) else "forward"
-        step = _valid(replace(step, gradient_sync=gradient_sync, unshard=unshard, reshard=reshard, method=method))
-    return step
+        all_reduce = not (draw(_chance(1, 4)) and hsdp)
+        step = replace(
+            step,
+            unshard=unshard,
+            reshard=reshard,
+            method=method,
+            all_reduce=all_reduce,
+            last_backward=not draw(_chance(1, 8)),
+            reshard_after_forward=draw(_sometimes((True, False), 8)),
+            reset_iter_state=draw(_chance(1, 10)),
+        )
+    return _valid(step)
 
 
 def _valid(step: Step) -> Step:
@@ -204,7 +265,7 @@ def _valid(step: Step) -> Step:
     gradients left unreduced (``gradient_sync`` off), which a user's training
     loop never does either."""
     step = replace(step, backward=step.backward and step.forwards > 0 and step.grad_enabled)
-    return replace(step, optimizer_step=step.optimizer_step and step.gradient_sync)
+    return replace(step, optimizer_step=step.optimizer_step and step.reduces_gradients)
 
 
 @dataclass(frozen=True)
@@ -259,8 +320,8 @@ def _sometimes(values: tuple, one_in: int) -> st.SearchStrategy:
 @st.composite
 def deviations(draw: st.DrawFn, model: ModelSpec, engine: str = "fsdp1", freezable: tuple[str, ...] = ()) -> Deviation:
     """Mostly a different path; now and then a different mode, forwards,
-    grad, backward, optimizer step or frozen block (for FSDP2 also gradient
-    sync, explicit unshard or reshard, and the entry point)."""
+    grad, backward, optimizer step, gradient sync or frozen block (for
+    FSDP2 also explicit unshard or reshard, and the entry point)."""
     deviation = Deviation(
         path=draw(paths(model, named=(3, 4))),
         mode=draw(_sometimes(MODES, 8)),
@@ -270,10 +331,10 @@ def deviations(draw: st.DrawFn, model: ModelSpec, engine: str = "fsdp1", freezab
         optimizer_step=draw(_sometimes((True, False), 6)),
         frozen=draw(_sometimes(((), *((name,) for name in freezable)), 8)),
     )
+    deviation = replace(deviation, gradient_sync=draw(_sometimes((True, False), 10)))
     if engine == "fsdp2":
         deviation = replace(
             deviation,
-            gradient_sync=draw(_sometimes((True, False), 10)),
             unshard=draw(_sometimes((True, False), 12)),
             reshard=draw(_sometimes((True, False), 12)),
             method=draw(_sometimes(("forward", "encode"), 10)),
@@ -320,6 +381,7 @@ def schedules(
     max_steps: int = 6,
     engine: str = "fsdp1",
     freezable: tuple[str, ...] = (),
+    hsdp: bool = False,
 ) -> tuple[tuple[Step, ...], ...]:
     """Every rank's steps, equally many; shrinks to one shared step, no deviations.
 
@@ -334,7 +396,7 @@ def schedules(
     A freezing schedule, as fine-tuning recipes have, freezes one of
     ``freezable`` in the shared steps before or from a switch step.
     """
-    shared = tuple(draw(steps(model, engine)) for _ in range(draw(st.sampled_from(range(1, max_steps + 1)))))
+    shared = tuple(draw(steps(model, engine, hsdp)) for _ in range(draw(st.sampled_from(range(1, max_steps + 1)))))
     shared = draw(_freezing(shared, freezable))
     deviating = draw(st.sampled_from(range(2**world_size)))
     if engine == "fsdp2" and not draw(_chance(1, 4)):
@@ -348,12 +410,15 @@ def schedules(
 
 
 def _steps_on_reduced_gradients(steps: tuple[Step, ...]) -> tuple[Step, ...]:
-    """No optimizer step on gradients left unreduced by an earlier backward
-    with ``gradient_sync`` off (``first_step_on_unreduced_gradients``): a
-    training loop steps only after a synced backward. ``_valid`` sees one
-    step; this sees the schedule."""
+    """No optimizer step, and no reset of FSDP2's iteration state, on
+    gradients an earlier backward left unreduced
+    (``first_step_on_unreduced_gradients``): a training loop steps only
+    after a backward that reduces, and ``reset_iter_state`` documents that
+    it discards an accumulation. ``_valid`` sees one step; this sees the
+    schedule."""
     while (index := first_step_on_unreduced_gradients(steps)) is not None:
-        steps = (*steps[:index], replace(steps[index], optimizer_step=False), *steps[index + 1 :])
+        cleared = replace(steps[index], optimizer_step=False, reset_iter_state=False)
+        steps = (*steps[:index], cleared, *steps[index + 1 :])
     return steps
 
 
@@ -369,8 +434,7 @@ def _freezing(draw: st.DrawFn, shared: tuple[Step, ...], freezable: tuple[str, .
     if not enabled or not freezable:
         return shared
     return tuple(
-        replace(step, frozen=(block,) if (index < switch) == frozen_first else ())
-        for index, step in enumerate(shared)
+        replace(step, frozen=(block,) if (index < switch) == frozen_first else ()) for index, step in enumerate(shared)
     )
 
 
@@ -416,9 +480,17 @@ def scenarios(
     features = Features(norms=norms, checkpoint_modes=checkpoint_modes(engine), ties=True)
     model = draw(model_specs(max_stages=max_stages, max_depth=max_depth, rules=rules, features=features))
     unscheduled = Scenario(model=model, ranks=(), freeze_untaken=freeze_untaken, **settings)
+    ignored = draw(ignored_blocks(unscheduled))
+    if engine == "fsdp2":
+        together = draw(sharded_together(model))
+        unscheduled = replace(unscheduled, fsdp2=replace(unscheduled.fsdp2, ignored=ignored, sharded_together=together))
+    else:
+        unscheduled = replace(unscheduled, fsdp=replace(unscheduled.fsdp, ignored=ignored))
     scenario = replace(
         unscheduled,
-        ranks=draw(schedules(model, world_size, max_steps, engine, _freezable_below_the_stem(unscheduled))),
+        ranks=draw(
+            schedules(model, world_size, max_steps, engine, _freezable_below_the_stem(unscheduled), unscheduled.hybrid)
+        ),
         collective_checker=collective_checker,
         seed=draw(st.integers(0, 2**16)),
         description=DESCRIPTION,
@@ -457,6 +529,8 @@ def scenario_features(scenario: Scenario) -> frozenset[str]:
     }
     if scenario.engine == "fsdp2":
         found |= {f"fsdp2 {name} {value}" for name, value in vars(scenario.fsdp2).items()}
+    else:
+        found |= {f"fsdp1 auto_wrap {fsdp.auto_wrap}", f"fsdp1 ignored {bool(fsdp.ignored)}"}
     found |= _model_features(scenario.model)
     for rank_steps in scenario.ranks:
         for step in rank_steps:
@@ -503,6 +577,13 @@ def _step_features(step: Step) -> set[str]:
             found.add(f"explicit {name}")
     if not step.gradient_sync:
         found.add("gradient sync off")
+    for name in ("all_reduce", "last_backward"):
+        if not getattr(step, name):
+            found.add(f"{name} off")
+    if step.reshard_after_forward is not None:
+        found.add(f"reshard_after_forward set to {step.reshard_after_forward}")
+    if step.reset_iter_state:
+        found.add("reset_iter_state")
     for alternatives in step.path.values():
         if not alternatives:
             found.add("branch point skipped")
