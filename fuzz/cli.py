@@ -25,7 +25,8 @@ import torch
 from fsdp_fuzz.campaign import ALLOWANCE, TARGETS, Activity, Budget, counts, progress_line, time_spent
 from fsdp_fuzz.corpus import CorpusEntry, corpus_files, load_entry
 from fsdp_fuzz.data import ENGINES, ScenarioError
-from fsdp_fuzz.execute.executor import DeviceError, HarnessError, Placement, check_trace
+from fsdp_fuzz.execute.devices import BACKENDS, DEVICES, WORLD_SIZES, DeviceError, DeviceRequest
+from fsdp_fuzz.execute.executor import HarnessError, check_trace
 from fsdp_fuzz.execute.pool import DEFAULT_GROUP_TIMEOUT_S, PoolSet
 from fsdp_fuzz.judge.known_issues import issue_named
 from fsdp_fuzz.render import render_scenario
@@ -130,7 +131,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_device_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="gloo on CPU or NCCL, 1 GPU/rank")
+    parser.add_argument(
+        "--device", choices=DEVICES, default="cpu", help="cpu, or cuda: rank r on GPU r mod (visible GPUs)"
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        help="force a backend; default: nccl where every rank has a GPU of its own, gloo otherwise",
+    )
     parser.add_argument(
         "--group-timeout",
         type=float,
@@ -146,6 +154,10 @@ def _duration(text: str) -> float:
     return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
 
 
+def _request(args: argparse.Namespace) -> DeviceRequest:
+    return DeviceRequest(args.device, args.backend)
+
+
 def _process_started() -> float:
     """When this process started, on the ``time.monotonic`` clock (Linux's
     ``/proc``; elsewhere, now): Python starting and importing torch count
@@ -158,12 +170,15 @@ def _process_started() -> float:
     return time.monotonic() - max(0.0, age)
 
 
-def _pools(args: argparse.Namespace, log_path: Path | None = None) -> PoolSet:
-    placement = Placement(args.device)
-    placement.check(2)
+def _pools(
+    args: argparse.Namespace, log_path: Path | None = None, world_sizes: tuple[int, ...] = WORLD_SIZES
+) -> PoolSet:
+    """Pools on the requested device, refused (``DeviceError``) for what cannot run ``world_sizes``."""
+    request = _request(args)
+    request.check(world_sizes)
     for engine in ENGINES:
         check_trace(engine)
-    return PoolSet(placement, args.group_timeout, log_path=log_path)
+    return PoolSet(request, args.group_timeout, log_path=log_path)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -193,11 +208,13 @@ def _run(args: argparse.Namespace) -> int:
         group_timeout_s=args.group_timeout,
         directory=directory,
         started=args.started,
+        backend=args.backend,
     )
     limits = [f"{examples} scenarios"] if examples is not None else []
     limits += [f"{args.time:.0f} s"] if args.time is not None else []
     print(
-        f"fuzzing target {args.target!r} with {' and '.join(engines)} for {' or '.join(limits)} on {args.device} "
+        f"fuzzing target {args.target!r} with {' and '.join(engines)} for {' or '.join(limits)} on "
+        f"{_request(args).describe()} "
         f"(torch {torch.__version__}), {args.workers} worker(s); findings go to {args.corpus / 'found'}",
         flush=True,
     )
@@ -213,7 +230,9 @@ def _run(args: argparse.Namespace) -> int:
     _summarise(report, result, spec, args.workers)
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
-        document = report.to_json(profile=f"cli:{args.target}", backend=Placement(args.device).backend)
+        request = _request(args)
+        backends = ",".join(sorted(set(request.backends().values())))
+        document = report.to_json(profile=f"cli:{args.target}", backend=backends, placement=request.to_json())
         document["time"] = time_spent(report, args.workers)
         args.report.write_text(json.dumps(document, indent=1) + "\n")
         print(f"  report written to {args.report}")
@@ -233,6 +252,7 @@ def _summarise(report: CampaignReport, result: WorkerResult, spec: CampaignSpec,
         f"\nsummary: {examples} scenarios in {wall:.1f} s ({examples / wall if wall else 0:.1f}/s) on {workers} "
         f"worker(s), {result.hypothesis_runs} Hypothesis run(s)"
         + (f", {result.flaky} dropped as flaky" if result.flaky else "")
+        + f", on {DeviceRequest(spec.device, spec.backend).describe()}"
     )
     spent = time_spent(report, workers)
     within = (
@@ -305,7 +325,8 @@ def _replay(args: argparse.Namespace) -> int:
     statuses: Counter = Counter()
     log = ranks_log(args.log_dir)
     print(f"ranks' output: {log}", flush=True)
-    with _pools(args, log) as pools:
+    world_sizes = tuple(sorted({size for path in files if (size := _world_size(path)) is not None})) or (2,)
+    with _pools(args, log, world_sizes) as pools:
         for path in files:
             try:
                 entry = load_entry(path)
@@ -318,9 +339,17 @@ def _replay(args: argparse.Namespace) -> int:
             print(f"{result.status:<19} {path}", flush=True)
             if not result.passed:
                 print("    " + result.detail.replace("\n", "\n    "), flush=True)
-    print(f"\nreplayed {len(files)} file(s): {counts(statuses)}")
+    print(f"\nreplayed {len(files)} file(s) on {_request(args).describe(world_sizes)}: {counts(statuses)}")
     print(f"ranks' output: {log}")
     return 0 if all(status in PASSING for status in statuses) else 1
+
+
+def _world_size(path: Path) -> int | None:
+    """The file's world size, None where it does not load (replay reports that)."""
+    try:
+        return load_entry(path).scenario.world_size
+    except ScenarioError:
+        return None
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -333,7 +362,7 @@ def _show(args: argparse.Namespace) -> int:
             print(f"  upstream {reference.url}: {reference.relation}; {reference.seen}")
     if entry.finding is not None:
         finding = entry.finding
-        print(f"\nrecorded finding (torch {finding.torch_version}, {finding.backend}):")
+        print(f"\nrecorded finding (torch {finding.torch_version}, {finding.where()}):")
         print("\n".join(f"  {line}" for line in finding.violations))
         if not finding.fully_shrunk:
             print(
@@ -349,7 +378,7 @@ def _repro(args: argparse.Namespace) -> int:
     entry = _load(args.path)
     output = args.output or Path(f"repro_{entry.path.stem.replace('-', '_')}.py")
     output.write_text(reproducer_script(entry.scenario, title=_title(entry), notes=_notes(entry)))
-    print(f"wrote {output}; run it with: python {output}  (add --device cuda for one GPU per rank)")
+    print(f"wrote {output}; run it with: python {output}  (add --device cuda to run its ranks on GPUs)")
     return 0
 
 
@@ -376,6 +405,6 @@ def _notes(entry: CorpusEntry) -> str:
             "Upstream: none found"
         ]
     if entry.finding is not None:
-        lines.append(f"Found with torch {entry.finding.torch_version} ({entry.finding.backend}); the contract says:")
+        lines.append(f"Found with torch {entry.finding.torch_version} ({entry.finding.where()}); the contract says:")
         lines += [f"  {line}" for line in entry.finding.violations]
     return "\n".join(lines)

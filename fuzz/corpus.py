@@ -7,7 +7,8 @@
   shrinking: the scenario with the verdict, observations, torch version,
   backend and placement (device, backend, visible GPUs) it was found with
   (files saved before placements were recorded load as well). Its name is a hash of the scenario, so finding
-  the same minimal case twice gives one file.
+  the same minimal case twice gives one file. ``"fully_shrunk": false``
+  marks one whose shrink the campaign's deadline cut short.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ class RecordedFinding:
     observations: Observations | None
     placement: dict[str, Any] | None = None
     """``{"device", "backend", "gpus"}``; None in files saved before it was recorded."""
+    fully_shrunk: bool = True
+    """False where the campaign's deadline cut the shrink short: the scenario
+    is Hypothesis's best so far, and a later campaign shrinks it further."""
 
     def where(self) -> str:
         """``gloo``, or where the placement was recorded ``cuda with gloo, 1 GPU(s)``."""
@@ -124,6 +128,7 @@ def finding_document(
     violations: tuple[Violation, ...],
     known: KnownIssue | None,
     found_by: str,
+    fully_shrunk: bool = True,
 ) -> dict[str, Any]:
     return {
         "id": scenario_id(scenario),
@@ -135,6 +140,7 @@ def finding_document(
             "torch_version": torch.__version__,
             "backend": observations.backend,
             "placement": recorded_placement(observations).to_json(),
+            "fully_shrunk": fully_shrunk,
         },
         "scenario": scenario_to_json(scenario),
         "observations": observations_to_json(observations),
@@ -155,18 +161,29 @@ def save_finding(
     violations: tuple[Violation, ...],
     known: KnownIssue | None = None,
     found_by: str = "",
+    fully_shrunk: bool = True,
 ) -> tuple[Path, bool]:
     """Write the finding under ``root/found/``; returns its path and whether
-    it is new. An existing file is kept as first recorded."""
+    it is new. An existing file is kept as first recorded, except that a
+    finished shrink ending where a cut-short one stood marks it fully shrunk."""
     path = Path(root) / FOUND_DIR / f"{scenario_id(scenario)}.json"
     if path.exists():
+        if fully_shrunk:
+            document = read_json(path)
+            if document.get("finding", {}).get("fully_shrunk") is False:
+                document["finding"]["fully_shrunk"] = True
+                _write(path, document)
         return path, False
     path.parent.mkdir(parents=True, exist_ok=True)
-    document = finding_document(scenario, observations, violations, known, found_by)
+    _write(path, finding_document(scenario, observations, violations, known, found_by, fully_shrunk))
+    return path, True
+
+
+def _write(path: Path, document: dict[str, Any]) -> None:
+    """Whole or not at all: a reader never sees half a file."""
     temporary = path.with_suffix(".tmp")
     temporary.write_text(format_json(document) + "\n")
     temporary.replace(path)
-    return path, True
 
 
 def _finding_from_json(document: dict[str, Any]) -> RecordedFinding:
@@ -185,6 +202,7 @@ def _finding_from_json(document: dict[str, Any]) -> RecordedFinding:
             backend=str(encoded["backend"]),
             observations=None if observations is None else observations_from_json(observations),
             placement=_placement_from_json(encoded.get("placement")),
+            fully_shrunk=encoded.get("fully_shrunk", True) is not False,
         )
     except KeyError as exc:
         raise ScenarioError(f"finding: missing field {exc.args[0]!r}") from None

@@ -39,6 +39,10 @@ class TargetTally:
     replayed_findings: int = 0
     """Runs of a scenario this campaign saved as a finding (by any of its
     workers): Hypothesis replaying its database."""
+    seconds: Counter = field(default_factory=Counter)
+    """Seconds by activity: exploring, shrinking, replaying (scenarios saved
+    as findings, or reused from Hypothesis's database), other (starting
+    pools, saving findings); summed over workers."""
     finding: dict[str, Any] | None = None
     """The last unexplained failure: after shrinking, Hypothesis replays the minimal one last."""
 
@@ -55,6 +59,7 @@ class TargetTally:
                 if name not in mine or when["seconds"] < mine[name]["seconds"]:
                     mine[name] = when
         self.replayed_findings += other.replayed_findings
+        self.seconds.update(other.seconds)
         self.finding = self.finding or other.finding
 
 
@@ -69,12 +74,12 @@ class CampaignReport:
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
-    def record_saved(self, target: str, failure_class: FailureClass, path: str, new: bool) -> None:
+    def record_saved(
+        self, target: str, failure_class: FailureClass, path: str, new: bool, fully_shrunk: bool = True
+    ) -> None:
         tally = self.tally(target)
-        tally.saved.setdefault(
-            failure_class.name,
-            {"seconds": round(self.elapsed(), 1), "scenarios": tally.examples, "path": path, "new": new},
-        )
+        saved = {"seconds": round(self.elapsed(), 1), "scenarios": tally.examples, "path": path, "new": new}
+        tally.saved.setdefault(failure_class.name, saved if fully_shrunk else {**saved, "fully_shrunk": False})
 
     def record(
         self,
@@ -126,6 +131,7 @@ class CampaignReport:
                     "first_seen": tally.first_seen,
                     "saved": tally.saved,
                     "replayed_findings": tally.replayed_findings,
+                    "seconds": {activity: round(seconds, 2) for activity, seconds in tally.seconds.items()},
                 }
                 for name, tally in self.targets.items()
             },

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch.multiprocessing as mp
 from hypothesis.database import DirectoryBasedExampleDatabase, ExampleDatabase
 
-from fsdp_fuzz.campaign import Budget, CampaignResult, run_campaign, target_name
+from fsdp_fuzz.campaign import Budget, CampaignResult, deadline, run_campaign, target_name
 from fsdp_fuzz.execute.devices import DeviceRequest
 from fsdp_fuzz.execute.pool import PoolSet, die_with_parent
 from fsdp_fuzz.ledger import Ledger
@@ -59,12 +59,18 @@ class CampaignSpec:
     directory: Path
     """The campaign's own: the ledger and the ranks' log."""
     started: float = field(default_factory=time.monotonic)
+    """When the campaign's clock started: every worker's budget and deadline count from it."""
     backend: str | None = None
     """Forced with ``--backend``; None leaves it to ``fsdp_fuzz.execute.devices``."""
 
     @property
     def log_path(self) -> Path:
         return self.directory / "ranks.log"
+
+    @property
+    def deadline(self) -> float | None:
+        """When every worker stops, shrinking or not (``campaign.deadline``)."""
+        return None if self.seconds is None else deadline(self.started, self.seconds)
 
 
 @dataclass
@@ -75,6 +81,8 @@ class WorkerResult:
     flaky: int
     error: str | None = None
     """The traceback of a failure of the fuzzer's own, if the worker had one."""
+    unfinished: list[Path] = field(default_factory=list)
+    """Those of ``findings`` whose shrink the deadline cut short."""
 
 
 class KeepingFindings(ExampleDatabase):
@@ -103,6 +111,10 @@ class KeepingFindings(ExampleDatabase):
 
     def move(self, src: bytes, dest: bytes, value: bytes) -> None:
         self.shared.move(src, dest, value)
+
+    def forget(self, key: bytes, value: bytes) -> None:
+        """Delete for good: for what the campaign knows is no finding."""
+        self.shared.delete(key, value)
 
 
 def open_database(location: str | None) -> ExampleDatabase | None:
@@ -187,13 +199,15 @@ def run_workers(
         merged.findings += result.findings
         merged.hypothesis_runs += result.hypothesis_runs
         merged.flaky += result.flaky
+        merged.unfinished += result.unfinished
     merged.tallies = report.targets
     return report, merged, received[0] if received else None
 
 
 def campaign_worker(index: int, spec: CampaignSpec, events, stop) -> None:
     """One worker: its own pools and Hypothesis runs, the engines one after
-    the other with the budget split between them."""
+    the other with the budget, and the time to the deadline, split between
+    them."""
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent asks through ``stop``
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
@@ -212,6 +226,7 @@ def campaign_worker(index: int, spec: CampaignSpec, events, stop) -> None:
             events.put(("progress", index, copy.deepcopy(check.report.targets)))
 
     findings: list[tuple[Path, bool]] = []
+    unfinished: list[Path] = []
     runs = flaky = 0
     error = None
     try:
@@ -220,9 +235,12 @@ def campaign_worker(index: int, spec: CampaignSpec, events, stop) -> None:
             examples, seconds = spec.examples, spec.seconds
             for position, engine in enumerate(spec.engines):
                 share = len(spec.engines) - position
+                now = time.monotonic()
                 budget = Budget(
                     examples=None if examples is None else max(1, examples // share),
-                    seconds=None if seconds is None else max(0.0, spec.started + seconds - time.monotonic()) / share,
+                    seconds=None if seconds is None else max(0.0, spec.started + seconds - now) / share,
+                    started=now,
+                    deadline=None if spec.deadline is None else now + max(0.0, spec.deadline - now) / share,
                 )
                 check.report.tally(target_name(spec.target, engine))
                 result: CampaignResult = run_campaign(
@@ -240,6 +258,7 @@ def campaign_worker(index: int, spec: CampaignSpec, events, stop) -> None:
                     after_each=send_progress,
                 )
                 findings += result.findings
+                unfinished += result.unfinished
                 runs += result.hypothesis_runs
                 flaky += result.flaky
                 if examples is not None:
@@ -250,7 +269,8 @@ def campaign_worker(index: int, spec: CampaignSpec, events, stop) -> None:
         error = traceback.format_exc()
     finally:
         send_progress(force=True)
-        events.put(("done", index, WorkerResult(dict(check.report.targets), findings, runs, flaky, error)))
+        tallies = dict(check.report.targets)
+        events.put(("done", index, WorkerResult(tallies, findings, runs, flaky, error, unfinished)))
         events.close()
         events.join_thread()
 
