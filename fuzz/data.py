@@ -475,6 +475,12 @@ def _validate_mixed_precision(scenario: Scenario) -> None:
                 f"torch's batch norm refuses ({scenario.engine} casts parameters to param_dtype and buffers "
                 f"{'to buffer_dtype' if scenario.engine == 'fsdp1' else 'never'}); {fix}, or drop the norm layers"
             )
+    if scenario.ignored_blocks and scenario.param_dtype != "float32":
+        raise ScenarioError(
+            f"ignored blocks {list(scenario.ignored_blocks)} keep float32 parameters that the engine does not "
+            f"cast, and would meet {scenario.param_dtype} activations, which torch refuses; drop the param_dtype "
+            "or the ignored blocks"
+        )
     if scenario.engine == "fsdp2" and not policy.cast_forward_inputs and scenario.param_dtype != "float32":
         raise ScenarioError(
             "cast_forward_inputs=False with a param_dtype: the root's float32 inputs would meet "
@@ -664,11 +670,11 @@ _ADDED_SETTINGS = (
 
 
 def _settings_json(settings: FsdpSettings | Fsdp2Settings, complete: bool) -> dict[str, Any]:
-    encoded = asdict(settings)
+    encoded, default = (json.loads(json.dumps(asdict(s))) for s in (settings, type(settings)()))  # tuples as lists
     return {
         name: value
         for name, value in encoded.items()
-        if complete or name not in _ADDED_SETTINGS or value != getattr(type(settings)(), name)
+        if complete or name not in _ADDED_SETTINGS or value != default[name]
     }
 
 

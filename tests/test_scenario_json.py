@@ -39,8 +39,8 @@ def test_the_executor_form_spells_out_every_default():
     assert unit["fsdp_unit"] is False and unit["frozen"] is False
     assert unit["checkpoint"] is None and unit["tied_to"] is None
     assert complete["fsdp"]["mixed_precision"] is None
-    assert complete["fsdp"]["auto_wrap"] is False and complete["fsdp"]["ignored"] == ()
-    assert complete["fsdp2"]["sharded_together"] == () and complete["fsdp2"]["shard_dim"] == 0
+    assert complete["fsdp"]["auto_wrap"] is False and complete["fsdp"]["ignored"] == []
+    assert complete["fsdp2"]["sharded_together"] == [] and complete["fsdp2"]["shard_dim"] == 0
     assert scenario_from_json(complete) == scenario
 
 

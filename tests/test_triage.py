@@ -326,6 +326,19 @@ def without_mixed_precision_policy(scenario, observations):
     return rejudged(replace(scenario, fsdp2=replace(scenario.fsdp2, mp_policy=None)), observations)
 
 
+def reset_after_the_first_forward(scenario, observations):
+    """The reset comes in step 1, after the first forward initialised the
+    root: the AttributeError is a new bug (on live ranks this runs)."""
+    steps = [[replace(step, reset_iter_state=index == 1) for index, step in enumerate(rank)] for rank in scenario.ranks]
+    return rejudged(replace(scenario, ranks=tuple(tuple(rank) for rank in steps)), observations)
+
+
+def no_freezing_schedule(scenario, observations):
+    """block0 stays trainable: the all-reducing backward reduces its partial
+    sums, so a gradient mismatch is a new bug (on live ranks this matches)."""
+    return rejudged(with_steps(scenario, range(scenario.num_steps), frozen=()), observations)
+
+
 def eval_forward_without_grad_first(scenario, observations):
     """The eval forward of step 0 runs under no_grad: nothing is set up for a
     backward that never comes, so unreduced gradients are a new bug (on live
@@ -383,6 +396,14 @@ reproducer: each undoes the fact the widening keys on."""
 
 
 NEAR_MISSES = {
+    "fsdp2-reset-iter-state-before-first-forward": (
+        "fsdp2-reset-iter-state-before-first-forward",
+        reset_after_the_first_forward,
+    ),
+    "fsdp2-hsdp-partial-reduction-dropped-by-freezing": (
+        "fsdp2-hsdp-partial-reduction-dropped-by-freezing",
+        no_freezing_schedule,
+    ),
     "fsdp2-mixed-precision-unit-frozen-at-first-forward": (
         "fsdp2-mixed-precision-unit-frozen-at-first-forward",
         without_mixed_precision_policy,

@@ -38,7 +38,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol
@@ -133,6 +133,16 @@ class SequentialModule(nn.Module):
         return x
 
 
+class UnitModule(SequentialModule):
+    """A sequential the spec makes an FSDP unit: a class of its own, so that
+    a ``ModuleWrapPolicy`` finds the units by class, as it finds a
+    transformer's blocks."""
+
+    def __init__(self, node: Json, path: dict[str, list[int]]) -> None:
+        super().__init__(node, path)
+        self.unit_name = node["sequential"]
+
+
 class RootModule(SequentialModule):
     """The model: ``forward`` runs every stage, ``encode`` all but the last,
     a second entry point as a ``generate`` or ``encode`` method is."""
@@ -143,6 +153,8 @@ class RootModule(SequentialModule):
 
 class ChoiceModule(nn.Module):
     """A branch point: runs the alternatives the path lists for it, in order."""
+
+    unit_name: str | None = None
 
     def __init__(self, node: Json, path: dict[str, list[int]]) -> None:
         super().__init__()
@@ -158,6 +170,17 @@ class ChoiceModule(nn.Module):
         return x
 
 
+class UnitChoiceModule(ChoiceModule):
+    """A branch point the spec makes an FSDP unit (see ``UnitModule``)."""
+
+    def __init__(self, node: Json, path: dict[str, list[int]]) -> None:
+        super().__init__(node, path)
+        self.unit_name = node["choice"]
+
+
+UNIT_CLASSES = frozenset({UnitModule, UnitChoiceModule})
+
+
 def _build_node(node: Json, path: dict[str, list[int]]) -> nn.Module:
     if "linear" in node:
         return nn.Linear(*node["linear"], bias=node["bias"])
@@ -166,8 +189,8 @@ def _build_node(node: Json, path: dict[str, list[int]]) -> nn.Module:
     if "norm" in node:
         return nn.BatchNorm1d(node["norm"])
     if "choice" in node:
-        return ChoiceModule(node, path)
-    module = SequentialModule(node, path)
+        return (UnitChoiceModule if node["fsdp_unit"] else ChoiceModule)(node, path)
+    module = (UnitModule if node["fsdp_unit"] else SequentialModule)(node, path)
     if node.get("checkpoint") == "wrapper":
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
@@ -189,6 +212,8 @@ class BuiltModel:
     path: dict[str, list[int]]
     units: dict[str, nn.Module] = field(default_factory=dict)
     """Spec name -> the module the engine made a unit of, once wrapped."""
+    ignored: frozenset[int] = frozenset()
+    """ids of the parameters the engine was told to ignore: each rank's own."""
 
     def set_path(self, path: dict[str, list[int]]) -> None:
         self.path.clear()
@@ -218,6 +243,12 @@ class BuiltModel:
 
     def block(self, name: str) -> nn.Module:
         return next(module for node, module, _ in self.blocks() if _named(node) == name)
+
+    def ignore(self, names: list[str]) -> list[nn.Module]:
+        """The named blocks, whose parameters the engine is told to ignore."""
+        blocks = [self.block(name) for name in names]
+        self.ignored = frozenset(id(parameter) for block in blocks for parameter in block.parameters())
+        return blocks
 
 
 def build_model(spec: Json, seed: int, freeze_untaken: bool) -> BuiltModel:
@@ -366,9 +397,8 @@ class Engine(Protocol):
     def unit_keys(self, built: BuiltModel) -> dict[int, str]:
         """id of what the unit hooks receive -> the unit's spec name."""
 
-    def before_step(self, built: BuiltModel, step: Json) -> None: ...
-
-    def after_step(self, built: BuiltModel, step: Json) -> None: ...
+    def stepping(self, built: BuiltModel, step: Json) -> AbstractContextManager:
+        """Around one step: the engine's per-step controls the step sets."""
 
 
 class Fsdp1:
@@ -399,7 +429,18 @@ class Fsdp1:
             "limit_all_gathers": settings["limit_all_gathers"],
             "sync_module_states": settings["sync_module_states"],
             "mixed_precision": None if policy is None else MixedPrecision(**_with_dtypes(policy)),
+            "ignored_states": built.ignore(settings["ignored"]) or None,
         }
+        root = built.spec["root"]
+        if settings["auto_wrap"]:
+            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+            built.module = FSDP(built.module, auto_wrap_policy=ModuleWrapPolicy(UNIT_CLASSES), **kwargs)
+            for module in built.module.modules():
+                if isinstance(module, FSDP) and module is not built.module:
+                    built.units[module.module.unit_name] = module
+            built.units[root["sequential"]] = built.module
+            return
 
         def wrap_below(node: Json, module: nn.Module) -> None:
             for child in _children(node):
@@ -412,7 +453,6 @@ class Fsdp1:
                     built.units[name] = FSDP(child_module, **kwargs)
                     setattr(unwrapped(module), name, built.units[name])
 
-        root = built.spec["root"]
         wrap_below(root, built.module)
         built.module = built.units[root["sequential"]] = FSDP(built.module, **kwargs)
 
@@ -420,11 +460,9 @@ class Fsdp1:
         """id of each unit's flat-parameter handle (what the hooks receive) -> its spec name."""
         return {id(unit._handle): name for name, unit in built.units.items() if unit._handle is not None}
 
-    def before_step(self, built: BuiltModel, step: Json) -> None:
-        pass
-
-    def after_step(self, built: BuiltModel, step: Json) -> None:
-        pass
+    def stepping(self, built: BuiltModel, step: Json) -> AbstractContextManager:
+        """``gradient_sync`` off: the step runs inside the root's ``no_sync()``."""
+        return nullcontext() if step["gradient_sync"] else built.module.no_sync()
 
 
 def _units_in_spec_order(node: Json) -> Iterator[str]:
@@ -457,21 +495,36 @@ class Fsdp2:
         policy = settings["mp_policy"]
         # output_dtype casts each unit's outputs: it is the model's output
         # dtype, so only the root gets it, as users set it.
-        inner_kwargs, root_kwargs = {"mesh": mesh}, {"mesh": mesh}
+        common = {"mesh": mesh, "shard_placement_fn": self._placement(settings["shard_dim"], mesh.size(-1))}
+        if settings["ignored"]:
+            common["ignored_params"] = {p for block in built.ignore(settings["ignored"]) for p in block.parameters()}
+        inner_kwargs, root_kwargs = dict(common), dict(common)
         if policy is not None:
             inner_kwargs["mp_policy"] = MixedPrecisionPolicy(**_with_dtypes({**policy, "output_dtype": None}))
             root_kwargs["mp_policy"] = MixedPrecisionPolicy(**_with_dtypes(policy))
         built.module.to(device)
+        together = {name: tuple(group) for group in settings["sharded_together"] for name in group}
+        waiting: dict[tuple[str, ...], list[nn.Module]] = {}
 
         def shard_below(node: Json, module: nn.Module) -> None:
             for child in _children(node):
                 name = _named(child)
-                if name is not None:
-                    shard_below(child, getattr(module, name))
-                    if child["fsdp_unit"]:
-                        built.units[name] = fully_shard(
-                            getattr(module, name), reshard_after_forward=reshard, **inner_kwargs
-                        )
+                if name is None:
+                    continue
+                shard_below(child, getattr(module, name))
+                if not child["fsdp_unit"]:
+                    continue
+                if name not in together:
+                    built.units[name] = fully_shard(
+                        getattr(module, name), reshard_after_forward=reshard, **inner_kwargs
+                    )
+                    continue
+                # Siblings: the last of them to come up shards them all at once.
+                members = waiting.setdefault(together[name], [])
+                members.append(getattr(module, name))
+                if len(members) == len(together[name]):
+                    fully_shard(members, reshard_after_forward=reshard, **inner_kwargs)
+                    built.units.update(zip(together[name], members, strict=True))
 
         root = built.spec["root"]
         shard_below(root, built.module)
@@ -481,12 +534,27 @@ class Fsdp2:
             register_fsdp_forward_method(built.module, "encode")
         built.module.set_reduce_scatter_unused_params(settings["reduce_scatter_unused_params"])
         built.module.set_reshard_after_backward(settings["reshard_after_backward"])
+        for unit in built.units.values():  # these two setters do not recurse: users call them on every unit
+            unit.set_force_sum_reduction_for_comms(settings["force_sum_reduction"])
+            if settings["gradient_divide_factor"] is not None:
+                unit.set_gradient_divide_factor(settings["gradient_divide_factor"])
         order = [built.units[name] for name in _units_in_spec_order(root)]
         for earlier, later in zip(order, order[1:], strict=False):
             if settings["forward_prefetch"]:
                 earlier.set_modules_to_forward_prefetch([later])
             if settings["backward_prefetch"]:
                 later.set_modules_to_backward_prefetch([earlier])
+
+    @staticmethod
+    def _placement(shard_dim: int, shards: int) -> Callable | None:
+        """``shard_placement_fn``: with ``shard_dim`` 1, ``Shard(1)`` for the
+        2-D parameters whose dim 1 splits evenly into ``shards`` (FSDP2
+        pads only dim 0), FSDP2's ``Shard(0)`` for the rest."""
+        if shard_dim == 0:
+            return None
+        from torch.distributed.tensor import Shard
+
+        return lambda parameter: Shard(1) if parameter.ndim == 2 and parameter.shape[1] % shards == 0 else None
 
     @staticmethod
     def _mesh(scenario: Json, group: Any, device: torch.device):
@@ -499,20 +567,28 @@ class Fsdp2:
         return DeviceMesh.from_group([inter, intra], device.type, mesh=layout, mesh_dim_names=("replicate", "shard"))
 
     def unit_keys(self, built: BuiltModel) -> dict[int, str]:
-        """id of each unit's parameter group (what the hooks receive) -> its spec name."""
-        return {
-            id(param_group): name
-            for name, unit in built.units.items()
-            for param_group in unit._get_fsdp_state()._fsdp_param_groups
-        }
+        """id of each unit's parameter group (what the hooks receive) -> its
+        spec name; units sharded together share one group, named ``a+b``."""
+        names: dict[int, list[str]] = {}
+        for name, unit in built.units.items():
+            for param_group in unit._get_fsdp_state()._fsdp_param_groups:
+                names.setdefault(id(param_group), []).append(name)
+        return {key: "+".join(sorted(found)) for key, found in names.items()}
 
-    def before_step(self, built: BuiltModel, step: Json) -> None:
-        built.module.set_requires_gradient_sync(step["gradient_sync"])
+    @contextmanager
+    def stepping(self, built: BuiltModel, step: Json) -> Iterator[None]:
+        root = built.module
+        if step["reset_iter_state"]:
+            root.reset_iter_state()
+        if step["reshard_after_forward"] is not None:
+            root.set_reshard_after_forward(step["reshard_after_forward"])
+        root.set_requires_gradient_sync(step["gradient_sync"])
+        root.set_requires_all_reduce(step["all_reduce"])
+        root.set_is_last_backward(step["last_backward"])
         if step["unshard"]:
             for unit in built.units.values():
                 unit.unshard()
-
-    def after_step(self, built: BuiltModel, step: Json) -> None:
+        yield
         if step["reshard"]:
             for unit in built.units.values():
                 unit.reshard()
@@ -702,10 +778,41 @@ class ScenarioGroups:
 
     for_fsdp: Any
     created: list
+    timeout: timedelta
+    checked: bool
+    """Created at DETAIL, wrapped in torch's collective checker."""
 
     def destroy(self) -> None:
         for group in self.created:
             dist.destroy_process_group(group)
+
+    @contextmanager
+    def adopting(self) -> Iterator[None]:
+        """Groups created inside become the scenario's: FSDP2 builds its own
+        for an int ``reshard_after_forward``, with torch's default timeout
+        of 30 minutes, which would turn a hang there into a stall of the
+        pool. They are created with the timeout ``new_scenario_groups``
+        gives creation, then given the scenario's, and destroyed with it."""
+        world = dist.distributed_c10d._world
+        before = set(world.pg_map)
+        previous = dist.distributed_c10d.default_pg_timeout
+        dist.distributed_c10d.default_pg_timeout = _creation_timeout(self.timeout, self.checked)
+        try:
+            yield
+        finally:
+            dist.distributed_c10d.default_pg_timeout = previous
+            for group in list(world.pg_map):
+                if group not in before:
+                    group.set_timeout(self.timeout)
+                    self.created.append(group)
+
+
+def _creation_timeout(timeout: timedelta, checked: bool) -> timedelta:
+    """Connecting a group's ranks is not the scenario's business: a loaded
+    machine may take longer than a collective's timeout. At DETAIL the
+    checker keeps the timeout it was created with, so there it is the
+    scenario's from the start."""
+    return timeout if checked else max(timeout, timedelta(seconds=STARTUP_TIMEOUT_S))
 
 
 def new_scenario_groups(scenario: Json, rank: int, timeout_s: float) -> ScenarioGroups:
@@ -713,18 +820,15 @@ def new_scenario_groups(scenario: Json, rank: int, timeout_s: float) -> Scenario
     needs. torch wraps groups created at DETAIL in its collective checker,
     so the level is the scenario's ``collective_checker`` for the creation only.
 
-    Connecting a group's ranks is not the scenario's business: a loaded
-    machine may take longer than a collective's timeout. So groups are
-    created with ``STARTUP_TIMEOUT_S`` and then given the scenario's timeout;
-    at DETAIL the checker keeps the timeout it was created with, so there it
-    is the scenario's from the start, and a creation that fails is reported
+    Groups are created with ``_creation_timeout`` and then given the
+    scenario's timeout; a creation that fails is reported
     (``GroupsNotCreated``) rather than observed.
     """
     previous = dist.get_debug_level()
     checked = scenario["collective_checker"]
     dist.set_debug_level(dist.DebugLevel.DETAIL if checked else dist.DebugLevel.OFF)
     timeout = timedelta(seconds=timeout_s)
-    creation = timeout if checked else timedelta(seconds=max(timeout_s, STARTUP_TIMEOUT_S))
+    creation = _creation_timeout(timeout, checked)
     try:
         if not scenario["hybrid"]:
             created = [dist.new_group(timeout=creation)]
@@ -742,7 +846,7 @@ def new_scenario_groups(scenario: Json, rank: int, timeout_s: float) -> Scenario
         dist.set_debug_level(previous)
     for group in created:
         group.set_timeout(timeout)
-    return ScenarioGroups(mine, created)
+    return ScenarioGroups(mine, created, timeout, checked)
 
 
 class GroupsNotCreated(RuntimeError):
@@ -765,7 +869,7 @@ _doing = Doing()
 
 
 def run_rank(
-    scenario: Json, rank: int, device: torch.device, group: Any, timings: dict[str, float] | None = None
+    scenario: Json, rank: int, device: torch.device, groups: ScenarioGroups, timings: dict[str, float] | None = None
 ) -> Iterator[Json]:
     """Yield setup's outcome, then each step's, for this rank, as each ends.
 
@@ -786,7 +890,8 @@ def run_rank(
             timings["build"] = time.perf_counter() - started
             dist.set_debug_level(getattr(dist.DebugLevel, scenario["debug_level"]))
             started = time.perf_counter()
-            engine.wrap(built, scenario, group, device)
+            with groups.adopting():
+                engine.wrap(built, scenario, groups.for_fsdp, device)
             timings["wrap"] = time.perf_counter() - started
             trace.unit_keys = engine.unit_keys(built)
             optimizer = torch.optim.SGD(built.module.parameters(), lr=LEARNING_RATE)
@@ -814,34 +919,36 @@ def _run_step(scenario: Json, built: BuiltModel, optimizer, rank: int, index: in
     with _recording() as caught, tracing(trace, scenario["engine"]):
         _doing.caught, _doing.trace = caught, trace
         try:
-            engine.before_step(built, step)
-            total = run_forwards(scenario, built, rank, index, device).total
-            grad_sum = None
-            if step["backward"]:
-                total.backward()
-                grads = [_local(p.grad).float().sum() for p in built.module.parameters() if p.grad is not None]
-                grad_sum = float(sum(grads, torch.zeros((), device=device)).cpu())
-            if step["optimizer_step"]:
-                optimizer.step()
-                optimizer.zero_grad()
-            engine.after_step(built, step)
+            with engine.stepping(built, step):
+                total = run_forwards(scenario, built, rank, index, device).total
+                grad_sum = None
+                if step["backward"]:
+                    total.backward()
+                    grads = [_local(p.grad).float().sum() for p in built.module.parameters() if p.grad is not None]
+                    grad_sum = float(sum(grads, torch.zeros((), device=device)).cpu())
+                if step["optimizer_step"]:
+                    optimizer.step()
+                    optimizer.zero_grad()
             return _outcome(
                 OK,
                 caught,
                 trace,
                 output_sum=float(total.detach().cpu()),
                 grad_sum=grad_sum,
-                param_digest=param_digest(built.module),
+                param_digest=param_digest(built.module, built.ignored),
             )
         except Exception as exc:  # noqa: BLE001 - any failure is an observation
             return _failure(exc, caught, trace)
 
 
-def param_digest(module: nn.Module) -> float:
-    """A fingerprint of the rank's local parameters: equal values, equal
-    digests; each element weighted by its position, so a permutation shows."""
+def param_digest(module: nn.Module, ignored: frozenset[int] = frozenset()) -> float:
+    """A fingerprint of the rank's local parameters, the ignored ones (each
+    rank's own) left out: equal values, equal digests; each element
+    weighted by its position, so a permutation shows."""
     total = 0.0
     for parameter in module.parameters():
+        if id(parameter) in ignored:
+            continue
         values = _local(parameter).detach().reshape(-1).double().cpu()
         weights = torch.arange(1, values.numel() + 1, dtype=torch.float64) / values.numel()
         total += float((values * weights).sum())
@@ -915,7 +1022,7 @@ def serve_scenario(scenario: Json, scenario_id: int, rank: int, placement: Place
         return
     timings = {"group": time.perf_counter() - started}
     try:
-        for outcome in run_rank(scenario, rank, placement.rank_device(rank), groups.for_fsdp, timings):
+        for outcome in run_rank(scenario, rank, placement.rank_device(rank), groups, timings):
             reports.put(("outcome", rank, scenario_id, outcome))
         _doing.caught, _doing.trace = None, None
     finally:

@@ -168,7 +168,7 @@ def ignored_blocks(draw: st.DrawFn, scenario: Scenario) -> tuple[str, ...]:
         and node.name != stem
         and not (scenario.engine == "fsdp1" and any(inner.fsdp_unit for inner in _named(node)))
     ]
-    enabled = draw(_chance(1, 5))
+    enabled = draw(_chance(1, 5)) and scenario.param_dtype == "float32"  # the engine casts no ignored parameter
     block = draw(st.sampled_from(candidates or [""]))
     return (block,) if enabled and candidates else ()
 

@@ -1412,9 +1412,10 @@ def _rank_dependent_freeze_drops_grads(
     return _gradients_wrong_after(scenario, violations, _ranks_froze_differently)
 
 
-RECOMPUTE_ON_FREED_PARAMETERS = ("setStorage:", "mat2 must be a matrix, got 1-D tensor")
+RECOMPUTE_ON_FREED_PARAMETERS = ("setStorage:", "mat2 must be a matrix, got 1-D tensor", "size mismatch, got input")
 """How the recomputed forward meets the unit's freed flat parameter, or
-with use_orig_params its sharded 1-D views."""
+with use_orig_params its sharded 1-D views (as a weight, or as a bias of
+the wrong length)."""
 
 
 def _reentrant_runs_since_backward(scenario: Scenario, rank: int, step: int) -> int:
@@ -1753,6 +1754,92 @@ def _fsdp2_mixed_precision_unit_frozen_at_first_forward(
     if scenario.fsdp2.mp_policy is None or not _freezes_after_wrapping(scenario):
         return False
     return _all_failed_with(observations, violations, (Kind.STEP_FAILED,), "RuntimeError", GRAD_DTYPE_ERROR)
+
+
+COMM_CONTEXT_NOT_READY = "'FSDPCommContext' object has no attribute"
+
+
+def _resets_before_initialisation(scenario: Scenario, rank: int, step: int) -> bool:
+    """The rank's step ``step`` resets FSDP2's iteration state before any
+    forward or explicit unshard (which lazily initialise the root)."""
+    steps = scenario.ranks[rank]
+    first = next((index for index, current in enumerate(steps) if current.forwards or current.unshard), None)
+    return steps[step].reset_iter_state and (first is None or step <= first)
+
+
+@known_issue(
+    "fsdp2-reset-iter-state-before-first-forward",
+    priority=300,
+    engines=("fsdp2",),
+    description="""
+        FSDPModule.reset_iter_state() on the root before its first forward (before FSDP2's lazy initialisation)
+        raises AttributeError "'FSDPCommContext' object has no attribute 'all_gather_state'" on every rank that
+        calls it: the reset waits on communication state that only the first forward creates. Documented as the
+        recovery step after a failed forward or backward, it is also what a training loop calls defensively at
+        the top of each iteration; from the second step on the same call runs cleanly. Found by the first
+        campaign over FSDP2's remaining settings.
+    """,
+)
+def _fsdp2_reset_iter_state_before_first_forward(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    kinds = (Kind.STEP_FAILED, Kind.REFUSAL_MISSING)
+    if not all(v.step is not None and _resets_before_initialisation(scenario, v.rank, v.step) for v in violations):
+        return False
+    return _all_failed_with(observations, violations, kinds, "AttributeError", COMM_CONTEXT_NOT_READY)
+
+
+def _partial_reduction_then_freeze(scenario: Scenario, step: int) -> bool:
+    """Before ``step``, a backward without HSDP's all-reduce left partial
+    reductions pending, and a freezing change came before the backward that
+    all-reduces them."""
+    for rank_steps in scenario.ranks:
+        pending: set[str] | None = None
+        for current in rank_steps[: step + 1]:
+            if pending is not None and set(current.frozen) - pending:
+                return True
+            if current.backward:
+                pending = set(current.frozen) if not current.all_reduce else None
+    return False
+
+
+@known_issue(
+    "fsdp2-hsdp-partial-reduction-dropped-by-freezing",
+    priority=310,
+    engines=("fsdp2",),
+    description="""
+        HSDP gradient accumulation with set_requires_all_reduce(False) keeps each unit's reduce-scattered
+        partial sums until the backward that all-reduces them. Freeze a block between the two (a freezing
+        schedule, as fine-tuning recipes switch) and its partial sums never reach its gradients: the
+        all-reducing backward skips the frozen unit, so the optimizer steps without the accumulated microbatch
+        and the gradients silently differ from a single-process run on every rank. The other accumulation mode,
+        set_requires_gradient_sync(False), keeps the same block's accumulated gradients through the same freeze.
+        Found by the first campaign over FSDP2's remaining settings.
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#126166",
+            "the PR that added set_requires_all_reduce for HSDP: partial sums are kept and added before the "
+            "all-reduce of the last microbatch, the promise this record finds broken",
+            Relation.RELATED,
+        ),
+        Upstream(
+            "pytorch/pytorch#194628",
+            "'the two no-sync modes take different code paths and only the first was covered': the HSDP partial "
+            "sums' own accumulation path, fixed there for precision, not for freezing",
+            Relation.RELATED,
+        ),
+    ),
+)
+def _fsdp2_hsdp_partial_reduction_dropped_by_freezing(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    if not scenario.fsdp2.hsdp:
+        return False
+    return all(
+        v.clause == Clause.REFERENCE and v.step is not None and _partial_reduction_then_freeze(scenario, v.step)
+        for v in violations
+    )
 
 
 def markdown_table() -> str:
