@@ -20,7 +20,17 @@ from pathlib import Path as FilePath
 from typing import Any
 
 from fsdp_fuzz.jsonfmt import format_json
-from fsdp_fuzz.models.spec import Choice, ModelSpec, Norm, Sequential, SpecError, spec_from_json, spec_to_json, taken
+from fsdp_fuzz.models.spec import (
+    Choice,
+    Linear,
+    ModelSpec,
+    Norm,
+    Sequential,
+    SpecError,
+    spec_from_json,
+    spec_to_json,
+    taken,
+)
 
 SCHEMA_VERSION = 1
 
@@ -199,6 +209,9 @@ class FsdpSettings:
     ignored: tuple[str, ...] = ()
     """Blocks passed as ``ignored_states``: FSDP neither shards their
     parameters nor reduces their gradients."""
+    cpu_offload: bool = False
+    """``CPUOffload(offload_params=True)``: sharded parameters and gradients
+    live on the CPU between uses. CUDA placements only."""
 
 
 @dataclass(frozen=True)
@@ -237,6 +250,12 @@ class Fsdp2Settings:
     sharded_together: tuple[tuple[str, ...], ...] = ()
     """Sibling units each sharded by one ``fully_shard([a, b, ...])`` call:
     one parameter group, unsharded whichever of them runs first."""
+    no_unshard_in_backward: tuple[str, ...] = ()
+    """Units given ``set_unshard_in_backward(False)``: FSDP2 leaves their
+    parameters sharded in backward, which is right only where backward
+    needs none of them (an embedding-like first layer)."""
+    cpu_offload: bool = False
+    """``offload_policy=CPUOffloadPolicy()``. CUDA placements only."""
 
 
 @dataclass(frozen=True)
@@ -342,6 +361,11 @@ class Scenario:
     def param_dtype(self) -> str:
         policy = self.mixed_precision
         return (policy.param_dtype if policy is not None else None) or "float32"
+
+    @property
+    def cpu_offload(self) -> bool:
+        """Whether the engine offloads parameters to the CPU (CUDA only)."""
+        return self.fsdp2.cpu_offload if self.engine == "fsdp2" else self.fsdp.cpu_offload
 
     @property
     def ignored_blocks(self) -> tuple[str, ...]:
@@ -515,6 +539,14 @@ def _validate_engine_settings(scenario: Scenario) -> None:
                 "gloo lacks; set force_sum_reduction too (FSDP2 then divides apart)"
             )
     _validate_sharded_together(scenario.model, settings.sharded_together)
+    for name in settings.no_unshard_in_backward:
+        if not backward_needs_no_parameters(scenario.model, name):
+            raise ScenarioError(
+                f"no_unshard_in_backward names {name!r}, whose parameters backward needs (it computes input "
+                "gradients through them, or recomputes them under checkpointing): only a unit that is the "
+                "model's first block and whose only layer with parameters is its first, a Linear, qualifies "
+                "(an embedding-like layer on inputs that need no gradient)"
+            )
     reshard = scenario.fsdp2.reshard_after_forward
     if isinstance(reshard, int) and not isinstance(reshard, bool):
         shard_size = HYBRID_NODE_SIZE if scenario.hybrid else scenario.world_size
@@ -548,6 +580,20 @@ def _named_in(node: Sequential | Choice) -> Iterator[Sequential | Choice]:
     for child in node.children if isinstance(node, Sequential) else node.alternatives:
         if isinstance(child, (Sequential, Choice)):
             yield from _named_in(child)
+
+
+def backward_needs_no_parameters(model: ModelSpec, name: str) -> bool:
+    """Whether backward can do without the unit's unsharded parameters: the
+    model's first block, a unit, not checkpointed nor tied, whose only
+    layer with parameters is its first child, a Linear on the model's
+    input (which needs no gradient): its weight gradient is input times
+    output gradient, and no gradient flows further back."""
+    first = model.root.children[0]
+    if not isinstance(first, Sequential) or first.name != name or not first.fsdp_unit:
+        return False
+    if first.checkpoint or first.tied_to or not first.children or not isinstance(first.children[0], Linear):
+        return False
+    return not any(isinstance(child, (Linear, Norm, Sequential, Choice)) for child in first.children[1:])
 
 
 def _validate_sharded_together(model: ModelSpec, groups: tuple[tuple[str, ...], ...]) -> None:
@@ -665,6 +711,8 @@ _ADDED_SETTINGS = (
     "gradient_divide_factor",
     "force_sum_reduction",
     "sharded_together",
+    "no_unshard_in_backward",
+    "cpu_offload",
 )
 """Settings newer than the first saved scenarios: written only where set, so old files stay as they were."""
 
@@ -685,6 +733,8 @@ def _settings_from_json(kind: type, encoded: Mapping[str, Any]) -> Any:
             fields[name] = policy(**fields[name])
     if "ignored" in fields:
         fields["ignored"] = tuple(str(name) for name in fields["ignored"])
+    if "no_unshard_in_backward" in fields:
+        fields["no_unshard_in_backward"] = tuple(str(name) for name in fields["no_unshard_in_backward"])
     if "sharded_together" in fields:
         fields["sharded_together"] = tuple(tuple(str(name) for name in group) for group in fields["sharded_together"])
     if fields.get("gradient_divide_factor") is not None:

@@ -413,7 +413,7 @@ class Fsdp1:
     )
 
     def wrap(self, built: BuiltModel, scenario: Json, group: Any, device: torch.device) -> None:
-        from torch.distributed.fsdp import BackwardPrefetch, MixedPrecision, ShardingStrategy
+        from torch.distributed.fsdp import BackwardPrefetch, CPUOffload, MixedPrecision, ShardingStrategy
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
         settings = scenario["fsdp"]
@@ -430,6 +430,7 @@ class Fsdp1:
             "sync_module_states": settings["sync_module_states"],
             "mixed_precision": None if policy is None else MixedPrecision(**_with_dtypes(policy)),
             "ignored_states": built.ignore(settings["ignored"]) or None,
+            "cpu_offload": CPUOffload(offload_params=True) if settings["cpu_offload"] else None,
         }
         root = built.spec["root"]
         if settings["auto_wrap"]:
@@ -487,7 +488,12 @@ class Fsdp2:
     )
 
     def wrap(self, built: BuiltModel, scenario: Json, group: Any, device: torch.device) -> None:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+        from torch.distributed.fsdp import (
+            CPUOffloadPolicy,
+            MixedPrecisionPolicy,
+            fully_shard,
+            register_fsdp_forward_method,
+        )
 
         settings = scenario["fsdp2"]
         mesh = self._mesh(scenario, group, device)
@@ -496,13 +502,16 @@ class Fsdp2:
         # output_dtype casts each unit's outputs: it is the model's output
         # dtype, so only the root gets it, as users set it.
         common = {"mesh": mesh, "shard_placement_fn": self._placement(settings["shard_dim"], mesh.size(-1))}
+        if settings["cpu_offload"]:
+            common["offload_policy"] = CPUOffloadPolicy()
         if settings["ignored"]:
             common["ignored_params"] = {p for block in built.ignore(settings["ignored"]) for p in block.parameters()}
         inner_kwargs, root_kwargs = dict(common), dict(common)
         if policy is not None:
             inner_kwargs["mp_policy"] = MixedPrecisionPolicy(**_with_dtypes({**policy, "output_dtype": None}))
             root_kwargs["mp_policy"] = MixedPrecisionPolicy(**_with_dtypes(policy))
-        built.module.to(device)
+        if not settings["cpu_offload"]:  # offloaded parameters stay where FSDP2 finds them, on the CPU
+            built.module.to(device)
         together = {name: tuple(group) for group in settings["sharded_together"] for name in group}
         waiting: dict[tuple[str, ...], list[nn.Module]] = {}
 
@@ -534,6 +543,8 @@ class Fsdp2:
             register_fsdp_forward_method(built.module, "encode")
         built.module.set_reduce_scatter_unused_params(settings["reduce_scatter_unused_params"])
         built.module.set_reshard_after_backward(settings["reshard_after_backward"])
+        for name in settings["no_unshard_in_backward"]:
+            built.units[name].set_unshard_in_backward(False)
         for unit in built.units.values():  # these two setters do not recurse: users call them on every unit
             unit.set_force_sum_reduction_for_comms(settings["force_sum_reduction"])
             if settings["gradient_divide_factor"] is not None:
@@ -924,8 +935,11 @@ def _run_step(scenario: Json, built: BuiltModel, optimizer, rank: int, index: in
                 grad_sum = None
                 if step["backward"]:
                     total.backward()
-                    grads = [_local(p.grad).float().sum() for p in built.module.parameters() if p.grad is not None]
-                    grad_sum = float(sum(grads, torch.zeros((), device=device)).cpu())
+                    # On the CPU: offloaded gradients live there whatever the device.
+                    grads = [
+                        _local(p.grad).float().sum().cpu() for p in built.module.parameters() if p.grad is not None
+                    ]
+                    grad_sum = float(sum(grads, torch.zeros(())))
                 if step["optimizer_step"]:
                     optimizer.step()
                     optimizer.zero_grad()
@@ -1244,6 +1258,18 @@ def _record_deadlock(
     collected.deadlocked = True
 
 
+def refuse_offload_on_cpu(scenario: Json, placement: Placement) -> None:
+    """CPU offload moves parameters between the CPU and the device: there
+    is nothing to offload from ranks on the CPU (FSDP2 fails to find an
+    accelerator), so such a scenario needs CUDA ranks."""
+    offloads = scenario["fsdp"]["cpu_offload"] or scenario["fsdp2"]["cpu_offload"]
+    if offloads and placement.device != "cuda":
+        raise DeviceError(
+            f"the scenario offloads parameters to the CPU (cpu_offload), which needs CUDA ranks, but it would run "
+            f"on {placement.device}; run it with --device cuda, or drop cpu_offload"
+        )
+
+
 def run_fresh(
     scenario: Json,
     placement: Placement = CPU,
@@ -1260,6 +1286,7 @@ def run_fresh(
     scenario, the same outcomes.
     """
     placement.check(scenario["world_size"])
+    refuse_offload_on_cpu(scenario, placement)
     check_trace(scenario["engine"])
     context = mp.get_context("spawn")
     reports, release = context.Queue(), context.Event()

@@ -66,6 +66,7 @@ from fsdp_fuzz.execute.executor import (
     check_trace,
     collect_outcomes,
     join_default_group,
+    refuse_offload_on_cpu,
     serve_scenario,
 )
 from fsdp_fuzz.execute.observe import observations_of
@@ -259,6 +260,7 @@ class RankPool:
             check_trace(scenario.engine)
             self._traced.add(scenario.engine)
         encoded = scenario_to_json(scenario, complete=True)
+        refuse_offload_on_cpu(encoded, self.placement)
         for _ in range(GROUP_ATTEMPTS):
             collected = self._collect(encoded)
             if collected.no_groups is None:

@@ -40,6 +40,7 @@ from fsdp_fuzz.data import (
     MixedPrecisionPolicy,
     Scenario,
     Step,
+    backward_needs_no_parameters,
     first_step_on_unreduced_gradients,
     freezable_blocks,
 )
@@ -118,18 +119,20 @@ def fsdp_settings(draw: st.DrawFn, world_size: int, *, device: str = "cpu", hybr
         sync_module_states=device != "cpu" and draw(st.booleans()),
         mixed_precision=draw(mixed_precision()),
         auto_wrap=draw(_chance(1, 3)),
+        cpu_offload=device == "cuda" and draw(_chance(1, 4)),
     )
 
 
 @st.composite
-def fsdp2_settings(draw: st.DrawFn, world_size: int, *, hybrid: bool = True) -> Fsdp2Settings:
+def fsdp2_settings(draw: st.DrawFn, world_size: int, *, device: str = "cpu", hybrid: bool = True) -> Fsdp2Settings:
     """Every ``fully_shard`` setting; shrinks to ``Fsdp2Settings()``.
 
     ``hsdp`` where the ranks split into simulated nodes; an int
     ``reshard_after_forward`` where the shard group has a divisor other
     than 1 and itself (4 ranks without HSDP); a gradient divide factor with
-    sum reductions only (gloo has no ``PREMUL_SUM``). What depends on the
-    model (``ignored``, ``sharded_together``) is drawn with it.
+    sum reductions only (gloo has no ``PREMUL_SUM``); CPU offload on CUDA
+    only. What depends on the model (``ignored``, ``sharded_together``,
+    ``no_unshard_in_backward``) is drawn with it.
     """
     hsdp = hybrid and hybrid_allowed(world_size) and draw(_chance(1, 3))
     divisors = () if hsdp else tuple(n for n in range(2, world_size) if world_size % n == 0)
@@ -147,6 +150,7 @@ def fsdp2_settings(draw: st.DrawFn, world_size: int, *, hybrid: bool = True) -> 
         shard_dim=int(draw(_chance(1, 4))),
         force_sum_reduction=force_sum,
         gradient_divide_factor=factor if force_sum else None,
+        cpu_offload=device == "cuda" and draw(_chance(1, 4)),
     )
 
 
@@ -171,6 +175,17 @@ def ignored_blocks(draw: st.DrawFn, scenario: Scenario) -> tuple[str, ...]:
     enabled = draw(_chance(1, 5)) and scenario.param_dtype == "float32"  # the engine casts no ignored parameter
     block = draw(st.sampled_from(candidates or [""]))
     return (block,) if enabled and candidates else ()
+
+
+@st.composite
+def no_unshard_in_backward(draw: st.DrawFn, model: ModelSpec) -> tuple[str, ...]:
+    """About one FSDP2 scenario in three whose stem qualifies
+    (``validate_scenario``): the stem left sharded in backward, as users
+    set it on an embedding; shrinks to none."""
+    stem = model.root.children[0]
+    qualifies = isinstance(stem, Sequential) and backward_needs_no_parameters(model, stem.name)
+    enabled = draw(_chance(1, 3))
+    return (stem.name,) if enabled and qualifies else ()
 
 
 @st.composite
@@ -467,7 +482,7 @@ def scenarios(
         # parameters may share a unit; it has no order check, so the debug
         # level keeps its default. Its policy casts no buffers, so norm
         # layers only where parameters stay float32.
-        fsdp2 = draw(fsdp2_settings(world_size, hybrid=hybrid))
+        fsdp2 = draw(fsdp2_settings(world_size, device=device, hybrid=hybrid))
         settings = {"engine": engine, "fsdp2": fsdp2}
         uniform, norms = False, fsdp2.mp_policy is None
     else:
@@ -482,8 +497,13 @@ def scenarios(
     unscheduled = Scenario(model=model, ranks=(), freeze_untaken=freeze_untaken, **settings)
     ignored = draw(ignored_blocks(unscheduled))
     if engine == "fsdp2":
-        together = draw(sharded_together(model))
-        unscheduled = replace(unscheduled, fsdp2=replace(unscheduled.fsdp2, ignored=ignored, sharded_together=together))
+        fsdp2 = replace(
+            unscheduled.fsdp2,
+            ignored=ignored,
+            sharded_together=draw(sharded_together(model)),
+            no_unshard_in_backward=draw(no_unshard_in_backward(model)),
+        )
+        unscheduled = replace(unscheduled, fsdp2=fsdp2)
     else:
         unscheduled = replace(unscheduled, fsdp=replace(unscheduled.fsdp, ignored=ignored))
     scenario = replace(
