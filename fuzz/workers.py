@@ -18,6 +18,7 @@ import os
 import queue
 import shutil
 import signal
+import sys
 import tempfile
 import time
 import traceback
@@ -273,6 +274,14 @@ def campaign_worker(index: int, spec: CampaignSpec, events, stop) -> None:
         events.put(("done", index, WorkerResult(tallies, findings, runs, flaky, error, unfinished)))
         events.close()
         events.join_thread()
+    # Leave as a forked process does: finalisers (this worker's temporary
+    # directory, multiprocessing's semaphores), then out. A spawned one would
+    # go on to tear down an interpreter that imported torch, 0.3 s and more on
+    # a loaded machine, and the campaign's end waits for it.
+    multiprocessing.util._exit_function()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def remove_abandoned_temporaries() -> None:
