@@ -32,7 +32,7 @@ from fsdp_fuzz.execute.executor import HarnessError, check_trace
 from fsdp_fuzz.execute.pool import DEFAULT_GROUP_TIMEOUT_S, PoolSet
 from fsdp_fuzz.judge.known_issues import issue_named
 from fsdp_fuzz.render import render_scenario
-from fsdp_fuzz.replay import PASSING, ranks_log, replay_result
+from fsdp_fuzz.replay import PASSING, ReplayReport, ReplayResult, ranks_log, replay_result
 from fsdp_fuzz.report import CampaignReport
 from fsdp_fuzz.terminal import ProgressLine
 from fsdp_fuzz.workers import EXIT_CODES, CampaignSpec, WorkerResult, open_database, run_workers
@@ -125,6 +125,13 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--log-dir", type=Path, default=DEFAULT_LOG_DIR, help="each replay's directory: ranks' output (%(default)s)"
     )
+    replay.add_argument(
+        "--json",
+        type=Path,
+        metavar="PATH",
+        help="also write the verdicts as JSON here (torch version, placement, per file: what it recorded, today's "
+        "violations and known issue, seconds), rewritten after each file",
+    )
     _add_device_options(replay)
     replay.set_defaults(command=_replay, name="replay")
 
@@ -167,13 +174,6 @@ def _request(args: argparse.Namespace) -> DeviceRequest:
     return DeviceRequest(args.device, args.backend)
 
 
-def _process_started() -> float:
-    """When this process started, on the ``time.monotonic`` clock (Linux's
-    ``/proc``; elsewhere, now): Python starting and importing torch count
-    against ``--time`` too."""
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
 def _exit_at_once(code: int) -> NoReturn:
     """End a campaign's process once its report is out: exit handlers run
     (multiprocessing's finalisers among them), the interpreter's teardown of
@@ -185,6 +185,13 @@ def _exit_at_once(code: int) -> NoReturn:
     os._exit(code)
 
 
+def _process_started() -> float:
+    """When this process started, on the ``time.monotonic`` clock (Linux's
+    ``/proc``; elsewhere, now): Python starting and importing torch count
+    against ``--time`` too."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, AttributeError):
         return time.monotonic()
     return time.monotonic() - max(0.0, age)
@@ -346,22 +353,45 @@ def _replay(args: argparse.Namespace) -> int:
     log = ranks_log(args.log_dir)
     print(f"ranks' output: {log}", flush=True)
     world_sizes = tuple(sorted({size for path in files if (size := _world_size(path)) is not None})) or (2,)
+    request = _request(args)
+    report = ReplayReport({**request.to_json(world_sizes), "summary": request.describe(world_sizes)})
     with _pools(args, log, world_sizes) as pools:
         for path in files:
+            started = time.monotonic()
             try:
                 entry = load_entry(path)
             except ScenarioError as exc:
                 statuses["MALFORMED"] += 1
                 print(f"MALFORMED           {exc}", flush=True)
+                _add_to_report(args, report, path, None, ReplayResult("MALFORMED", str(exc)), started)
                 continue
             result = replay_result(entry, pools.run(entry.scenario))
+            _add_to_report(args, report, path, entry, result, started)
             statuses[result.status] += 1
             print(f"{result.status:<19} {path}", flush=True)
             if not result.passed:
                 print("    " + result.detail.replace("\n", "\n    "), flush=True)
-    print(f"\nreplayed {len(files)} file(s) on {_request(args).describe(world_sizes)}: {counts(statuses)}")
+    print(f"\nreplayed {len(files)} file(s) on {request.describe(world_sizes)}: {counts(statuses)}")
     print(f"ranks' output: {log}")
+    if args.json:
+        print(f"verdicts as JSON: {args.json}")
     return 0 if all(status in PASSING for status in statuses) else 1
+
+
+def _add_to_report(
+    args: argparse.Namespace,
+    report: ReplayReport,
+    path: Path,
+    entry: CorpusEntry | None,
+    result: ReplayResult,
+    started: float,
+) -> None:
+    """Record one file's verdict and, with ``--json``, rewrite the file: a
+    replay cut short (a hang past every timeout, a killed job) still leaves
+    the verdicts it reached."""
+    report.add(path, entry, result, time.monotonic() - started)
+    if args.json:
+        report.write(args.json)
 
 
 def _world_size(path: Path) -> int | None:
@@ -380,6 +410,7 @@ def _show(args: argparse.Namespace) -> int:
         print(f"\nknown issue {issue.name}: {issue.description}")
         for reference in issue.upstream:
             print(f"  upstream {reference.url}: {reference.relation}; {reference.seen}")
+        print(f"  torch: {issue.versions_summary} (docs/torch-versions.md)")
     if entry.finding is not None:
         finding = entry.finding
         print(f"\nrecorded finding (torch {finding.torch_version}, {finding.where()}):")

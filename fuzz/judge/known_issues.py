@@ -79,10 +79,30 @@ class KnownIssue:
     matches: Predicate
     engines: tuple[str, ...]
     """The engines whose scenarios it can explain."""
+    seen_on: tuple[str, ...] = ()
+    """Torch releases (``2.13.0``, no build suffix) on which a replay of the
+    corpus matched it (its ``corpus/known/`` reproducers, or another file):
+    evidence, not a range. Empty means not replayed yet, and a test fails on
+    that; ``docs/torch-versions.md`` holds the replays and how to rerun them."""
+    fixed_in: str | None = None
+    """The first replayed release on which its reproducers keep the
+    contract. A reproducer that fails differently there is not fixed: the
+    record stays open and ``versions_note`` says what changed."""
+    versions_note: str = ""
+    """What a replay on another release showed that the two fields cannot."""
 
     @property
     def upstream_summary(self) -> str:
         return ", ".join(reference.thread for reference in self.upstream) or "none found"
+
+    @property
+    def versions_summary(self) -> str:
+        """For the README's table and ``show``: ``seen on 2.13.0, 2.14.1``,
+        ``seen on 2.13.0; fixed in 2.14.1``, and the note."""
+        text = f"seen on {', '.join(self.seen_on)}" if self.seen_on else "not replayed yet"
+        if self.fixed_in:
+            text += f"; fixed in {self.fixed_in}"
+        return f"{text} ({self.versions_note})" if self.versions_note else text
 
 
 KNOWN_ISSUES: dict[str, KnownIssue] = {}
@@ -95,6 +115,9 @@ def known_issue(
     description: str,
     upstream: tuple[Upstream, ...] = (),
     engines: tuple[str, ...] = ("fsdp1",),
+    seen_on: tuple[str, ...] = (),
+    fixed_in: str | None = None,
+    versions_note: str = "",
 ) -> Callable[[Predicate], Predicate]:
     """Register the decorated predicate as the record ``name``."""
 
@@ -102,7 +125,17 @@ def known_issue(
         if name in KNOWN_ISSUES or priority in {issue.priority for issue in KNOWN_ISSUES.values()}:
             raise ValueError(f"known issue {name!r}: name and priority must be unique")
         description_text = " ".join(description.split())
-        KNOWN_ISSUES[name] = KnownIssue(name, priority, description_text, upstream, predicate, engines)
+        KNOWN_ISSUES[name] = KnownIssue(
+            name,
+            priority,
+            description_text,
+            upstream,
+            predicate,
+            engines,
+            seen_on,
+            fixed_in,
+            " ".join(versions_note.split()),
+        )
         return predicate
 
     return register
@@ -204,6 +237,7 @@ def _gradients_wrong_after(scenario: Scenario, violations: tuple[Violation, ...]
 @known_issue(
     "fsdp2-assumes-the-same-program",
     priority=5,
+    seen_on=("2.13.0", "2.14.1"),
     engines=("fsdp2",),
     description="""
         FSDP2 (fully_shard) checks nothing about the forward paths of the ranks: it assumes every rank runs the
@@ -263,6 +297,7 @@ def _fsdp2_divergence_outside_its_promise(
 @known_issue(
     "eval-order-unchecked",
     priority=10,
+    seen_on=("2.13.0", "2.14.1"),
     description="""
         FSDP does not check the forward order in eval mode, so ranks whose eval forwards use different units pair
         the all-gathers of different units without any error or warning: with equal numel and the same sharding
@@ -305,6 +340,7 @@ def _eval_divergence_fails(scenario: Scenario, observations: Observations, viola
 @known_issue(
     "unchecked-after-deviation",
     priority=20,
+    seen_on=("2.13.0", "2.14.1"),
     description="""
         Once a rank's forward order deviates from its first iteration, FSDP warns that rank and checks nothing
         more: ranks whose later orders differ pair the collectives of different units, silently when numel and
@@ -361,6 +397,7 @@ def _refrozen_after_forward_without_backward(scenario: Scenario, step: int) -> b
 @known_issue(
     "refreeze-after-forward-without-backward",
     priority=30,
+    seen_on=("2.13.0", "2.14.1"),
     description="""
         A forward with grad enabled registers a post-backward hook on each trainable unit. If no backward follows
         (an eval forward, as in the seed's train/eval test) and the user then freezes that unit
@@ -414,6 +451,7 @@ def _refreeze_after_forward_without_backward(
 @known_issue(
     "hybrid-order-check-intra-node-only",
     priority=40,
+    seen_on=("2.13.0", "2.14.1"),
     description="""
         With HYBRID_SHARD or _HYBRID_SHARD_ZERO2, FSDP validates the first-iteration forward order over the
         intra-node (sharding) group only (_exec_order_data.init gets state.process_group), so ranks that agree
@@ -461,6 +499,7 @@ def _hybrid_divergence_hidden_from_a_node(
 @known_issue(
     "later-check-ignores-repeats",
     priority=50,
+    seen_on=("2.13.0", "2.14.1"),
     description="""
         FSDP records each unit's first use only in the first iteration and then compares every later pre-forward
         against that list. When a unit runs more than once per iteration (several forwards before a backward, or
@@ -504,6 +543,7 @@ def _later_check_ignores_repeats(
 @known_issue(
     "later-check-misses-dropped-units",
     priority=60,
+    seen_on=("2.13.0", "2.14.1"),
     description="""
         After the first iteration FSDP compares each pre-forward with the recorded order and warns about a
         different or an extra unit, but never notices units that a later iteration leaves out at the end: a rank
@@ -541,6 +581,7 @@ def _later_check_misses_dropped_units(
 @known_issue(
     "first-iteration-order-ends-early",
     priority=70,
+    seen_on=("2.13.0", "2.14.1"),
     description="""
         The first-iteration check is a pair of all-gathers per unit a rank uses; a rank whose order has ended
         (it skipped a branch, or its alternative is no unit of its own) issues none and moves on, so the other
@@ -619,6 +660,7 @@ NON_LEAF_REQUIRES_GRAD = "you can only change requires_grad flags of leaf variab
 @known_issue(
     "refreeze-hits-unsharded-views",
     priority=80,
+    seen_on=("2.13.0", "2.14.1"),
     description="""
         With use_orig_params=True and a strategy that keeps parameters unsharded after an eval forward
         (SHARD_GRAD_OP), the module's parameters are views of the unsharded flat parameter until the next
@@ -675,6 +717,7 @@ def _refreeze_hits_unsharded_views(
 @known_issue(
     "order-unchecked-below-detail",
     priority=90,
+    seen_on=("2.13.0", "2.14.1"),
     description="""
         Below debug level DETAIL FSDP checks no forward order at all: ranks whose forwards diverge pair the
         collectives of different units silently when numel agree, and crash or hang otherwise.
@@ -706,6 +749,7 @@ def _unchecked_below_detail(scenario: Scenario, observations: Observations, viol
 @known_issue(
     "order-error-key-error-with-orig-params",
     priority=100,
+    seen_on=("2.13.0", "2.14.1"),
     description="""
         With use_orig_params=True, a first-iteration divergence raises KeyError(<the FlatParameter>) instead of
         'Forward order differs across ranks': building the message looks the flat parameter up in param_to_fqn
@@ -726,6 +770,7 @@ def _order_error_raises_key_error(
 @known_issue(
     "hybrid-warning-names-intra-node-rank",
     priority=110,
+    seen_on=("2.13.0", "2.14.1"),
     description="""
         With HYBRID_SHARD or _HYBRID_SHARD_ZERO2, the later-iteration warning names the rank within its node
         ('... on rank 0' on global rank 2): _ExecOrderData takes its rank from the intra-node process group. In
@@ -762,6 +807,7 @@ def backward_steps_differ(scenario: Scenario) -> int | None:
 @known_issue(
     "backward-on-some-ranks-only",
     priority=120,
+    seen_on=("2.13.0", "2.14.1"),
     description="""
         FSDP checks the order of forwards only. Ranks whose forwards agree but that disagree on whether a step
         runs a backward (one rank skips it, as a 'skip the step on a NaN loss' guard does) meet with unmatched
@@ -803,6 +849,7 @@ def _thawed_or_frozen_since_accumulating(scenario: Scenario, step: int) -> bool:
 @known_issue(
     "refreeze-drops-accumulated-grads-with-orig-params",
     priority=130,
+    seen_on=("2.13.0", "2.14.1"),
     description="""
         With use_orig_params=True, freezing a parameter (requires_grad=False, as the seed's flip_path does)
         between two backwards that accumulate gradients drops the gradient it had accumulated: its .grad is None
@@ -843,6 +890,7 @@ TRAINING_STATE_ERROR = "expected to be in states [<TrainingState.IDLE"
 @known_issue(
     "frozen-unit-backward-state-error-with-orig-params",
     priority=140,
+    seen_on=("2.13.0", "2.14.1"),
     description="""
         With use_orig_params=True, freezing every parameter of an FSDP unit after wrapping (here: a branch point
         that is its own unit, with all its alternatives untaken and frozen) and then running a forward and
@@ -904,6 +952,7 @@ def _stepped_while_unsharded(scenario: Scenario, step: int) -> bool:
 @known_issue(
     "optimizer-step-before-backward-uses-stale-params",
     priority=150,
+    seen_on=("2.13.0", "2.14.1"),
     description="""
         A forward that no backward follows leaves the root unit's parameters unsharded (FSDP keeps the root
         unsharded for the backward it expects, in eval mode and without grad too: _post_forward_reshard never
@@ -942,6 +991,7 @@ def _optimizer_step_leaves_stale_unsharded_params(
 @known_issue(
     "fsdp2-reshard-after-backward-off-loses-the-optimizer-step",
     priority=160,
+    seen_on=("2.13.0", "2.14.1"),
     engines=("fsdp2",),
     description="""
         With set_reshard_after_backward(False), the parameters registered on the module after a backward are the
@@ -1001,6 +1051,7 @@ def _stepped_after_a_forward_without_backward(scenario: Scenario, step: int) -> 
 @known_issue(
     "fsdp2-optimizer-step-after-forward-uses-stale-params",
     priority=170,
+    seen_on=("2.13.0", "2.14.1"),
     engines=("fsdp2",),
     description="""
         FSDP2's counterpart of optimizer-step-before-backward-uses-stale-params, wider: the root unit is not
@@ -1079,6 +1130,7 @@ def _thawed_while_unsharded(scenario: Scenario, step: int) -> bool:
 @known_issue(
     "fsdp2-requires-grad-change-while-unsharded-loses-gradients",
     priority=180,
+    seen_on=("2.13.0", "2.14.1"),
     engines=("fsdp2",),
     description="""
         While a unit is unsharded (after an explicit unshard(), or after a forward that did not reshard it:
@@ -1139,6 +1191,7 @@ def _eval_units_recorded(scenario: Scenario, rank: int) -> bool:
 @known_issue(
     "eval-forwards-recorded-in-first-iteration-order",
     priority=190,
+    seen_on=("2.13.0", "2.14.1"),
     description="""
         FSDP records the order that later iterations are compared with during its whole first iteration, up to
         the first backward, in eval mode too: the check skips eval forwards, the recording does not
@@ -1200,6 +1253,7 @@ def _backward_ended_fsdp_first_iteration_in_eval(scenario: Scenario) -> bool:
 @known_issue(
     "eval-backward-ends-first-iteration",
     priority=200,
+    seen_on=("2.13.0", "2.14.1"),
     description="""
         FSDP ends an iteration in its post-backward callback, which runs after a backward in eval mode too
         (gradients through an eval-mode forward). A backward after eval forwards before any training therefore
@@ -1285,6 +1339,7 @@ def gradient_units_differ(scenario: Scenario) -> int | None:
 @known_issue(
     "unit-without-gradient-skips-reduce-scatter",
     priority=210,
+    seen_on=("2.13.0", "2.14.1"),
     description="""
         FSDP1 reduce-scatters a unit's gradient from the post-backward hook on its flat parameter, which fires
         only when the backward reaches one of the unit's own parameters. When every rank runs the unit's module
@@ -1371,6 +1426,7 @@ def _ranks_froze_differently(scenario: Scenario, step: int) -> bool:
 @known_issue(
     "rank-dependent-freeze-drops-grads-with-orig-params",
     priority=220,
+    seen_on=("2.13.0", "2.14.1"),
     description="""
         With use_orig_params=True, FSDP1 hands a parameter its reduced gradient only where the parameter requires
         grad on the rank that holds its shard (FlatParamHandle._use_sharded_grad_views). When ranks freeze
@@ -1442,6 +1498,7 @@ def _reentrant_runs_since_backward(scenario: Scenario, rank: int, step: int) -> 
 @known_issue(
     "reentrant-checkpoint-recompute-after-reshard",
     priority=230,
+    seen_on=("2.13.0", "2.14.1"),
     description="""
         With a sharding strategy that frees parameters (FULL_SHARD, SHARD_GRAD_OP, hybrid), a block inside an
         FSDP1 unit checkpointed with torch.utils.checkpoint(use_reentrant=True), and two or more runs of it before
@@ -1493,6 +1550,7 @@ def _reentrant_checkpoint_recompute_after_reshard(
 @known_issue(
     "fsdp1-tie-across-units",
     priority=240,
+    seen_on=("2.13.0", "2.14.1"),
     description="""
         FSDP1 supports shared parameters only inside one unit. Tied across units, nothing is refused: with
         use_orig_params=False each unit flattens the shared parameter on its own, so the tie silently comes
@@ -1549,6 +1607,7 @@ def _method_ran_before_the_root(scenario: Scenario) -> bool:
 @known_issue(
     "fsdp2-method-before-forward-makes-a-unit-root",
     priority=250,
+    seen_on=("2.13.0", "2.14.1"),
     engines=("fsdp2",),
     description="""
         FSDP2 makes root whichever fully_shard module runs first. A method other than forward that is not
@@ -1592,6 +1651,7 @@ SHARD_SIZE_MISMATCH = "The size of tensor a"
 @known_issue(
     "mixed-precision-eval-forward-first-skips-gradient-reduction",
     priority=260,
+    seen_on=("2.13.0", "2.14.1"),
     description="""
         With FSDP1 MixedPrecision (any param_dtype, reduce_dtype or keep_low_precision_grads), an eval-mode
         forward with grad enabled before the first backward leaves the next backward's gradients unreduced and
@@ -1648,6 +1708,7 @@ def _reentrant_region_holds_a_unit(spec: ModelSpec) -> bool:
 @known_issue(
     "fsdp2-reentrant-checkpoint-around-a-unit-loses-gradients",
     priority=270,
+    seen_on=("2.13.0", "2.14.1"),
     engines=("fsdp2",),
     description="""
         Under fully_shard, a block checkpointed with torch.utils.checkpoint(use_reentrant=True) that holds a
@@ -1698,6 +1759,7 @@ CHECKPOINT_MISMATCH = "torch.utils.checkpoint: A different number of tensors was
 @known_issue(
     "fsdp2-explicit-unshard-breaks-checkpoint-recompute",
     priority=280,
+    seen_on=("2.13.0", "2.14.1"),
     engines=("fsdp2",),
     description="""
         Under fully_shard, an explicit unshard() before a forward through a unit that holds a block checkpointed
@@ -1730,6 +1792,8 @@ GRAD_DTYPE_ERROR = "attempting to assign a gradient with dtype"
 @known_issue(
     "fsdp2-mixed-precision-unit-frozen-at-first-forward",
     priority=290,
+    seen_on=("2.13.0",),
+    fixed_in="2.14.1",
     engines=("fsdp2",),
     description="""
         Under fully_shard with a MixedPrecisionPolicy, a unit whose parameters are all frozen during the first
@@ -1770,6 +1834,7 @@ def _resets_before_initialisation(scenario: Scenario, rank: int, step: int) -> b
 @known_issue(
     "fsdp2-reset-iter-state-before-first-forward",
     priority=300,
+    seen_on=("2.13.0", "2.14.1"),
     engines=("fsdp2",),
     description="""
         FSDPModule.reset_iter_state() on the root before its first forward (before FSDP2's lazy initialisation)
@@ -1806,6 +1871,7 @@ def _partial_reduction_then_freeze(scenario: Scenario, step: int) -> bool:
 @known_issue(
     "fsdp2-hsdp-partial-reduction-dropped-by-freezing",
     priority=310,
+    seen_on=("2.13.0", "2.14.1"),
     engines=("fsdp2",),
     description="""
         HSDP gradient accumulation with set_requires_all_reduce(False) keeps each unit's reduce-scattered
@@ -1844,8 +1910,11 @@ def _fsdp2_hsdp_partial_reduction_dropped_by_freezing(
 
 def markdown_table() -> str:
     """The README's table of known issues, by priority."""
-    rows = ["| name | engines | what | upstream |", "| --- | --- | --- | --- |"]
+    rows = ["| name | engines | what | upstream | torch |", "| --- | --- | --- | --- | --- |"]
     for issue in by_priority():
         threads = ", ".join(f"[{u.thread}]({u.url}) ({u.relation})" for u in issue.upstream) or "none found"
-        rows.append(f"| `{issue.name}` | {', '.join(issue.engines)} | {issue.description} | {threads} |")
+        rows.append(
+            f"| `{issue.name}` | {', '.join(issue.engines)} | {issue.description} | {threads} "
+            f"| {issue.versions_summary} |"
+        )
     return "\n".join(rows)
