@@ -19,7 +19,9 @@ from hypothesis.database import InMemoryExampleDatabase, choices_to_bytes
 from hypothesis.internal.reflection import function_digest
 
 from fsdp_fuzz.campaign import ALLOWANCE, Stop, _forget, _resume_later, deadline
-from fsdp_fuzz.corpus import load_entry
+from fsdp_fuzz.cli import main
+from fsdp_fuzz.corpus import load_entry, save_finding
+from fsdp_fuzz.judge.oracles import judge
 from tests.test_campaigns import run_campaign
 
 SECONDS = 40
@@ -63,6 +65,21 @@ def test_the_deadline_keeps_the_teardown_inside_the_allowance():
     assert deadline(0.0, 240) == pytest.approx(240 + 24 - 12), "4 minutes: half the allowance kept for ending"
     assert deadline(0.0, 40) == pytest.approx(40), "40 s: all of it"
     assert deadline(0.0, 10) == pytest.approx(10), "never before the budget itself"
+
+
+def test_a_cut_short_finding_says_so_until_a_finished_shrink_reaches_it(tmp_path, capsys, recorded):
+    scenario, observations = recorded("backward-on-some-ranks-only")
+    violations = judge(scenario, observations)
+    path, new = save_finding(tmp_path, scenario, observations, violations, found_by="test", fully_shrunk=False)
+    assert new and not load_entry(path).finding.fully_shrunk
+    assert main(["show", str(path)]) == 0
+    assert "not fully shrunk: the campaign's deadline cut its shrink short" in capsys.readouterr().out
+
+    again, new = save_finding(tmp_path, scenario, observations, violations, found_by="test")
+    assert again == path and not new
+    assert load_entry(path).finding.fully_shrunk, "a finished shrink that ends here marks the file"
+    assert main(["show", str(path)]) == 0
+    assert "not fully shrunk" not in capsys.readouterr().out
 
 
 def failing_above(limit: int, calls: list[int]):
