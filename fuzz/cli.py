@@ -261,6 +261,7 @@ def _run(args: argparse.Namespace) -> int:
         backends = ",".join(sorted(set(request.backends().values())))
         document = report.to_json(profile=f"cli:{args.target}", backend=backends, placement=request.to_json())
         document["time"] = time_spent(report, args.workers)
+        document["not_fully_shrunk"] = [str(path) for path in result.unfinished]
         args.report.write_text(json.dumps(document, indent=1) + "\n")
         print(f"  report written to {args.report}")
     if signum is not None:

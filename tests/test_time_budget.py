@@ -52,6 +52,7 @@ def test_a_strict_campaign_that_finds_several_classes_ends_within_a_tenth_more(t
     assert len(unfinished) == len(cut_short), "each cut-short class saved once, marked in its file"
     assert {entry.known_issue for entry in unfinished} - {None} <= cut_short, "unknown classes save no name"
     assert f"{len(unfinished)} finding(s) saved as they stood, not fully shrunk" in result.stdout
+    assert len(report["not_fully_shrunk"]) == len(unfinished)
     assert "keeps their progress" in result.stdout
 
     spent = report["time"]
