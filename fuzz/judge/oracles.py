@@ -493,14 +493,21 @@ def _judge_rank(
     return found
 
 
+UNCAST_INPUTS = ("RuntimeError", "to have the same dtype")
+"""How torch refuses float32 inputs meeting low-precision parameters."""
+
+
 def _meets_sharded_parameters(scenario: Scenario, step: Step, outcome: StepOutcome) -> bool:
-    """An unregistered method call refused because the parameters it runs
-    are sharded: FSDP2 runs no hooks around such a call, so it finds them
-    as the last hook left them, unsharded (it runs) or sharded (torch
-    refuses it); both are what FSDP2 documents. ``refusal`` demands the
+    """An unregistered method call refused for what FSDP2's hooks would have
+    done: FSDP2 runs none around such a call, so it finds the parameters as
+    the last hook left them, unsharded (it runs) or sharded (torch refuses
+    it), and under a param dtype its inputs uncast (torch refuses the
+    dtypes); all of it is what FSDP2 documents. ``refusal`` demands the
     refusal where the parameters are certainly sharded."""
     unregistered = scenario.engine == "fsdp2" and not scenario.fsdp2.register_encode and step.method != "forward"
-    return unregistered and outcome.error_type == SHARDED_CALL[0] and SHARDED_CALL[1] in (outcome.error_message or "")
+    documented = [SHARDED_CALL] + ([UNCAST_INPUTS] if scenario.param_dtype != "float32" else [])
+    message = outcome.error_message or ""
+    return unregistered and any(outcome.error_type == kind and words in message for kind, words in documented)
 
 
 def _judge_refusal(outcome: StepOutcome, rank: int, refused: Refusal) -> list[Violation]:
