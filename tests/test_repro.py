@@ -1,135 +1,142 @@
-"""Standalone reproducers: the executor's own source plus the scenario, runnable
-with nothing but torch, observing what the fuzzer observed."""
+"""One-screen reproducers, read without running them: what the generator
+writes for every corpus file. Running them is ``tests/test_repro_scripts.py``."""
 
 from __future__ import annotations
 
 import ast
-import dataclasses
-import inspect
-import json
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
+from fsdp_fuzz.cli import main as cli
 from fsdp_fuzz.corpus import corpus_files, load_entry
-from fsdp_fuzz.data import Status, outcome_from_json
-from fsdp_fuzz.execute import devices, executor
+from fsdp_fuzz.judge.oracles import expectations
 from fsdp_fuzz.repro import reproducer_script
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "corpus"
+FILES = corpus_files(CORPUS)
+MEDIAN_LINES_AT_MOST = 360
+"""The median length over ``corpus/known/`` (measured 2026-11-30: see the README); a guard against growth."""
 
 
-def write_script(directory: Path, stem: str) -> Path:
-    entry = load_entry(next(CORPUS.rglob(f"{stem}.json")))
-    script = directory / "repro.py"
-    script.write_text(reproducer_script(entry.scenario, title=f"FSDP known issue {stem}", notes="Seen by the fuzzer."))
-    return script
+def script_for(stem: str, **options) -> str:
+    return reproducer_script(load_entry(next(CORPUS.rglob(f"{stem}.json"))), **options)
 
 
-def run_script(script: Path, *args: str) -> subprocess.CompletedProcess:
-    """In a clean interpreter (``-I``: nothing of the fuzzer importable), from the script's own directory."""
-    command = [sys.executable, "-I", str(script), *args]
-    return subprocess.run(command, cwd=script.parent, capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def scripts() -> dict[Path, str]:
+    return {path: reproducer_script(load_entry(path)) for path in FILES}
 
 
-def repro_outcomes(stdout: str) -> list[list]:
-    (line,) = [line for line in stdout.splitlines() if line.startswith("REPRO-RESULT ")]
-    return [[outcome_from_json(o) for o in rank] for rank in json.loads(line.removeprefix("REPRO-RESULT "))["ranks"]]
+def test_every_script_compiles_and_imports_only_torch_and_the_standard_library(scripts):
+    for path, script in scripts.items():
+        tree = ast.parse(script, filename=str(path))
+        imported = {
+            alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+        }
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert imported - {"torch"} <= set(sys.stdlib_module_names), path
+        assert "import fsdp_fuzz" not in script and "from fsdp_fuzz" not in script, path
 
 
-def test_the_script_is_the_executor_verbatim_plus_the_scenario(tmp_path):
-    """The executor's source, its import of ``devices`` replaced by that
-    module's own source (its docstring and imports aside)."""
-    script = write_script(tmp_path, "hybrid-order-check-intra-node-only").read_text()
-    body = inspect.getsource(executor).split('"""', 2)[2].strip("\n")
-    head, tail = body.split("from fsdp_fuzz.execute.devices import (", 1)
-    tail = tail.split(")\n", 1)[1]
-    inlined = inspect.getsource(devices).split("import torch\n", 1)[1].strip("\n")
-    assert head + inlined in script and tail in script
-    outside = script.replace(head, "").replace(inlined, "").replace(tail, "")
-    definitions = [node for node in ast.parse(outside).body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
-    assert definitions == [], "execution code outside the executor would drift from it"
-    assert "SCENARIO = {" in outside and "sys.exit(main(SCENARIO))" in outside
-
-
-@pytest.mark.parametrize("path", corpus_files(CORPUS), ids=lambda path: f"{path.parent.name}/{path.stem}")
-def test_scripts_import_only_torch_and_the_standard_library(path):
-    tree = ast.parse(reproducer_script(load_entry(path).scenario))
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            imported.add(node.module.split(".")[0])
-    assert imported - {"torch", "__future__"} <= set(sys.stdlib_module_names)
-
-
-def test_scripts_are_ruff_clean(tmp_path):
+def test_scripts_are_ruff_clean(scripts, tmp_path):
     ruff = shutil.which("ruff")
     if ruff is None:
         pytest.skip("ruff is not installed (pip install '.[test]')")
-    script = write_script(tmp_path, "later-check-ignores-repeats")
+    for path, script in scripts.items():
+        (tmp_path / f"{path.parent.name}_{path.stem}.py").write_text(script)
+    rules = ["--select", "E,F,W,I,B,UP"]
     checked = subprocess.run(
-        [ruff, "check", "--isolated", "--line-length", "120", "--select", "E,F,W,I,B,UP", str(script)],
-        capture_output=True,
-        text=True,
+        [ruff, "check", "--isolated", "--line-length", "120", *rules, str(tmp_path)], capture_output=True, text=True
     )
-    assert checked.returncode == 0, checked.stdout
+    assert checked.returncode == 0, checked.stdout[-4000:]
 
 
-def test_docstring_carries_title_and_notes(tmp_path):
-    script = write_script(tmp_path, "order-unchecked-below-detail").read_text()
-    docstring = ast.get_docstring(ast.parse(script))
-    assert docstring.startswith("FSDP known issue order-unchecked-below-detail\n\nSeen by the fuzzer.")
-    assert "python repro.py --device cuda" in docstring
+def test_median_length_over_the_known_issues(scripts):
+    lengths = [len(script.splitlines()) for path, script in scripts.items() if path.parent.name == "known"]
+    assert statistics.median(lengths) <= MEDIAN_LINES_AT_MOST
 
 
-@pytest.mark.parametrize(
-    "stem",
-    [
-        "invalid_later_iter_order-full_shard-iters1",
-        "hybrid-warning-names-intra-node-rank",
-        "fsdp2-assumes-the-same-program-experts",
-    ],
-)
-def test_script_in_a_clean_interpreter_observes_what_the_fuzzer_recorded(stem, tmp_path, recorded):
-    """Same statuses, errors, warnings, output and gradient sums, and the same
-    collectives attributed to the same units, as the recorded fuzzer run."""
-    _, observations = recorded(stem)
-    ran = run_script(write_script(tmp_path, stem))
-    assert ran.returncode == 0, ran.stderr
-    for rank, (observed, reproduced) in enumerate(zip(observations.ranks, repro_outcomes(ran.stdout), strict=True)):
-        # Recorded before parameter digests were reported.
-        reproduced = [dataclasses.replace(outcome, param_digest=None) for outcome in reproduced]
-        assert [observed.setup, *observed.steps] == reproduced, f"rank {rank}"
+def test_the_model_has_named_submodules_and_each_unit_is_wrapped_by_name():
+    script = script_for("later-check-ignores-repeats")
+    assert 'branch=Branch(\n            "branch",' in script or 'branch=Branch("branch"' in script
+    assert "model.branch.layer1 = FSDP(model.branch.layer1, **fsdp)" in script
+    assert "model.branch.layer2 = FSDP(model.branch.layer2, **fsdp)" in script
+    assert "return FSDP(model, **fsdp)" in script
+    assert 'step(0, {"branch": [0]}, forwards=2)' in script
 
 
-def test_a_hang_in_a_clean_interpreter_is_a_hang(tmp_path):
-    ran = run_script(write_script(tmp_path, "first-iteration-order-ends-early"), "--timeout", "3")
-    assert ran.returncode == 0, ran.stderr
-    statuses = [[outcome.status for outcome in rank] for rank in repro_outcomes(ran.stdout)]
-    assert Status.HANG in {status for rank in statuses for status in rank}
-    assert "hang" in ran.stdout
+def test_fsdp2_units_are_fully_shard_calls_and_setters():
+    script = script_for("fsdp2-reshard-after-backward-off-loses-the-optimizer-step")
+    assert "units = dict(mesh=mesh)" in script and "fully_shard(model, **units)" in script
+    assert "model.set_reshard_after_backward(False)" in script
+    assert "FullyShardedDataParallel" not in script.split('"""', 2)[2].split("KEPT")[0]
 
 
-@pytest.mark.skipif(torch.cuda.device_count() > 0, reason="this machine has a GPU")
-def test_cuda_without_a_gpu_exits_naming_the_fix(tmp_path):
-    ran = run_script(write_script(tmp_path, "train_eval-full_shard"), "--device", "cuda")
-    assert ran.returncode == 2
-    assert "no GPU is visible" in ran.stderr and "device 'cpu'" in ran.stderr
+def test_ranks_with_different_programs_get_their_own_block():
+    script = script_for("first-iteration-order-ends-early")
+    assert "    if rank == 0:\n        step(0," in script and "    if rank == 1:\n        step(0," in script
 
 
-def test_nccl_on_the_cpu_exits_naming_the_fix(tmp_path):
-    ran = run_script(write_script(tmp_path, "train_eval-full_shard"), "--backend", "nccl")
-    assert ran.returncode == 2
-    assert "NCCL runs on GPUs only" in ran.stderr
+def asserted_order_errors(script: str) -> dict[int, list[int]]:
+    """Rank -> the steps ``check`` demands the first-iteration error in, read from the script's syntax
+    (a call per rank, or one in a loop over ranks)."""
+    tree = next(node for node in ast.parse(script).body if isinstance(node, ast.FunctionDef) and node.name == "check")
+    found: dict[int, list[int]] = {}
+    for statement in tree.body:
+        loop = statement if isinstance(statement, ast.For) else None
+        for node in ast.walk(statement):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "expect_order_error":
+                rank, steps = node.args[2], ast.literal_eval(node.args[3])
+                ranks = ast.literal_eval(loop.iter) if loop is not None else [ast.literal_eval(rank)]
+                found.update(dict.fromkeys(ranks, steps))
+    return found
 
 
-def test_bad_arguments_exit_nonzero(tmp_path):
-    ran = run_script(write_script(tmp_path, "train_eval-full_shard"), "--timeout", "0")
-    assert ran.returncode == 2 and "--timeout must be positive" in ran.stderr
+def test_the_contract_is_the_oracles_expectation():
+    """The first-iteration error is asserted for each rank in exactly the steps the oracle names."""
+    for stem in ("first-iteration-order-ends-early", "hybrid-order-check-intra-node-only-one-node-diverges"):
+        entry = load_entry(CORPUS / "known" / f"{stem}.json")
+        promised = {rank: sorted(e.error_steps) for rank, e in enumerate(expectations(entry.scenario)) if e.error_steps}
+        assert promised and asserted_order_errors(reproducer_script(entry)) == promised
+
+
+def test_numbers_are_checked_against_an_unsharded_reference_only_where_the_contract_compares_them():
+    assert "expect_reference(broken, seen, reference()" in script_for(
+        "rank-dependent-freeze-drops-grads-with-orig-params"
+    )
+    assert "def reference()" not in script_for("backward-on-some-ranks-only")  # the schedules are not aligned
+
+
+def test_device_and_style_options():
+    cuda = script_for("later-check-ignores-repeats", device="cuda")
+    assert 'DEVICE, TIMEOUT_S = "cuda"' in cuda and '"nccl" if gpus >= WORLD_SIZE else "gloo"' in cuda
+    test = script_for("later-check-ignores-repeats", style="unittest")
+    assert "class TestFSDPRepro(MultiProcessTestCase):" in test and "def test_later_check_ignores_repeats" in test
+    assert "run_tests()" in test and "argparse" not in test
+    ast.parse(test)
+    with pytest.raises(ValueError, match="style"):
+        script_for("later-check-ignores-repeats", style="nose")
+
+
+def test_cli_writes_both_styles(tmp_path, capsys):
+    source = CORPUS / "known" / "later-check-ignores-repeats.json"
+    assert cli(["repro", str(source), "-o", str(tmp_path / "r.py")]) == 0
+    assert "python" in capsys.readouterr().out and (tmp_path / "r.py").read_text().startswith('"""FSDP known issue')
+    assert cli(["repro", str(source), "--style", "unittest", "-o", str(tmp_path / "t.py")]) == 0
+    assert "MultiProcessTestCase" in (tmp_path / "t.py").read_text()
+    assert cli(["repro", str(source), "--timeout", "0"]) == 2
+
+
+def test_cuda_without_a_gpu_exits_naming_the_problem(tmp_path):
+    if shutil.which("nvidia-smi"):
+        pytest.skip("a GPU may be visible here")
+    script = tmp_path / "repro.py"
+    script.write_text(script_for("later-check-ignores-repeats"))
+    ran = subprocess.run([sys.executable, "-I", str(script), "--device", "cuda"], capture_output=True, text=True)
+    assert ran.returncode == 2 and "no GPU" in ran.stderr

@@ -1,0 +1,331 @@
+"""The contract for one scenario as assertions on what the ranks saw.
+
+Nothing here decides what FSDP promises: ``fsdp_fuzz.judge.oracles`` does
+(``expectations``, ``refusal``, ``consistent``, the reference and replica
+clauses and their premises). This module writes those decisions down as
+calls of a few small checks, each emitted only where a call needs it, so
+the script states the promise for its own schedule and nothing else.
+
+One clause is checked by its symptom rather than its cause: *no silent
+mismatch* (clause 5) is judged by the fuzzer on a trace of FSDP's
+collectives, which a hand-written test would not carry. Where FSDP1's
+ranks do not keep one order, the script instead compares each rank's
+outputs with the unsharded model's on its own batches, until FSDP raises
+or warns about the order: units paired silently give other parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fsdp_fuzz.data import UNIT_ROUNDOFF, Scenario
+from fsdp_fuzz.execute.reference import aligned
+from fsdp_fuzz.judge.oracles import (
+    FIRST_ITERATION_ERROR,
+    LATER_WARNING,
+    RELATIVE_TOLERANCE,
+    ROUNDOFF_FACTOR,
+    SHARDED_CALL,
+    UNCAST_INPUTS,
+    _promised_steps,
+    accumulated_operations,
+    consistent,
+    expectations,
+    gradient_replicas,
+    keeps_replicas,
+    replica_groups,
+    unregistered_calls,
+)
+from fsdp_fuzz.judge.orders import iterations
+from fsdp_fuzz.repro.text import call_lines, literal
+
+
+def expect_clean_source(warned: bool, refusals: bool) -> str:
+    """``expect_clean``, with the order warning's rules where the engine warns (FSDP1) and FSDP2's
+    refusal of an unregistered method on sharded parameters where a step calls one."""
+    keywords = ', warned_in=(), why=""' * warned + ", until=STEPS" + ", may_refuse=()" * refusals
+    doc = (
+        "Every step succeeds; the warning naming this rank comes in `warned_in` (its first deviating\n"
+        "    iteration) and in no other step; eval steps are never warned."
+        if warned
+        else "Every step succeeds."
+    )
+    lines = [
+        f"def expect_clean(broken, seen, rank{keywords}):",
+        f'    """{doc}"""',
+        '    if "error" in seen[rank].get(-1, {}):',
+        "        return broken.append((-1, f\"rank {rank} failed to build or wrap the model: {seen[rank][-1]['error']}\"))",  # noqa: E501
+        *(["    warned, failed = [], False"] if warned else []),
+        "    for index in range(until):",
+        "        outcome = seen[rank].get(index)",
+        "        if outcome is None:",
+        "            break",
+    ]
+    if warned:
+        lines += [
+            '        for text in outcome["warnings"]:',
+            '            if outcome["mode"] == "eval":',
+            '                broken.append((index, f"rank {rank} was warned in eval step {index}: {text}"))',
+            "            elif not text.startswith(LATER_WARNING.format(rank=rank)) or index not in warned_in:",
+            "                why_not = why or 'every iteration runs the first iteration\\'s order'",
+            '                broken.append((index, f"rank {rank} was warned in step {index} ({why_not}): {text}"))',
+            "            else:",
+            "                warned.append(index)",
+        ]
+    lines.append('        if "error" in outcome:')
+    if refusals:
+        lines.append('            error = outcome["error"]')
+        lines.append(
+            "            if index not in may_refuse or not any(error.startswith(k) and w in error for k, w in DOCUMENTED):"  # noqa: E501
+        )
+        lines.append(
+            "                broken.append((index, f\"rank {rank} failed in step {index}: {outcome['error']}\"))"
+        )
+    else:
+        lines.append("            broken.append((index, f\"rank {rank} failed in step {index}: {outcome['error']}\"))")
+    if warned:
+        lines += [
+            "            failed = True",
+            "            break",
+            "    ran = [step for step in warned_in if step in seen[rank]]",
+            "    if ran and not warned and not failed:",
+            '        broken.append((ran[0], f"rank {rank} was never warned in steps {ran} though {why}"))',
+        ]
+    else:
+        lines.append("            break")
+    return "\n".join(lines)
+
+
+EXPECT_ORDER_ERROR = '''
+def expect_order_error(broken, seen, rank, steps, why):
+    """FSDP raises the first-iteration error on this rank in one of `steps`, and nothing else before."""
+    if "error" in seen[rank].get(-1, {}):
+        return broken.append((-1, f"rank {rank} failed to build or wrap the model: {seen[rank][-1]['error']}"))
+    for index in range(STEPS):
+        outcome = seen[rank].get(index, {"error": "(not run)"})
+        if "error" not in outcome:
+            if index > max(steps):
+                break
+            continue
+        if index in steps and outcome["error"].startswith("RuntimeError: " + FIRST_ITERATION_ERROR):
+            return
+        said = f"expected RuntimeError '{FIRST_ITERATION_ERROR}' in step(s) {steps} because {why}"
+        return broken.append((index, f"rank {rank}, step {index}: {said}, got {outcome['error']}"))
+    broken.append((min(steps), f"rank {rank} never raised '{FIRST_ITERATION_ERROR}' in {steps} though {why}"))
+'''
+
+EXPECT_REFUSAL = '''
+def expect_refusal(broken, seen, rank, step, error, why):
+    """FSDP documents an error here: the steps before it succeed, and this step raises it."""
+    outcome = seen[rank].get(-1) if "error" in seen[rank].get(-1, {}) else None
+    if outcome is None:
+        expect_clean(broken, seen, rank, until=step)
+        outcome = seen[rank].get(step, {"error": "(not run)"})
+    if not (outcome.get("error") or "").startswith(error[0]) or error[1] not in outcome["error"]:
+        broken.append((step, f"rank {rank}, step {step}: expected {error[0]} ('...{error[1]}...') because {why}, "
+                       f"got {outcome.get('error', 'success')}"))
+'''
+
+EXPECT_REFERENCE = '''
+def close(observed, expected, magnitude, operations):
+    """Within 1e-4 relative, or the rounding of the coarsest dtype along the path, if larger."""
+    bound = max(RELATIVE_TOLERANCE * (1 + abs(expected)), ROUNDOFF * operations * magnitude)
+    return abs(observed - expected) <= bound
+
+
+def expect_reference(broken, seen, expected, steps, grad_steps=(), replicas=1):
+    """Each rank's outputs are the unsharded model's on its own batches, and the ranks' gradients
+    (local sums added, over the ranks holding each element) its rank-averaged gradient."""
+    for index in range(steps):
+        (outputs, grad, magnitude), done = expected[index], [seen[rank].get(index, {}) for rank in RANKS]
+        for rank, outcome in enumerate(done):
+            (output, size), operations = outputs[rank], OPERATIONS[rank][index]
+            if "output" in outcome and not close(outcome["output"], output, size, operations):
+                return broken.append((index, f"rank {rank}'s outputs sum to {outcome['output']!r} in step {index}, "
+                                      f"the unsharded model gives {output!r} for its batch"))
+        if index in grad_steps and all(outcome.get("grad") is not None for outcome in done):
+            observed = sum(outcome["grad"] for outcome in done) / replicas
+            operations = max(OPERATIONS[rank][index] for rank in RANKS) + BATCH + WORLD_SIZE
+            if not close(observed, grad, magnitude, operations):
+                return broken.append((index, f"the ranks' gradients sum to {observed!r} after step {index}, "
+                                      f"the unsharded model's rank-averaged gradient to {grad!r}"))
+'''
+
+EXPECT_UNANNOUNCED = '''
+def expect_outputs_until_warned(broken, seen, expected, steps):
+    """Ranks that run different units pair their collectives silently unless FSDP raises or warns: until
+    it does, each rank's outputs must be the unsharded model's on its own batches."""
+    for index in range(steps):
+        done = [seen[rank].get(index, {}) for rank in RANKS]
+        if any(outcome.get("warnings") or FIRST_ITERATION_ERROR in outcome.get("error", "") for outcome in done):
+            return
+        for rank, outcome in enumerate(done):
+            (output, size), operations = expected[index][0][rank], OPERATIONS[rank][index]
+            if "output" in outcome and not close(outcome["output"], output, size, operations):
+                return broken.append((index, f"rank {rank}'s outputs sum to {outcome['output']!r} in step {index} "
+                                      f"without error or warning, the unsharded model gives {output!r}"))
+'''
+
+EXPECT_REPLICAS = '''
+def expect_replicas(broken, seen, groups, steps):
+    """Ranks holding the same shards hold the same parameters after each step."""
+    for group in groups:
+        for index in range(steps):
+            digests = [seen[rank].get(index, {}).get("digest") for rank in group]
+            if None in digests:
+                break
+            if len(set(digests)) > 1:
+                return broken.append((index, f"replicas {list(group)} hold different parameters after step "
+                                      f"{index} (digests {digests})"))
+'''
+
+
+@dataclass
+class Contract:
+    """The script's ``check`` and what it needs from the rest of the script."""
+
+    helpers: list[str] = field(default_factory=list)
+    constants: list[str] = field(default_factory=list)
+    body: list[str] = field(default_factory=list)
+    reference: bool = False
+    """``check`` calls ``reference()``: the script computes the unsharded run."""
+    digest: bool = False
+    """Steps report a digest of the rank's parameters (the replica clause)."""
+
+    def need(self, helper: str) -> None:
+        if helper not in self.helpers:
+            self.helpers.append(helper)
+
+    def need_clean(self, scenario: Scenario) -> None:
+        """``expect_clean``, tailored to what the scenario's steps can see."""
+        refusals = any(_unregistered_steps(scenario, rank) for rank in range(scenario.world_size))
+        self.need(expect_clean_source(scenario.engine == "fsdp1", refusals))
+
+    def source(self) -> str:
+        lines = [
+            "def check(seen):",
+            '    """FSDP\'s promise for this program, checked on what each rank saw (seen[rank][step]; step -1:',
+            '    building and wrapping); the first broken part, in words, or None."""',
+            "    broken = []",
+            *self.body,
+            "    return min(broken)[1] if broken else None",
+        ]
+        return "\n".join(lines)
+
+
+def contract_for(scenario: Scenario) -> Contract:
+    """The calls that state the oracles' expectations for ``scenario``."""
+    contract = Contract()
+    promised = expectations(scenario)
+    grouped: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+    for rank, expectation in enumerate(promised):
+        if expectation.refusal is not None:
+            refused = expectation.refusal
+            contract.need_clean(scenario)
+            contract.need(EXPECT_REFUSAL)
+            error = literal([refused.error_type, refused.words])
+            call = ("expect_refusal", (str(refused.step), error, literal(refused.reason)))
+        elif expectation.error_steps:
+            contract.need(EXPECT_ORDER_ERROR)
+            call = ("expect_order_error", (literal(sorted(expectation.error_steps)), literal(expectation.reason)))
+        else:
+            contract.need_clean(scenario)
+            keywords: list[str] = []
+            if expectation.warning_steps:
+                keywords.append(f"warned_in={literal(sorted(expectation.warning_steps))}")
+                keywords.append(f"why={literal(expectation.reason)}")
+            refusable = _unregistered_steps(scenario, rank)
+            if refusable:
+                keywords.append(f"may_refuse={literal(refusable)}")
+            call = ("expect_clean", tuple(keywords))
+        grouped.setdefault(call, []).append(rank)
+    for (function, arguments), ranks in grouped.items():
+        if len(ranks) == 1:
+            contract.body += call_lines("    ", function, ["broken", "seen", str(ranks[0]), *arguments])
+        else:
+            contract.body.append(f"    for rank in {literal(tuple(ranks))}:")
+            contract.body += call_lines("        ", function, ["broken", "seen", "rank", *arguments])
+    _numbers(scenario, contract)
+    _replicas(scenario, contract)
+    needs = " ".join(contract.helpers)
+    if "FIRST_ITERATION_ERROR" in needs:
+        contract.constants.append(f"FIRST_ITERATION_ERROR = {literal(FIRST_ITERATION_ERROR)}")
+    if "LATER_WARNING" in needs:
+        head, tail = LATER_WARNING.split(". ", 1)
+        contract.constants.append(f"LATER_WARNING = (\n    {literal(head + '. ')}\n    {literal(tail)}\n)")
+    if "DOCUMENTED" in needs:
+        documented = [SHARDED_CALL] + ([UNCAST_INPUTS] if scenario.param_dtype != "float32" else [])
+        contract.constants += [
+            "# How torch refuses an unregistered method (FSDP2 runs no hooks around it) on sharded or low-precision",
+            f"# parameters: documented, so not a broken promise.\nDOCUMENTED = {literal(documented)}",
+        ]
+    return contract
+
+
+def _unregistered_steps(scenario: Scenario, rank: int) -> list[int]:
+    """Steps where FSDP2 may refuse an unregistered method on sharded parameters, as it documents."""
+    if scenario.engine != "fsdp2" or scenario.fsdp2.register_encode:
+        return []
+    return [index for index, step in enumerate(scenario.ranks[rank]) if step.method != "forward"]
+
+
+def _numbers(scenario: Scenario, contract: Contract) -> None:
+    """Clause 4 where its premises hold; clause 5's symptom where FSDP1's ranks diverge."""
+    compare = aligned(scenario) and consistent(scenario) and not unregistered_calls(scenario)
+    steps = _promised_steps(scenario)
+    silent = scenario.engine == "fsdp1" and not consistent(scenario)
+    if compare and steps:
+        grad_steps = [
+            index
+            for index in range(steps)
+            if all(ranks[index].reduces_gradients for ranks in scenario.ranks) and not scenario.ignored_blocks
+        ]
+        contract.need(EXPECT_REFERENCE)
+        contract.body.append(
+            f"    expect_reference(broken, seen, reference(), {steps}, grad_steps={literal(grad_steps)}"
+            + (f", replicas={gradient_replicas(scenario)})" if gradient_replicas(scenario) != 1 else ")")
+        )
+    elif silent:
+        first_update = min(
+            (i for ranks in scenario.ranks for i, step in enumerate(ranks) if step.optimizer_step),
+            default=scenario.num_steps - 1,
+        )
+        contract.need(EXPECT_REFERENCE)
+        contract.need(EXPECT_UNANNOUNCED)
+        contract.body.append(f"    expect_outputs_until_warned(broken, seen, reference(), {first_update + 1})")
+    else:
+        return
+    contract.reference = True
+    operations = [
+        [accumulated_operations(scenario.model, step.path, scenario.batch_size) for step in ranks]
+        for ranks in scenario.ranks
+    ]
+    roundoff = ROUNDOFF_FACTOR * max(UNIT_ROUNDOFF[dtype] for dtype in scenario.dtypes)
+    contract.constants += [
+        f"RELATIVE_TOLERANCE, ROUNDOFF = {RELATIVE_TOLERANCE!r}, {roundoff!r}  # the fuzzer's tolerance",
+        "# Additions one output element passes through per rank and step, what rounding scales with:",
+        f"OPERATIONS = {literal(operations)}",
+    ]
+
+
+def _replicas(scenario: Scenario, contract: Contract) -> None:
+    groups = replica_groups(scenario)
+    if not groups or not keeps_replicas(scenario):
+        return
+    steps = _promised_steps(scenario)
+    for group in groups:
+        counted = 0
+        for index in range(steps):
+            histories = {tuple(s.optimizer_step for s in scenario.ranks[rank][: index + 1]) for rank in group}
+            if len(histories) > 1:
+                break
+            counted = index + 1
+        if counted:
+            contract.need(EXPECT_REPLICAS)
+            contract.digest = True
+            contract.body.append(f"    expect_replicas(broken, seen, {literal([group])}, {counted})")
+
+
+def iteration_note(scenario: Scenario, rank: int) -> str:
+    """The rank's iterations' orders, for a comment."""
+    return "; ".join(f"{list(it.order)}" for it in iterations(scenario, rank))
