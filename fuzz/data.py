@@ -42,7 +42,7 @@ HYBRID_NODE_SIZE = 2
 DEBUG_LEVELS = ("OFF", "INFO", "DETAIL")
 ENGINES = ("fsdp1", "fsdp2")
 """``fsdp1``: ``FullyShardedDataParallel``; ``fsdp2``: ``fully_shard``. The
-executor implements each (``fsdp_fuzz.execute.executor.ENGINES``)."""
+executor implements each (``fsdp_fuzz.execute.engines.ENGINES``)."""
 MODES = ("train", "eval")
 METHODS = ("forward", "encode")
 """The model's entry points: ``forward``, and ``encode``, which runs every
@@ -518,6 +518,13 @@ def _validate_engine_settings(scenario: Scenario) -> None:
         if scenario.fsdp2 != Fsdp2Settings():
             raise ScenarioError("'fsdp2' settings need engine 'fsdp2'")
         _validate_ignored(scenario, scenario.fsdp.ignored)
+        norms = any(isinstance(child, Norm) for node in scenario.model.named() for child in _layers_of(node))
+        if scenario.fsdp.auto_wrap and scenario.fsdp.mixed_precision is not None and norms:
+            raise ScenarioError(
+                "auto_wrap with mixed_precision: FSDP1's auto wrapping then makes every BatchNorm a unit of its own "
+                "(kept in float32), units the spec does not describe, so the contract cannot say what to expect; "
+                "wrap explicitly (auto_wrap false), or drop the norms or the mixed precision"
+            )
         for rank, steps in enumerate(scenario.ranks):
             for index, step in enumerate(steps):
                 for name in _FSDP2_STEP_FIELDS:
@@ -573,6 +580,10 @@ def _validate_ignored(scenario: Scenario, ignored: tuple[str, ...]) -> None:
                 f"ignored block {name!r} is or holds an FSDP unit, and FSDP1's ignored_states refuses FSDP "
                 "modules; ignore a block inside a unit, or make it no unit"
             )
+
+
+def _layers_of(node: Sequential | Choice) -> tuple:
+    return node.children if isinstance(node, Sequential) else ()
 
 
 def _named_in(node: Sequential | Choice) -> Iterator[Sequential | Choice]:

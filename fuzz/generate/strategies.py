@@ -110,6 +110,7 @@ def fsdp_settings(draw: st.DrawFn, world_size: int, *, device: str = "cpu", hybr
     size allows (the executor passes FSDP an intra-/inter-node pair of groups).
     """
     strategies = PLAIN_STRATEGIES + (HYBRID_STRATEGIES if hybrid and hybrid_allowed(world_size) else ())
+    policy = draw(mixed_precision())
     return FsdpSettings(
         sharding_strategy=draw(st.sampled_from(strategies)),
         use_orig_params=draw(st.booleans()),
@@ -117,8 +118,8 @@ def fsdp_settings(draw: st.DrawFn, world_size: int, *, device: str = "cpu", hybr
         backward_prefetch=draw(st.sampled_from(_PREFETCH)),
         limit_all_gathers=not draw(st.booleans()),
         sync_module_states=device != "cpu" and draw(st.booleans()),
-        mixed_precision=draw(mixed_precision()),
-        auto_wrap=draw(_chance(1, 3)),
+        mixed_precision=policy,
+        auto_wrap=draw(_chance(1, 3)) and policy is None,  # auto wrapping would make each norm a unit
         cpu_offload=device == "cuda" and draw(_chance(1, 4)),
     )
 
