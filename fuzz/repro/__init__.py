@@ -120,6 +120,7 @@ def _imports(style: str, model: tuple[str, ...], engine: tuple[str, ...]) -> lis
     standard = {"import warnings", "from datetime import timedelta", *(line for line in model if "torch" not in line)}
     if style == "script":
         standard |= {"import argparse", "import os", "import queue", "import sys", "import tempfile", "import time"}
+        standard.add("import traceback")
     standard |= {line for line in engine if not line.startswith("from torch")}
     third = {"import torch", "import torch.distributed as dist", "from torch import nn", *engine, *model}
     third = {line for line in third if line.startswith(("import torch", "from torch"))}

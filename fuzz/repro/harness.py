@@ -40,7 +40,8 @@ def forwards_source(scenario: Scenario, cast: bool) -> str:
     if scheduled:
         paths = block_paths(scenario.model)
         lines.append(f"    for name, block in {literal({name: paths[name] for name in scheduled})}.items():")
-        lines.append("        model.get_submodule(block).requires_grad_(name not in frozen)")
+        lines.append("        for parameter in model.get_submodule(block).parameters():")
+        lines.append("            parameter.requires_grad = name not in frozen")
     lines.append('    entry = model if method == "forward" else getattr(model, method)')
     lines.append("    with torch.set_grad_enabled(grad_enabled):")
     if cast:
@@ -278,16 +279,21 @@ def main():
         for process in ranks:
             process.kill()
     for rank in RANKS:  # one that stopped reporting before its last step, not after a failure: hung or died
-        last = max(seen[rank], default=-2)
+        last, code = max(seen[rank], default=-2), ranks[rank].exitcode
         if last + 1 < STEPS and "error" not in seen[rank].get(last, {}):
-            seen[rank][last + 1] = {"error": "no report: the rank hung or died", "mode": ""}
+            said = f"the rank died (exit code {code})" if code not in (None, 0, -9) else "the rank went silent (hung)"
+            seen[rank][last + 1] = {"error": said, "mode": "", "warnings": []}
     broken = check(seen)
     print(f"FSDP broke its promise (torch {torch.__version__}): {broken.splitlines()[0]}" if broken else KEPT)
     return 1 if broken else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Exception:  # the script itself failed: neither verdict
+        traceback.print_exc()
+        sys.exit(3)
 """
 
 UNITTEST_MAIN = """

@@ -63,7 +63,8 @@ def freeze_untaken(model):
     for branch in [module for module in model.modules() if isinstance(module, Branch)]:
         for index, alternative in enumerate(branch.children()):
             taken = id(branch) not in untaken and index in PATH[branch.point]
-            alternative.requires_grad_(taken)
+            for parameter in alternative.parameters():  # as a user writes it (requires_grad_ skips no-ops)
+                parameter.requires_grad = taken
             untaken |= set() if taken else {id(module) for module in alternative.modules()}
 '''
 
@@ -117,7 +118,7 @@ def model_source(scenario: Scenario) -> ModelSource:
                 lines += [f"    {layer}.{name} = {origin}.{name}  # tied to {source}" for name in attributes]
     frozen = [node.name for node in named if isinstance(node, Sequential) and node.frozen]
     for name in frozen:
-        lines.append(f"    model.{paths[name]}.requires_grad_(False)")
+        lines += [f"    for parameter in model.{paths[name]}.parameters():", "        parameter.requires_grad = False"]
     if scenario.freeze_untaken:
         default = {choice.name: [0] for choice in spec.choices()}
         lines += [f"    PATH.update({_literal(default)})", "    freeze_untaken(model)"]
