@@ -28,8 +28,9 @@ from fsdp_fuzz.campaign import ALLOWANCE, TARGETS, Activity, Budget, counts, pro
 from fsdp_fuzz.corpus import CorpusEntry, corpus_files, load_entry
 from fsdp_fuzz.data import ENGINES, ScenarioError
 from fsdp_fuzz.execute.devices import BACKENDS, DEVICES, WORLD_SIZES, DeviceError, DeviceRequest
-from fsdp_fuzz.execute.executor import HarnessError, check_trace
 from fsdp_fuzz.execute.pool import DEFAULT_GROUP_TIMEOUT_S, PoolSet
+from fsdp_fuzz.execute.protocol import HarnessError
+from fsdp_fuzz.execute.trace import check_trace
 from fsdp_fuzz.judge.known_issues import issue_named
 from fsdp_fuzz.render import render_scenario
 from fsdp_fuzz.replay import PASSING, ReplayReport, ReplayResult, ranks_log, replay_result

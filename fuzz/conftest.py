@@ -15,8 +15,9 @@ from fsdp_fuzz.campaign import Budget, counts, progress_line
 from fsdp_fuzz.corpus import corpus_root, save_finding
 from fsdp_fuzz.data import ENGINES
 from fsdp_fuzz.execute.devices import BACKENDS, DEVICES, WORLD_SIZES, DeviceError, DeviceRequest
-from fsdp_fuzz.execute.executor import HarnessError, check_trace
 from fsdp_fuzz.execute.pool import DEFAULT_GROUP_TIMEOUT_S, PoolSet
+from fsdp_fuzz.execute.protocol import HarnessError
+from fsdp_fuzz.execute.trace import check_trace
 from fsdp_fuzz.judge.known_issues import issue_named
 from fsdp_fuzz.profiles import PROFILES, profile_from_environment, register_profiles, unknown_profile_message
 from fsdp_fuzz.terminal import ProgressLine

@@ -161,7 +161,7 @@ def replay_result(entry: CorpusEntry, observations: Observations) -> ReplayResul
         return result(BROKEN, explain(scenario, observations, violations, known))
     if not violations:
         retire = (
-            f"retire known issue {entry.known_issue!r} in fuzz/judge/known_issues.py and this file"
+            f"retire known issue {entry.known_issue!r} in fuzz/judge/known_issues/ and this file"
             if entry.known_issue
             else "delete this file once the fix is confirmed upstream"
         )

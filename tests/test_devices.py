@@ -24,8 +24,6 @@ from fsdp_fuzz.execute.devices import (
     device_failure,
     needs_fresh_ranks,
 )
-from fsdp_fuzz.execute.executor import DeviceError as ExecutorDeviceError
-from fsdp_fuzz.execute.executor import Placement as ExecutorPlacement
 from fsdp_fuzz.execute.pool import PRELOAD, PoolSet, fork_server_state
 from fsdp_fuzz.judge.oracles import judge
 from fsdp_fuzz.report import CampaignReport
@@ -107,10 +105,6 @@ def test_unknown_names_are_refused_with_the_choices():
         choose_placement("mps", None, 1, 2)
     with pytest.raises(DeviceError, match="use 'gloo' or 'nccl'"):
         choose_placement("cuda", "mpi", 1, 2)
-
-
-def test_the_executor_still_exports_what_it_used_to():
-    assert ExecutorPlacement is Placement and ExecutorDeviceError is DeviceError
 
 
 def test_a_request_is_placed_per_world_size():

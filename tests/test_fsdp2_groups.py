@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from fsdp_fuzz.execute.executor import new_scenario_groups
+from fsdp_fuzz.execute.groups import new_scenario_groups
 
 WORLD_SIZE = 4
 TIMEOUT_S = 3.0

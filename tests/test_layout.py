@@ -1,5 +1,5 @@
 """The package's shape as a user meets it: one top-level name, stages that
-import only what they may, and one vocabulary between executor and judge."""
+import only what they may, and one vocabulary between ranks and judge."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from fsdp_fuzz.data import Purpose, Status
-from fsdp_fuzz.execute import executor
+from fsdp_fuzz.execute import protocol
+from fsdp_fuzz.execute.engines import ENGINES
 from fsdp_fuzz.judge.known_issues import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,11 +63,13 @@ def test_the_judge_imports_no_torch():
     assert judged.stdout.strip() == "[]"
 
 
-def test_the_executor_speaks_the_data_vocabulary():
-    """The executor reports plain strings (it may import only torch); the
-    data module's enums parse exactly those."""
-    assert {executor.OK, executor.ERROR, executor.HANG, executor.CRASH, executor.NOT_RUN} == {s.value for s in Status}
-    assert {hook.purpose for hook in executor.Fsdp1.unit_hooks} == {p.value for p in Purpose}
+def test_the_ranks_speak_the_data_vocabulary():
+    """Ranks report plain strings (they may import only torch); the data
+    module's enums parse exactly those, and every engine's unit hooks serve
+    one of its purposes."""
+    assert {protocol.OK, protocol.ERROR, protocol.HANG, protocol.CRASH, protocol.NOT_RUN} == {s.value for s in Status}
+    assert {hook.purpose for hook in ENGINES["fsdp1"].unit_hooks} == {p.value for p in Purpose}
+    assert {hook.purpose for engine in ENGINES.values() for hook in engine.unit_hooks} <= {p.value for p in Purpose}
 
 
 def test_the_readme_table_of_known_issues_is_generated_from_the_records():

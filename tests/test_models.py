@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fsdp_fuzz.execute.executor import build_model, freeze_untaken_alternatives
+from fsdp_fuzz.execute.model import build_model, freeze_untaken_alternatives
 from fsdp_fuzz.models.seed import SEED_CHOICE, seed_model
 from fsdp_fuzz.models.spec import (
     Choice,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fsdp_fuzz.data import Status
-from fsdp_fuzz.execute.executor import DeviceError, Placement
+from fsdp_fuzz.execute.devices import DeviceError, Placement
 from fsdp_fuzz.execute.spawn import run_scenario
 from fsdp_fuzz.generate.seed_family import invalid_first_iter_order, order_ends_early, train_eval
 

@@ -22,7 +22,7 @@ from fsdp_fuzz.data import (
     scenario_to_json,
     validate_scenario,
 )
-from fsdp_fuzz.execute.executor import BuiltModel, build_model, run_forwards
+from fsdp_fuzz.execute.model import BuiltModel, build_model, run_forwards
 from fsdp_fuzz.execute.spawn import run_scenario
 from fsdp_fuzz.generate.seed_family import seed_scenarios
 from fsdp_fuzz.generate.strategies import (

@@ -9,8 +9,10 @@ import torch
 
 from fsdp_fuzz.cli import main
 from fsdp_fuzz.data import FsdpSettings, Purpose, Scenario, Status, Step
-from fsdp_fuzz.execute.executor import ENGINES, Fsdp1, HarnessError, UnitHook, check_trace, missing_hooks
+from fsdp_fuzz.execute.engines import ENGINES, Fsdp1, UnitHook
 from fsdp_fuzz.execute.pool import PoolSet
+from fsdp_fuzz.execute.protocol import HarnessError
+from fsdp_fuzz.execute.trace import check_trace, missing_hooks
 from fsdp_fuzz.generate.seed_family import invalid_first_iter_order, invalid_later_iter_order
 from fsdp_fuzz.models.seed import seed_model
 

@@ -7,15 +7,13 @@ runs on GPU r mod n. NCCL needs a GPU of its own per rank (it refuses two
 ranks on one device), so it is the default only when every rank has one;
 otherwise gloo carries the CUDA tensors through host memory, which FSDP
 accepts with the same order checks as on CPU. Anything that cannot run is
-refused before a rank starts, with the fix in the message.
+refused before a rank starts, with the fix in the message
+(``refuse_offload_on_cpu`` for a scenario that offloads to the CPU).
 
 Rank-side helpers live here too (the current device, the NCCL settings a
 rank needs before its first group, memory released between scenarios, when
-a rank set must be replaced), so that the pool, the fresh-process spawner
-and the standalone reproducers share them. Like the executor, this module
-needs only torch and the standard library, and imports nothing the executor
-does not (so imports nothing else at the top): a reproducer script inlines
-it (``fsdp_fuzz.repro``).
+a rank set must be replaced), so that the pool and the fresh-process
+spawner share them. This module needs only torch and the standard library.
 """
 
 from __future__ import annotations
@@ -188,6 +186,18 @@ def as_request(placement: Placement | DeviceRequest) -> DeviceRequest:
     if isinstance(placement, DeviceRequest):
         return placement
     return DeviceRequest(placement.device, placement.backend, placement.gpus)
+
+
+def refuse_offload_on_cpu(scenario: dict[str, Any], placement: Placement) -> None:
+    """CPU offload moves parameters between the CPU and the device: there
+    is nothing to offload from ranks on the CPU (FSDP2 fails to find an
+    accelerator), so such a scenario needs CUDA ranks."""
+    offloads = scenario["fsdp"]["cpu_offload"] or scenario["fsdp2"]["cpu_offload"]
+    if offloads and placement.device != "cuda":
+        raise DeviceError(
+            f"the scenario offloads parameters to the CPU (cpu_offload), which needs CUDA ranks, but it would run "
+            f"on {placement.device}; run it with --device cuda, or drop cpu_offload"
+        )
 
 
 # In a rank ---------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""From the executor's reports to ``Observations``: the typed record the
+"""From the ranks' reports to ``Observations``: the typed record the
 judge reads, with the single-process reference next to the ranks'."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from fsdp_fuzz.data import Observations, RankObservation, Scenario, outcome_from_json
-from fsdp_fuzz.execute.executor import Placement
+from fsdp_fuzz.execute.devices import Placement
 from fsdp_fuzz.execute.reference import reference_run
 
 

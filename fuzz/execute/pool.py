@@ -47,29 +47,21 @@ import torch
 import torch.multiprocessing as mp
 
 from fsdp_fuzz.data import Observations, Scenario, scenario_to_json
+from fsdp_fuzz.execute.collect import DEADLOCK_AFTER_S, Collected, RankHandles, collect_outcomes
 from fsdp_fuzz.execute.devices import (
     CPU,
     DeviceRequest,
     Placement,
     as_request,
     needs_fresh_ranks,
+    refuse_offload_on_cpu,
     release_memory,
 )
-from fsdp_fuzz.execute.executor import (
-    DEADLOCK_AFTER_S,
-    HANG,
-    STARTUP_TIMEOUT_S,
-    Collected,
-    HarnessError,
-    RankHandles,
-    answer_inquiries,
-    check_trace,
-    collect_outcomes,
-    join_default_group,
-    refuse_offload_on_cpu,
-    serve_scenario,
-)
+from fsdp_fuzz.execute.groups import join_default_group
 from fsdp_fuzz.execute.observe import observations_of
+from fsdp_fuzz.execute.protocol import HANG, STARTUP_TIMEOUT_S, HarnessError
+from fsdp_fuzz.execute.rank import answer_inquiries, serve_scenario
+from fsdp_fuzz.execute.trace import check_trace
 
 DEFAULT_GROUP_TIMEOUT_S = 1.0
 GROUP_ATTEMPTS = 2
@@ -90,7 +82,11 @@ PRELOAD = [
     "torch.distributed.algorithms._checkpoint.checkpoint_wrapper",
     "torch.distributed._composable",
     "fsdp_fuzz.execute.devices",
-    "fsdp_fuzz.execute.executor",
+    "fsdp_fuzz.execute.model",
+    "fsdp_fuzz.execute.engines",
+    "fsdp_fuzz.execute.trace",
+    "fsdp_fuzz.execute.groups",
+    "fsdp_fuzz.execute.rank",
 ]
 """What the fork server imports once, so that no worker imports it again
 (``torch._dynamo``: the optimizer's constructor imports it, half a second;

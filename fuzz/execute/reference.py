@@ -4,7 +4,7 @@ Data parallelism promises each rank the outputs of the shared parameters on
 its own batch, and every rank the same update: gradients averaged over the
 ranks. One process can compute that without FSDP or a process group, so the
 reference cannot share a bug with what it checks. It runs in plain torch on
-the CPU, with the executor's own ``build_model`` and ``run_forwards``: the
+the CPU, with the ranks' own ``build_model`` and ``run_forwards``: the
 same parameters, batches and forwards as the ranks.
 
 It works in the scenario's dtypes, as mixed precision promises: float32
@@ -26,7 +26,7 @@ import warnings
 import torch
 
 from fsdp_fuzz.data import ReferenceStep, Scenario, Step, scenario_to_json
-from fsdp_fuzz.execute.executor import LEARNING_RATE, build_model, dtype_named, run_forwards
+from fsdp_fuzz.execute.model import LEARNING_RATE, build_model, dtype_named, run_forwards
 
 CPU = torch.device("cpu")
 
