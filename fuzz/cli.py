@@ -140,9 +140,26 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("path", type=Path)
     show.set_defaults(command=_show, name="show")
 
-    repro = commands.add_parser("repro", help="write a standalone reproducer script (needs only torch)")
+    repro = commands.add_parser(
+        "repro", help="write a one-screen reproducer (needs only torch): exits 1 when the finding reproduces"
+    )
     repro.add_argument("path", type=Path)
     repro.add_argument("-o", "--output", type=Path, help="script to write (default: repro_<name>.py)")
+    repro.add_argument(
+        "--style",
+        choices=("script", "unittest"),
+        default="script",
+        help="a plain script (default), or a test in PyTorch's MultiProcessTestCase, ready for a pull request",
+    )
+    repro.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="the script's default device (cuda: rank r on GPU r mod n; NCCL where every rank has its own GPU)",
+    )
+    repro.add_argument(
+        "--timeout", type=float, default=10.0, help="the script's seconds before a collective is hung (%(default)s)"
+    )
     repro.set_defaults(command=_repro, name="repro")
     return parser
 
@@ -428,10 +445,14 @@ def _show(args: argparse.Namespace) -> int:
 def _repro(args: argparse.Namespace) -> int:
     from fsdp_fuzz.repro import reproducer_script
 
+    if args.timeout <= 0:
+        raise UsageProblem("--timeout must be positive")
     entry = _load(args.path)
-    output = args.output or Path(f"repro_{entry.path.stem.replace('-', '_')}.py")
-    output.write_text(reproducer_script(entry.scenario, title=_title(entry), notes=_notes(entry)))
-    print(f"wrote {output}; run it with: python {output}  (add --device cuda to run its ranks on GPUs)")
+    suffix = "_test" if args.style == "unittest" else ""
+    output = args.output or Path(f"repro_{entry.path.stem.replace('-', '_')}{suffix}.py")
+    output.write_text(reproducer_script(entry, style=args.style, device=args.device, timeout_s=args.timeout))
+    runner = "pytest" if args.style == "unittest" else "python"
+    print(f"wrote {output} ({len(output.read_text().splitlines())} lines); run it with: {runner} {output}")
     return 0
 
 
@@ -439,25 +460,3 @@ def _load(path: Path) -> CorpusEntry:
     if not path.is_file():
         raise UsageProblem(f"{path} is not a file; give a corpus file such as corpus/seed/train_eval-full_shard.json")
     return load_entry(path)
-
-
-def _title(entry: CorpusEntry) -> str:
-    if entry.known_issue:
-        return f"FSDP known issue {entry.known_issue}"
-    return entry.scenario.description or f"FSDP fuzz finding {entry.path.stem}"
-
-
-def _notes(entry: CorpusEntry) -> str:
-    lines = []
-    if entry.scenario.description:
-        lines.append(entry.scenario.description)
-    if entry.known_issue:
-        issue = issue_named(entry.known_issue)
-        lines.append(issue.description)
-        lines += [f"Upstream: {reference.url} ({reference.seen})" for reference in issue.upstream] or [
-            "Upstream: none found"
-        ]
-    if entry.finding is not None:
-        lines.append(f"Found with torch {entry.finding.torch_version} ({entry.finding.where()}); the contract says:")
-        lines += [f"  {line}" for line in entry.finding.violations]
-    return "\n".join(lines)
