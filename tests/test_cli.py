@@ -11,7 +11,6 @@ import pytest
 
 from fsdp_fuzz.cli import _duration, main
 from fsdp_fuzz.corpus import load_entry
-from fsdp_fuzz.data import scenario_to_json
 
 CORPUS = Path(__file__).resolve().parent.parent / "corpus"
 FIRST_ITERATION = CORPUS / "seed" / "invalid_first_iter_order-full_shard.json"
@@ -80,13 +79,11 @@ def test_repro_writes_a_script_where_asked(tmp_path, capsys):
     assert main(["repro", str(FIRST_ITERATION), "-o", str(output)]) == 0
     assert f"wrote {output}" in capsys.readouterr().out
     tree = ast.parse(output.read_text())
-    assigned = {getattr(node.targets[0], "id", None): node.value for node in tree.body if isinstance(node, ast.Assign)}
-    literal = assigned["SCENARIO"]
     scenario = load_entry(FIRST_ITERATION).scenario
-    expected = scenario_to_json(scenario, complete=True)
-    assert scenario.description in ast.get_docstring(tree), "the description opens the docstring"
-    del expected["description"]
-    assert ast.literal_eval(literal) == expected
+    docstring = " ".join(ast.get_docstring(tree).split()).lower()
+    assert scenario.description.split(":")[0].lower() in docstring, "the description opens the docstring"
+    functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+    assert {"build", "wrap", "schedule", "check", "main"} <= functions
 
 
 def test_show_of_a_saved_finding_prints_its_recorded_verdict(tmp_path, capsys, recorded):
