@@ -50,6 +50,10 @@ def test_scripts_are_ruff_clean(scripts, tmp_path):
         pytest.skip("ruff is not installed (pip install '.[test]')")
     for path, script in scripts.items():
         (tmp_path / f"{path.parent.name}_{path.stem}.py").write_text(script)
+        if path.parent.name == "known":  # and the same case as a MultiProcessTestCase test
+            (tmp_path / f"test_{path.stem.replace('-', '_')}.py").write_text(
+                reproducer_script(load_entry(path), style="unittest")
+            )
     rules = ["--select", "E,F,W,I,B,UP"]
     checked = subprocess.run(
         [ruff, "check", "--isolated", "--line-length", "120", *rules, str(tmp_path)], capture_output=True, text=True
