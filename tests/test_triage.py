@@ -339,6 +339,12 @@ def no_freezing_schedule(scenario, observations):
     return rejudged(with_steps(scenario, range(scenario.num_steps), frozen=()), observations)
 
 
+def synced_in_every_step(scenario, observations):
+    """Step 0 reduce-scatters as it goes: nothing accumulates unsharded, so
+    the assertion is a new bug (on live ranks this schedule runs)."""
+    return rejudged(with_steps(scenario, range(scenario.num_steps), gradient_sync=True), observations)
+
+
 def eval_forward_without_grad_first(scenario, observations):
     """The eval forward of step 0 runs under no_grad: nothing is set up for a
     backward that never comes, so unreduced gradients are a new bug (on live
@@ -396,6 +402,10 @@ reproducer: each undoes the fact the widening keys on."""
 
 
 NEAR_MISSES = {
+    "no-sync-unit-unused-by-the-synced-backward": (
+        "no-sync-unit-unused-by-the-synced-backward",
+        synced_in_every_step,
+    ),
     "fsdp2-reset-iter-state-before-first-forward": (
         "fsdp2-reset-iter-state-before-first-forward",
         reset_after_the_first_forward,

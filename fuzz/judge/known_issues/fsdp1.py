@@ -1191,3 +1191,57 @@ def _mixed_precision_eval_forward_first(
         return violation.kind == Kind.STEP_FAILED and outcome.failed_with("RuntimeError", SHARD_SIZE_MISMATCH)
 
     return all(explained(violation) for violation in violations)
+
+
+SAVED_GRAD_SHARD = "All sharded parameters that received a gradient in the post-backward should use `_saved_grad_shard`"
+
+
+def _unit_left_out_of_the_synced_backward(scenario: Scenario, rank: int, step: int) -> bool:
+    """Before ``step``, the rank ran a backward inside ``no_sync()`` through
+    a unit that the forwards since the last such backward, up to the
+    synced backward of ``step``, do not use."""
+    steps = scenario.ranks[rank]
+    if not (steps[step].backward and steps[step].gradient_sync):
+        return False
+    accumulated: set[str] = set()
+    used: set[str] = set()
+    for current in steps[:step]:
+        used |= set(forward_units(scenario.model, current.path)) if current.forwards else set()
+        if current.backward:
+            accumulated = accumulated | used if not current.gradient_sync else set()
+            used = set()
+    used |= set(forward_units(scenario.model, steps[step].path)) if steps[step].forwards else set()
+    return bool(accumulated - used)
+
+
+@known_issue(
+    "no-sync-unit-unused-by-the-synced-backward",
+    priority=320,
+    seen_on=("2.13.0",),
+    description="""
+        Gradient accumulation with no_sync(): a backward inside no_sync() runs through a unit (its gradient is
+        kept unsharded), and the synced backward that ends the accumulation does not use that unit (the
+        microbatches took different paths, as mixture-of-experts routing or alternating encoders do, on every
+        rank alike). FSDP1 then fails the synced backward on every rank with AssertionError 'All sharded
+        parameters that received a gradient in the post-backward should use `_saved_grad_shard`': the unused
+        unit's accumulated gradient was never reduced. With the same path in every microbatch, or without
+        no_sync (reduce-scatter every microbatch), the schedule runs. Found by the first campaign over FSDP1's
+        no_sync.
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#83107",
+            "an FSDP assertion when a unit's parameters require grad but take no part in an iteration, met 'when "
+            "encoders take turns being used across iterations': the same kind of trigger, without no_sync",
+            Relation.RELATED,
+        ),
+    ),
+)
+def _no_sync_unit_unused_by_the_synced_backward(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    if not all(
+        v.step is not None and _unit_left_out_of_the_synced_backward(scenario, v.rank, v.step) for v in violations
+    ):
+        return False
+    return all_failed_with(observations, violations, (Kind.STEP_FAILED,), "AssertionError", SAVED_GRAD_SHARD)
