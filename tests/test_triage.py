@@ -165,6 +165,12 @@ def every_rank_runs_the_backward(scenario, observations):
     return rejudged(with_steps(scenario, [0], ranks=[0], backward=True), observations)
 
 
+def every_rank_reduces(scenario, observations):
+    """Rank 0 reduces in step 0 too: the ranks' collectives agree, so a hang
+    is a new bug."""
+    return rejudged(with_steps(scenario, [0], ranks=[0], gradient_sync=True), observations)
+
+
 def optimizer_step_before_the_freeze(scenario, observations):
     """Step 0 ends with an optimizer step, so no gradient is waiting when
     step 1 freezes branch1_0: wrong gradients then are a new bug."""
@@ -365,6 +371,7 @@ def block_runs_once(scenario, observations):
 
 
 VARIANT_NEAR_MISSES = {
+    "backward-on-some-ranks-only-no-sync": ("backward-on-some-ranks-only", every_rank_reduces),
     "mixed-precision-eval-forward-first-skips-gradient-reduction-no-shard": (
         "mixed-precision-eval-forward-first-skips-gradient-reduction",
         without_mixed_precision,

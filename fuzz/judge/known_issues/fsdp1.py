@@ -532,9 +532,15 @@ def _later_warning_names_intra_node_rank(
 
 
 def backward_steps_differ(scenario: Scenario) -> int | None:
-    """First step where some ranks run a backward and others do not."""
+    """First step where some ranks run a backward and others do not, or
+    some reduce its gradients and others accumulate them inside
+    ``no_sync()``: either way one rank's reduce-scatter has no partner."""
+
+    def reduction(step) -> tuple[bool, bool]:
+        return step.backward, step.backward and step.gradient_sync
+
     for index in range(scenario.num_steps):
-        if len({steps[index].backward for steps in scenario.ranks}) > 1:
+        if len({reduction(steps[index]) for steps in scenario.ranks}) > 1:
             return index
     return None
 
@@ -548,7 +554,8 @@ def backward_steps_differ(scenario: Scenario) -> int | None:
         runs a backward (one rank skips it, as a 'skip the step on a NaN loss' guard does) meet with unmatched
         collectives: one rank's reduce-scatter waits for the others, which have moved on to the next forward's
         all-gather. The result is a hang or a silent pairing, with no error naming the cause, at every debug
-        level.
+        level. The same when all ranks run the backward but some inside no_sync() (gradient accumulation
+        decided per rank), found by the first campaign over FSDP1's no_sync.
     """,
     upstream=(
         Upstream(
