@@ -6,16 +6,16 @@ from __future__ import annotations
 
 from fsdp_fuzz.data import Scenario, Step, step_to_json
 from fsdp_fuzz.models.spec import taken
-from fsdp_fuzz.repro.text import literal
+from fsdp_fuzz.repro.text import call_lines, literal
 
 
-def step_call(scenario: Scenario, index: int, step: Step) -> str:
-    """``step(0, {"branch": [1]}, forwards=2)``: the full path (every branch point), then the other fields."""
+def step_arguments(scenario: Scenario, index: int, step: Step) -> list[str]:
+    """``0, {"branch": [1]}, forwards=2``: the full path (every branch point), then the other fields."""
     path = {choice.name: list(taken(step.path, choice.name)) for choice in scenario.model.choices()}
     encoded = step_to_json(step)
     keywords = [f"mode={literal(step.mode)}"] if step.mode != "train" else []
     keywords += [f"{name}={literal(value)}" for name, value in encoded.items() if name not in ("mode", "path")]
-    return f"step({', '.join([str(index), literal(path), *keywords])})"
+    return [str(index), literal(path), *keywords]
 
 
 def schedule_source(scenario: Scenario) -> str:
@@ -25,15 +25,16 @@ def schedule_source(scenario: Scenario) -> str:
         "    alternatives each forward runs there. A step runs its forwards, then one backward of the sum",
         '    of their outputs (unless backward=False)."""',
     ]
-    programs: dict[tuple[str, ...], list[int]] = {}
+    programs: dict[tuple[tuple[str, ...], ...], list[int]] = {}
     for rank, steps in enumerate(scenario.ranks):
-        calls = tuple(step_call(scenario, index, step) for index, step in enumerate(steps))
+        calls = tuple(tuple(step_arguments(scenario, index, step)) for index, step in enumerate(steps))
         programs.setdefault(calls, []).append(rank)
-    for body, ranks in programs.items():
-        if len(programs) == 1:
-            lines += [f"    {line}" for line in body]
-            continue
-        condition = f"rank == {ranks[0]}" if len(ranks) == 1 else f"rank in {tuple(ranks)}"
-        lines.append(f"    if {condition}:")
-        lines += [f"        {line}" for line in body]
+    for calls, ranks in programs.items():
+        indent = "    "
+        if len(programs) > 1:
+            condition = f"rank == {ranks[0]}" if len(ranks) == 1 else f"rank in {tuple(ranks)}"
+            lines.append(f"    if {condition}:")
+            indent = "        "
+        for arguments in calls:
+            lines += call_lines(indent, "step", list(arguments))
     return "\n".join(lines)
