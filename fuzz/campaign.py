@@ -293,6 +293,14 @@ def run_campaign(
         except Flaky as exc:
             result.flaky += 1
             note(f"a failure did not replay, run dropped (nondeterministic observation?): {str(exc).splitlines()[0]}")
+            # A verdict that does not replay is a harness defect until shown
+            # otherwise: keep what failed, unclaimed, for `replay` to retry.
+            for kept in best.values():
+                failure = kept.failure
+                path, _ = save_finding(
+                    corpus, failure.scenario, failure.observations, failure.violations, failure.known, found_by, False
+                )
+                note(f"  the run that failed ({failure.failure_class.name}) is kept in {path}: replay it to compare")
         except Exception as exc:
             if not only_contract_violations(exc):
                 note("the fuzzer itself failed (a harness bug, not an FSDP finding); its traceback follows")
