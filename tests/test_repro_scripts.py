@@ -114,7 +114,7 @@ def test_unittest_style_fails_for_the_right_reason(stem: str, tmp_path: Path, re
     """The test a pull request would add fails on today's torch, and says why as the script does."""
     if request.node.get_closest_marker("repro_slow") and "repro_slow" not in (request.config.option.markexpr or ""):
         pytest.skip("in the repro_slow set: pytest tests/test_repro_scripts.py -m repro_slow")
-    pytest.importorskip("expecttest", reason="torch.testing._internal needs expecttest (pip install expecttest)")
+    pytest.importorskip("expecttest", reason="torch.testing._internal needs expecttest (the test extra installs it)")
     entry = load_entry(KNOWN / f"{stem}.json")
     test = tmp_path / f"test_{stem.replace('-', '_')}.py"
     test.write_text(reproducer_script(entry, style="unittest", timeout_s=TIMEOUT_S))
