@@ -371,6 +371,10 @@ def block_runs_once(scenario, observations):
 
 
 VARIANT_NEAR_MISSES = {
+    "fsdp2-method-before-forward-makes-a-unit-root-several-roots": (
+        "fsdp2-method-before-forward-makes-a-unit-root",
+        method_registered,
+    ),
     "backward-on-some-ranks-only-no-sync": ("backward-on-some-ranks-only", every_rank_reduces),
     "mixed-precision-eval-forward-first-skips-gradient-reduction-no-shard": (
         "mixed-precision-eval-forward-first-skips-gradient-reduction",

@@ -111,7 +111,9 @@ def collect_outcomes(
     hang is recognised sooner: when every unfinished rank has been blocked
     that long with no thread running, nothing can move again before the
     timeout, so each blocked rank is asked where it is (``answer_inquiries``)
-    and its answer is recorded as the hang. Not at DETAIL: there torch's
+    and its answer is recorded as the hang; only once every rank has
+    reported its setup, since before that a rank blocked on receiving the
+    scenario and its peers blocked on it are no deadlock. Not at DETAIL: there torch's
     collective checker turns the wait into an error naming the missing rank,
     after the group's timeout, and that is FSDP's to say. One silent for
     ``progress_s`` is stuck elsewhere and is recorded as hung at the step it
@@ -144,7 +146,13 @@ def collect_outcomes(
                         collected.outcomes[rank].append({"status": HANG, "error_message": message})
                     collected.silent.add(rank)
                 break
-            if activity is not None and len(done) < world_size:
+            # Not before every rank has reported its setup: until then a rank may
+            # still be waiting for the scenario to reach it (a queue's feeder
+            # thread on a loaded machine), and its peers, blocked in creating
+            # groups with it, would look deadlocked. A verdict that did not
+            # replay (2026-11-30, a 10-minute FSDP2 campaign at a load of 40).
+            set_up = all(collected.outcomes[r] or r in done for r in range(world_size))
+            if activity is not None and set_up and len(done) < world_size:
                 used = activity.sample(set(range(world_size)) - done)
                 if used is None or quiet is None or used != quiet[1]:
                     quiet = None if used is None else (time.monotonic(), used)

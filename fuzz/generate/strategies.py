@@ -673,7 +673,15 @@ def clean_runs(draw: st.DrawFn, engine: str, dtype: str, max_world_size: int = 4
     else:
         reduce_dtype = draw(st.sampled_from((None, "float32")))
         policy = MixedPrecision(dtype, reduce_dtype, dtype) if low else None
-        scenario = replace(scenario, fsdp=replace(scenario.fsdp, mixed_precision=policy))
+        auto_wrap = scenario.fsdp.auto_wrap and policy is None  # validate_scenario: no auto wrap of low-precision norms
+        scenario = replace(scenario, fsdp=replace(scenario.fsdp, mixed_precision=policy, auto_wrap=auto_wrap))
+    # Settings that name blocks follow the model, which may have been drawn anew.
+    if engine == "fsdp2":
+        scenario = replace(
+            scenario, fsdp2=replace(scenario.fsdp2, ignored=(), sharded_together=(), no_unshard_in_backward=())
+        )
+    else:
+        scenario = replace(scenario, fsdp=replace(scenario.fsdp, ignored=()))
     return replace(scenario, model=_plain(model), ranks=(shared,) * scenario.world_size, freeze_untaken=False)
 
 

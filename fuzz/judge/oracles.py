@@ -86,7 +86,8 @@ class RankExpectation:
 
 def refusal(scenario: Scenario, rank: int) -> Refusal | None:
     """FSDP2's documented refusals, each at the rank's first step that
-    needs what it refuses: parameters tied across units (at its lazy
+    needs what it refuses: parameters tied across units not sharded
+    together (at its lazy
     initialisation, the first step that unshards or runs a forward), and an
     entry point other than ``forward`` that is not registered
     (``register_fsdp_forward_method``) and runs the root's own parameters
@@ -99,9 +100,15 @@ def refusal(scenario: Scenario, rank: int) -> Refusal | None:
     first = next((index for index, step in enumerate(steps) if step.forwards or step.unshard), None)
     if first is None:
         return None
-    across = scenario.model.ties_across_units()
+    owners = scenario.model.owning_units()
+    group_of = {unit: group for group in scenario.fsdp2.sharded_together for unit in group}
+    across = {  # sharded together, the two share one parameter group: FSDP2's own advice for ties
+        tied: source
+        for tied, source in scenario.model.ties_across_units().items()
+        if group_of.get(owners[tied], (owners[tied],)) != group_of.get(owners[source], (owners[source],))
+    }
     if across:
-        (tied, source), owners = next(iter(across.items())), scenario.model.owning_units()
+        tied, source = next(iter(across.items()))
         return Refusal(
             first,
             "ValueError",

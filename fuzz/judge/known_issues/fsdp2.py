@@ -242,6 +242,8 @@ def _fsdp2_thawed_while_unsharded(
 
 
 LAZY_ROOT_ERROR = "FSDP state has already been lazily initialized for "
+SEVERAL_ROOTS_ERROR = "FSDP requires a single root module but got "
+"""When the method's units became roots and the real root has no parameters of its own."""
 
 
 def _method_ran_before_the_root(scenario: Scenario) -> bool:
@@ -266,8 +268,9 @@ def _method_ran_before_the_root(scenario: Scenario) -> bool:
         registered with register_fsdp_forward_method and runs only nested units (here encode, whose stages are
         units of their own), called before the first forward, runs and even trains cleanly with a nested unit as
         its own root; the next forward through the real root then fails on every rank with RuntimeError 'FSDP
-        state has already been lazily initialized for <unit>'. Registering the method, or one forward first,
-        avoids it; nothing at the first call says so.
+        state has already been lazily initialized for <unit>'. Where the root has no parameters of its own, the
+        method's first backward already fails, with 'FSDP requires a single root module but got (...)'.
+        Registering the method, or one forward first, avoids it; nothing at the first call says so.
     """,
     upstream=(
         Upstream(
@@ -282,7 +285,10 @@ def _fsdp2_method_before_forward_makes_a_unit_root(
 ) -> bool:
     if not _method_ran_before_the_root(scenario):
         return False
-    return all_failed_with(observations, violations, (Kind.STEP_FAILED,), "RuntimeError", LAZY_ROOT_ERROR)
+    return any(
+        all_failed_with(observations, violations, (Kind.STEP_FAILED,), "RuntimeError", words)
+        for words in (LAZY_ROOT_ERROR, SEVERAL_ROOTS_ERROR)
+    )
 
 
 def _reentrant_region_holds_a_unit(spec: ModelSpec) -> bool:
