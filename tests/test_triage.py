@@ -351,6 +351,12 @@ def synced_in_every_step(scenario, observations):
     return rejudged(with_steps(scenario, range(scenario.num_steps), gradient_sync=True), observations)
 
 
+def all_reduce_every_backward(scenario, observations):
+    """Each backward all-reduces: nothing is deferred, so the size mismatch
+    is a new bug (on live ranks this schedule runs)."""
+    return rejudged(with_steps(scenario, range(scenario.num_steps), all_reduce=True), observations)
+
+
 def eval_forward_without_grad_first(scenario, observations):
     """The eval forward of step 0 runs under no_grad: nothing is set up for a
     backward that never comes, so unreduced gradients are a new bug (on live
@@ -413,6 +419,10 @@ reproducer: each undoes the fact the widening keys on."""
 
 
 NEAR_MISSES = {
+    "fsdp2-hsdp-partial-reduction-split-by-reentrant-checkpoint": (
+        "fsdp2-hsdp-partial-reduction-split-by-reentrant-checkpoint",
+        all_reduce_every_backward,
+    ),
     "no-sync-unit-unused-by-the-synced-backward": (
         "no-sync-unit-unused-by-the-synced-backward",
         synced_in_every_step,

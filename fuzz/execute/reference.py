@@ -81,7 +81,6 @@ def _reference_steps(scenario: Scenario) -> tuple[ReferenceStep, ...]:
                 [own[rank].get(position, master).to(dtypes.param) for position, master in enumerate(masters)],
             )
             forwards = run_forwards(encoded, built, rank, index, CPU, dtypes.param, dtypes.output)
-            buffers[rank] = [buffer.detach().clone() for buffer in built.module.buffers()]
             output_sums.append(float(forwards.total.detach()))
             magnitudes.append(forwards.magnitude)
             if step.backward and forwards.total.requires_grad:
@@ -94,6 +93,10 @@ def _reference_steps(scenario: Scenario) -> tuple[ReferenceStep, ...]:
                     elif parameter.grad is not None:
                         summed[position] = summed.get(position, 0) + parameter.grad.float()
                     parameter.grad = None
+            # After the backward: a checkpointed block's recompute runs its norms
+            # again in training mode, updating their running statistics twice, as
+            # torch's checkpoint does on the ranks too.
+            buffers[rank] = [buffer.detach().clone() for buffer in built.module.buffers()]
         step = scenario.ranks[0][index]
         grad_sum = grad_magnitude = None
         if step.backward:

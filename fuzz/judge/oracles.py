@@ -107,6 +107,18 @@ def refusal(scenario: Scenario, rank: int) -> Refusal | None:
         for tied, source in scenario.model.ties_across_units().items()
         if group_of.get(owners[tied], (owners[tied],)) != group_of.get(owners[source], (owners[source],))
     }
+    call = steps[first]
+    if not scenario.fsdp2.register_encode and call.method != "forward" and call.forwards and not call.unshard:
+        # No root hook runs, so no lazy initialisation checks the ties: the
+        # call meets the root's sharded parameters, or runs its units alone.
+        if _encoder_runs_root_parameters(scenario.model):
+            return Refusal(
+                first,
+                *SHARDED_CALL,
+                f"{call.method!r}, the rank's first call, is not registered with register_fsdp_forward_method and "
+                "runs root parameters that are still sharded",
+            )
+        return None
     if across:
         tied, source = next(iter(across.items()))
         return Refusal(
@@ -114,17 +126,6 @@ def refusal(scenario: Scenario, rank: int) -> Refusal | None:
             "ValueError",
             "is shared with a parameter already managed by another FSDP group",
             f"{tied!r} (unit {owners[tied]!r}) is tied to {source!r} (unit {owners[source]!r})",
-        )
-    if scenario.fsdp2.register_encode:
-        return None
-    call = steps[first]
-    sharded = not call.unshard and _encoder_runs_root_parameters(scenario.model)
-    if call.method != "forward" and call.forwards and sharded:
-        return Refusal(
-            first,
-            *SHARDED_CALL,
-            f"{call.method!r}, the rank's first call, is not registered with register_fsdp_forward_method and runs "
-            "root parameters that are still sharded",
         )
     return None
 

@@ -504,3 +504,61 @@ def _fsdp2_hsdp_partial_reduction_dropped_by_freezing(
         v.clause == Clause.REFERENCE and v.step is not None and _partial_reduction_then_freeze(scenario, v.step)
         for v in violations
     )
+
+
+SIZE_MISMATCH = "The size of tensor a ("
+
+
+def _partial_reduction_pending(scenario: Scenario, rank: int, step: int) -> bool:
+    """Up to ``step``, the rank's backward since its last all-reducing one
+    ran without HSDP's all-reduce (``step``'s own included)."""
+    for current in reversed(scenario.ranks[rank][: step + 1]):
+        if current.backward:
+            if not current.all_reduce:
+                return True
+            if current is not scenario.ranks[rank][step]:
+                return False
+    return False
+
+
+@known_issue(
+    "fsdp2-hsdp-partial-reduction-split-by-reentrant-checkpoint",
+    priority=330,
+    seen_on=("2.13.0",),
+    engines=("fsdp2",),
+    description="""
+        HSDP with set_requires_all_reduce(False), a unit holding a block checkpointed with
+        torch.utils.checkpoint(use_reentrant=True), and two or more forwards before one backward: the reentrant
+        recompute splits the unit's gradient reduction into parts over different parameters, and FSDP2 adds each
+        part to the one partial-sum buffer it keeps per unit for the deferred all-reduce, so the backward fails on
+        every rank with RuntimeError 'The size of tensor a (8) must match the size of tensor b (18)'. With the
+        all-reduce on (the parts are reduced one by one), one forward, or non-reentrant checkpointing, the same
+        schedule runs. Found by the fuzz targets' ci profile over FSDP2's remaining settings.
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#126166",
+            "the PR that added set_requires_all_reduce: one partial_reduce_output per parameter group, added to on "
+            "each microbatch, assumes one reduction of the same parameters per backward",
+            Relation.RELATED,
+        ),
+    ),
+)
+def _fsdp2_hsdp_partial_reduction_split_by_reentrant_checkpoint(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    reentrant = any(getattr(node, "checkpoint", None) == "reentrant" for node in scenario.model.named())
+    if not (scenario.fsdp2.hsdp and reentrant):
+        return False
+
+    def explained(violation: Violation) -> bool:
+        if violation.kind != Kind.STEP_FAILED or violation.step is None:
+            return False
+        outcome = observations.ranks[violation.rank].steps[violation.step]
+        return (
+            outcome.failed_with("RuntimeError", SIZE_MISMATCH)
+            and _partial_reduction_pending(scenario, violation.rank, violation.step)
+            and reentrant_runs_since_backward(scenario, violation.rank, violation.step) >= 2
+        )
+
+    return all(explained(violation) for violation in violations)
