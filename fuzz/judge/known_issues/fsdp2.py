@@ -248,12 +248,13 @@ SEVERAL_ROOTS_ERROR = "FSDP requires a single root module but got "
 
 def _method_ran_before_the_root(scenario: Scenario) -> bool:
     """Some rank's first call into the model is an unregistered method
-    other than ``forward``: the units it runs initialise without the root."""
+    other than ``forward``: the units it runs initialise without the root,
+    whether or not every unit was explicitly unsharded first."""
     if scenario.fsdp2.register_encode:
         return False
     for steps in scenario.ranks:
-        first = next((step for step in steps if step.forwards or step.unshard), None)
-        if first is not None and first.forwards and not first.unshard and first.method != "forward":
+        first = next((step for step in steps if step.forwards), None)
+        if first is not None and first.method != "forward":
             return True
     return False
 
