@@ -4,14 +4,11 @@ turns it into a script that reproduces it in a clean interpreter."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 from fsdp_fuzz.corpus import corpus_files, load_entry
-from fsdp_fuzz.data import outcome_from_json
-from fsdp_fuzz.judge.oracles import order_warnings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,18 +43,11 @@ def test_a_saved_finding_replays_and_becomes_a_standalone_reproducer(tmp_path):
     clean = subprocess.run(
         [sys.executable, "-I", str(script), "--timeout", "5"], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
-    assert clean.returncode == 0, clean.stderr[-2000:]
-    (line,) = [line for line in clean.stdout.splitlines() if line.startswith("REPRO-RESULT ")]
-    reproduced = json.loads(line.removeprefix("REPRO-RESULT "))["ranks"]
-    recorded = entry.finding.observations.ranks
-    for rank, (script_outcomes, observed) in enumerate(zip(reproduced, recorded, strict=True)):
-        for step, (by_script, by_fuzzer) in enumerate(zip(script_outcomes[1:], observed.steps, strict=True)):
-            by_script = outcome_from_json(by_script)
-            assert (by_script.status, by_script.error_type, order_warnings(by_script)) == (
-                by_fuzzer.status,
-                by_fuzzer.error_type,
-                order_warnings(by_fuzzer),
-            ), f"rank {rank}, step {step}"
+    # The one-screen script asserts the contract itself: exit 1 and one
+    # sentence while the finding reproduces, as replay just said it does.
+    assert clean.returncode == 1, clean.stdout[-2000:] + clean.stderr[-2000:]
+    sentences = [line for line in clean.stdout.splitlines() if line.strip()]
+    assert sentences, "the script says what went wrong"
 
 
 def test_a_time_budget_ends_the_campaign_with_a_summary(tmp_path):
