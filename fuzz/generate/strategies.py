@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import cache
 
 from hypothesis import event
@@ -305,20 +305,9 @@ class Deviation:
     def apply(self, shared: Step) -> Step:
         """The deviating step, kept valid (``_valid``)."""
         changes = {
-            name: value
-            for name in (
-                "mode",
-                "forwards",
-                "grad_enabled",
-                "backward",
-                "optimizer_step",
-                "gradient_sync",
-                "unshard",
-                "reshard",
-                "method",
-                "frozen",
-            )
-            if (value := getattr(self, name)) is not None
+            field.name: value
+            for field in fields(self)
+            if field.name != "path" and (value := getattr(self, field.name)) is not None
         }
         step = replace(shared, **changes)
         if self.path is not None:
