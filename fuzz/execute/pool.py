@@ -404,6 +404,9 @@ def _worker_main(
         os.dup2(log, 1)
         os.dup2(log, 2)
         os.close(log)
+    # A rank set may be killed when it is replaced, and a rank leaves with
+    # os._exit: lines must reach the log as they are printed.
+    sys.stdout.reconfigure(line_buffering=True)
     threading.Thread(target=answer_inquiries, args=(rank, inquiries, reports), daemon=True).start()
     stack_file = open(os.path.join(workdir, f"stack-{rank}.txt"), "w")  # noqa: SIM115 - lives as long as the worker
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
@@ -418,6 +421,7 @@ def _worker_main(
         release_memory(placement)
     reports.close()
     reports.join_thread()
+    sys.stdout.flush()
     os._exit(0)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import threading
 
@@ -103,4 +104,5 @@ def _fresh_rank(scenario, rank, store_path, placement, timeout_s, reports, relea
     join_default_group(rank, scenario["world_size"], store_path, placement)
     serve_scenario(scenario, 0, rank, placement, timeout_s, reports)
     release.wait(timeout=STARTUP_TIMEOUT_S)
+    sys.stdout.flush()
     os._exit(0)

@@ -167,7 +167,8 @@ def reference_source(scenario: Scenario) -> str:
     if ignored:
         paths = block_paths(scenario.model)
         names = " ".join(f"*models[0].get_submodule({literal(paths[name])}).parameters()," for name in ignored)
-        lines.append(f"    own = {{id(p) for p in [{names}]}}  # ignored: each rank's own, updated by its own gradient")
+        lines.append("    # ignored: each rank's own, updated by its own gradient")
+        lines.append(f"    own = {{id(p) for p in [{names}]}}")
         lines.append("    own = {i for i, parameter in enumerate(parameters[0]) if id(parameter) in own}")
     lines += [
         '    calls, cpu = [[] for _ in RANKS], torch.device("cpu")',

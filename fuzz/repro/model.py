@@ -191,9 +191,9 @@ class _Renderer:
                 f"{cls}(OrderedDict(\n" + "".join(f"{pad}{item},\n" for item in items) + f"{'    ' * depth}){suffix}"
             )
         if node.checkpoint == "wrapper":
-            return f"checkpoint_wrapper({built}, checkpoint_impl=CheckpointImpl.NO_REENTRANT)"
+            return self._call("checkpoint_wrapper", [built, "checkpoint_impl=CheckpointImpl.NO_REENTRANT"], pad, depth)
         if node.checkpoint == "composable":
-            return f"composable_checkpoint({built})"
+            return self._call("composable_checkpoint", [built], pad, depth)
         return built
 
     @staticmethod
