@@ -377,6 +377,10 @@ def block_runs_once(scenario, observations):
 
 
 VARIANT_NEAR_MISSES = {
+    "mixed-precision-eval-forward-first-skips-gradient-reduction-training-forward": (
+        "mixed-precision-eval-forward-first-skips-gradient-reduction",
+        eval_forward_without_grad_first,
+    ),
     "fsdp2-method-before-forward-makes-a-unit-root-several-roots": (
         "fsdp2-method-before-forward-makes-a-unit-root",
         method_registered,

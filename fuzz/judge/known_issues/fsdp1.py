@@ -1141,11 +1141,12 @@ def _fsdp1_tie_across_units(scenario: Scenario, observations: Observations, viol
 
 
 def _eval_forward_with_grad_first(scenario: Scenario, step: int) -> bool:
-    """Up to ``step``, some rank ran an eval-mode forward with grad enabled
-    before its first backward."""
+    """Up to ``step``, some rank ran a forward with grad enabled that no
+    backward followed (an eval-mode one, or a training step without
+    backward) before its first backward."""
     for rank_steps in scenario.ranks:
         for current in rank_steps[: step + 1]:
-            if current.mode == "eval" and current.forwards and current.grad_enabled:
+            if current.forwards and current.grad_enabled and (current.mode == "eval" or not current.backward):
                 return True
             if current.backward:
                 break
@@ -1165,8 +1166,10 @@ SHARD_SIZE_MISMATCH = "The size of tensor a"
         unsharded: with FULL_SHARD and SHARD_GRAD_OP every rank holds its own full local gradient (the ranks'
         gradients add up to world_size times the average; a later reduction then fails on the size, 'The size of
         tensor a (N) must match the size of tensor b (2N)'), with NO_SHARD the replicas silently take different
-        optimizer steps, with use_orig_params the gradients are lost. No error or warning. Without mixed
-        precision, with the eval forward under no_grad, or with a training backward first, it matches.
+        optimizer steps, with use_orig_params the gradients are lost. No error or warning. A training-mode
+        forward that no backward follows does the same (found by the dev profile over this session's space).
+        Without mixed precision, with the eval forward under no_grad, or with a training backward first, it
+        matches.
     """,
     upstream=(
         Upstream(
