@@ -171,6 +171,12 @@ def every_rank_reduces(scenario, observations):
     return rejudged(with_steps(scenario, [0], ranks=[0], gradient_sync=True), observations)
 
 
+def every_rank_freezes_the_unit(scenario, observations):
+    """Rank 1 freezes branch0_3 as rank 0 does: the ranks' collectives
+    agree, so a hang is a new bug."""
+    return rejudged(with_steps(scenario, range(scenario.num_steps), ranks=[1], frozen=("branch0_3",)), observations)
+
+
 def optimizer_step_before_the_freeze(scenario, observations):
     """Step 0 ends with an optimizer step, so no gradient is waiting when
     step 1 freezes branch1_0: wrong gradients then are a new bug."""
@@ -377,6 +383,7 @@ def block_runs_once(scenario, observations):
 
 
 VARIANT_NEAR_MISSES = {
+    "backward-on-some-ranks-only-frozen-unit": ("backward-on-some-ranks-only", every_rank_freezes_the_unit),
     "mixed-precision-eval-forward-first-skips-gradient-reduction-training-forward": (
         "mixed-precision-eval-forward-first-skips-gradient-reduction",
         eval_forward_without_grad_first,

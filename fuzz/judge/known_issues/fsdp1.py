@@ -532,12 +532,15 @@ def _later_warning_names_intra_node_rank(
 
 
 def backward_steps_differ(scenario: Scenario) -> int | None:
-    """First step where some ranks run a backward and others do not, or
-    some reduce its gradients and others accumulate them inside
-    ``no_sync()``: either way one rank's reduce-scatter has no partner."""
+    """First step where some ranks run a backward and others do not, some
+    reduce its gradients and others accumulate them inside ``no_sync()``,
+    or some have frozen a whole unit that others train: any way, one
+    rank's reduce-scatter has no partner."""
+    units = {node.name for node in scenario.model.units()}
 
-    def reduction(step) -> tuple[bool, bool]:
-        return step.backward, step.backward and step.gradient_sync
+    def reduction(step) -> tuple:
+        frozen_units = frozenset(units.intersection(step.frozen)) if step.backward else frozenset()
+        return step.backward, step.backward and step.gradient_sync, frozen_units
 
     for index in range(scenario.num_steps):
         if len({reduction(steps[index]) for steps in scenario.ranks}) > 1:
@@ -555,7 +558,8 @@ def backward_steps_differ(scenario: Scenario) -> int | None:
         collectives: one rank's reduce-scatter waits for the others, which have moved on to the next forward's
         all-gather. The result is a hang or a silent pairing, with no error naming the cause, at every debug
         level. The same when all ranks run the backward but some inside no_sync() (gradient accumulation
-        decided per rank), found by the first campaign over FSDP1's no_sync.
+        decided per rank), found by the first campaign over FSDP1's no_sync, or when some ranks have frozen a
+        whole unit that others train (a freezing schedule decided per rank).
     """,
     upstream=(
         Upstream(
