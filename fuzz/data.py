@@ -13,7 +13,7 @@ key on them, never on the words of a message.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path as FilePath
@@ -27,6 +27,7 @@ from fsdp_fuzz.models.spec import (
     Norm,
     Sequential,
     SpecError,
+    named_in,
     spec_from_json,
     spec_to_json,
     taken,
@@ -489,8 +490,7 @@ def _validate_mixed_precision(scenario: Scenario) -> None:
     for name, value in vars(policy).items():
         if name.endswith("_dtype") and value is not None and value not in DTYPES:
             raise ScenarioError(f"mixed precision {name} {value!r} is not one of {DTYPES}")
-    blocks = (node for node in scenario.model.named() if isinstance(node, Sequential))
-    if any(isinstance(child, Norm) for block in blocks for child in block.children):
+    if scenario.model.has_norms():
         buffers = (policy.buffer_dtype or "float32") if scenario.engine == "fsdp1" else "float32"
         if buffers != scenario.param_dtype:
             fix = "set buffer_dtype to the param_dtype" if scenario.engine == "fsdp1" else "drop the param_dtype"
@@ -518,8 +518,7 @@ def _validate_engine_settings(scenario: Scenario) -> None:
         if scenario.fsdp2 != Fsdp2Settings():
             raise ScenarioError("'fsdp2' settings need engine 'fsdp2'")
         _validate_ignored(scenario, scenario.fsdp.ignored)
-        norms = any(isinstance(child, Norm) for node in scenario.model.named() for child in _layers_of(node))
-        if scenario.fsdp.auto_wrap and scenario.fsdp.mixed_precision is not None and norms:
+        if scenario.fsdp.auto_wrap and scenario.fsdp.mixed_precision is not None and scenario.model.has_norms():
             raise ScenarioError(
                 "auto_wrap with mixed_precision: FSDP1's auto wrapping then makes every BatchNorm a unit of its own "
                 "(kept in float32), units the spec does not describe, so the contract cannot say what to expect; "
@@ -575,22 +574,11 @@ def _validate_ignored(scenario: Scenario, ignored: tuple[str, ...]) -> None:
                 f"ignored block {name!r} is tied: its parameters would be managed at one place and ignored at "
                 "the other; ignore a block no tie involves"
             )
-        if scenario.engine == "fsdp1" and any(node.fsdp_unit for node in _named_in(scenario.model.block(name))):
+        if scenario.engine == "fsdp1" and any(node.fsdp_unit for node in named_in(scenario.model.block(name))):
             raise ScenarioError(
                 f"ignored block {name!r} is or holds an FSDP unit, and FSDP1's ignored_states refuses FSDP "
                 "modules; ignore a block inside a unit, or make it no unit"
             )
-
-
-def _layers_of(node: Sequential | Choice) -> tuple:
-    return node.children if isinstance(node, Sequential) else ()
-
-
-def _named_in(node: Sequential | Choice) -> Iterator[Sequential | Choice]:
-    yield node
-    for child in node.children if isinstance(node, Sequential) else node.alternatives:
-        if isinstance(child, (Sequential, Choice)):
-            yield from _named_in(child)
 
 
 def backward_needs_no_parameters(model: ModelSpec, name: str) -> bool:

@@ -109,17 +109,18 @@ class ModelSpec:
 
     def named(self) -> Iterator[Sequential | Choice]:
         """Every Sequential and Choice, outer before inner."""
-        yield from _named(self.root)
+        yield from named_in(self.root)
 
     def block(self, name: str) -> Sequential | Choice:
-        for node in _named(self.root):
+        for node in named_in(self.root):
             if node.name == name:
                 return node
         raise KeyError(name)
 
     def ties(self) -> dict[str, str]:
         """Tied block -> the block whose parameters it uses."""
-        return {node.name: node.tied_to for node in _named(self.root) if isinstance(node, Sequential) and node.tied_to}
+        blocks = (node for node in self.named() if isinstance(node, Sequential))
+        return {block.name: block.tied_to for block in blocks if block.tied_to}
 
     def ties_across_units(self) -> dict[str, str]:
         """Tied block -> its source, where the two belong to different FSDP units."""
@@ -141,11 +142,16 @@ class ModelSpec:
         visit(self.root, self.root.name)
         return owners
 
+    def has_norms(self) -> bool:
+        """Whether some block holds a norm layer (running statistics)."""
+        blocks = (node for node in self.named() if isinstance(node, Sequential))
+        return any(isinstance(child, Norm) for block in blocks for child in block.children)
+
     def parents(self) -> dict[str, str]:
         """Every Sequential and Choice but the root -> the Sequential or
         Choice it sits directly in: blocks with one parent are siblings."""
         found: dict[str, str] = {}
-        for node in _named(self.root):
+        for node in named_in(self.root):
             for child in node.children if isinstance(node, Sequential) else node.alternatives:
                 if isinstance(child, (Sequential, Choice)):
                     found[child.name] = node.name
@@ -220,7 +226,7 @@ def validate(spec: ModelSpec) -> None:
     if spec.in_features < 1:
         raise SpecError("in_features must be positive")
     features(spec.root, spec.in_features)
-    names = [node.name for node in _named(spec.root)]
+    names = [node.name for node in named_in(spec.root)]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise SpecError(f"submodule names must be unique, repeated: {duplicates}")
@@ -239,7 +245,7 @@ def _validate_blocks(spec: ModelSpec) -> None:
     its freezing (it holds the same parameters)."""
     earlier: dict[str, Sequential] = {}
     stages = {child.name for child in spec.root.children if isinstance(child, Sequential)}
-    for node in _named(spec.root):
+    for node in named_in(spec.root):
         if isinstance(node, Sequential):
             if node.checkpoint is not None and node.checkpoint not in CHECKPOINT_MODES:
                 raise SpecError(f"block {node.name!r}: checkpoint {node.checkpoint!r} is not one of {CHECKPOINT_MODES}")
@@ -259,25 +265,26 @@ def _validate_blocks(spec: ModelSpec) -> None:
             earlier[node.name] = node
 
 
-def _named(node: Node) -> Iterator[Sequential | Choice]:
+def named_in(node: Node) -> Iterator[Sequential | Choice]:
+    """Every Sequential and Choice in the subtree, ``node`` included, outer first."""
     if isinstance(node, Sequential):
         yield node
         for child in node.children:
-            yield from _named(child)
+            yield from named_in(child)
     elif isinstance(node, Choice):
         yield node
         for alternative in node.alternatives:
-            yield from _named(alternative)
+            yield from named_in(alternative)
 
 
 def _choices(node: Node) -> Iterator[Choice]:
-    for named in _named(node):
+    for named in named_in(node):
         if isinstance(named, Choice):
             yield named
 
 
 def _units(node: Sequential) -> Iterator[Sequential | Choice]:
-    for index, named in enumerate(_named(node)):
+    for index, named in enumerate(named_in(node)):
         if index == 0 or named.fsdp_unit:
             yield named
 

@@ -21,7 +21,7 @@ rest of an example draws (see ``schedules`` and ``models.strategies``).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from functools import cache
 
@@ -44,7 +44,7 @@ from fsdp_fuzz.data import (
     first_step_on_unreduced_gradients,
     freezable_blocks,
 )
-from fsdp_fuzz.models.spec import Choice, ModelSpec, Node, Sequential, taken, unit_numel
+from fsdp_fuzz.models.spec import Choice, ModelSpec, Node, Sequential, named_in, taken, unit_numel
 from fsdp_fuzz.models.strategies import Features, UnitRules, model_specs
 
 PLAIN_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
@@ -171,7 +171,7 @@ def ignored_blocks(draw: st.DrawFn, scenario: Scenario) -> tuple[str, ...]:
         and node is not model.root
         and node.name not in tied
         and node.name != stem
-        and not (scenario.engine == "fsdp1" and any(inner.fsdp_unit for inner in _named(node)))
+        and not (scenario.engine == "fsdp1" and any(inner.fsdp_unit for inner in named_in(node)))
     ]
     enabled = draw(_chance(1, 4)) and scenario.param_dtype == "float32"  # the engine casts no ignored parameter
     block = draw(st.sampled_from(candidates or [""]))
@@ -552,7 +552,7 @@ def scenario_features(scenario: Scenario) -> frozenset[str]:
 def _model_features(model: ModelSpec) -> set[str]:
     choices = list(model.choices())
     found = {f"branch points {min(len(choices), 3)}{'+' if len(choices) >= 3 else ''}"}
-    if any(isinstance(inner, Choice) for choice in choices for inner in _named(choice) if inner is not choice):
+    if any(isinstance(inner, Choice) for choice in choices for inner in named_in(choice) if inner is not choice):
         found.add("nested branch point")
     for choice in choices:
         found.add(f"{len(choice.alternatives)} alternatives")
@@ -565,7 +565,7 @@ def _model_features(model: ModelSpec) -> set[str]:
         found.add("units beyond the root")
     if any(size == 0 for size in unit_numel(model).values()):
         found.add("unit without parameters of its own")
-    if any(isinstance(node, Sequential) and node.frozen for node in _named(model.root)):
+    if any(isinstance(node, Sequential) and node.frozen for node in named_in(model.root)):
         found.add("frozen block")
     return found
 
@@ -623,14 +623,6 @@ def _divergence_features(scenario: Scenario) -> set[str]:
     if not all(differs[first:]):
         found.add("ranks differ, then agree again")
     return found
-
-
-def _named(node: Node) -> Iterator[Sequential | Choice]:
-    """Every Sequential and Choice in the subtree, ``node`` included."""
-    if isinstance(node, (Sequential, Choice)):
-        yield node
-        for child in node.children if isinstance(node, Sequential) else node.alternatives:
-            yield from _named(child)
 
 
 # Clean runs, for calibrating the low-precision bounds ---------------------------

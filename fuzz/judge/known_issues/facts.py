@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from fsdp_fuzz.data import Observations, Scenario, Violation
 from fsdp_fuzz.data import ViolationKind as Kind
-from fsdp_fuzz.models.spec import Choice, Sequential, taken
+from fsdp_fuzz.models.spec import Choice, ModelSpec, Sequential, named_in, taken
 
 
 def failures_from(start: int | None, violations: tuple[Violation, ...]) -> bool:
@@ -67,6 +67,16 @@ def path_changed_while(scenario: Scenario, step: int, pending: Callable[[bool, o
 
 def gradients_wrong_after(scenario: Scenario, violations: tuple[Violation, ...], cause: Callable) -> bool:
     return all(v.kind == Kind.GRADIENT_MISMATCH and cause(scenario, v.step) for v in violations)
+
+
+def checkpointed_region_holds_a_unit(spec: ModelSpec, modes: tuple[str, ...]) -> bool:
+    """A block checkpointed in one of ``modes`` has an FSDP unit inside it."""
+    return any(
+        isinstance(node, Sequential)
+        and node.checkpoint in modes
+        and any(inner.fsdp_unit for inner in named_in(node) if inner is not node)
+        for node in spec.named()
+    )
 
 
 def reentrant_runs_since_backward(scenario: Scenario, rank: int, step: int) -> int:

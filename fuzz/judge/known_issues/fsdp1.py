@@ -10,6 +10,7 @@ from fsdp_fuzz.data import ViolationKind as Kind
 from fsdp_fuzz.judge.known_issues.facts import (
     MONITORED_BARRIER,
     all_failed_with,
+    checkpointed_region_holds_a_unit,
     failures_from,
     freezes_after_wrapping,
     gradients_wrong_after,
@@ -26,7 +27,7 @@ from fsdp_fuzz.judge.orders import (
     forward_units,
     iterations,
 )
-from fsdp_fuzz.models.spec import Choice, Linear, ModelSpec, Path, Sequential, taken
+from fsdp_fuzz.models.spec import CHECKPOINT_MODES, Choice, Linear, ModelSpec, Path, Sequential, taken
 
 
 @known_issue(
@@ -1261,19 +1262,6 @@ def _no_sync_unit_unused_by_the_synced_backward(
     return all_failed_with(observations, violations, (Kind.STEP_FAILED,), "AssertionError", SAVED_GRAD_SHARD)
 
 
-def _checkpointed_region_holds_a_unit(spec: ModelSpec) -> bool:
-    """A checkpointed block (``torch.utils.checkpoint`` either way, or FSDP1's
-    ``checkpoint_wrapper``) has an FSDP unit inside it."""
-
-    def holds_unit(node) -> bool:
-        children = node.children if isinstance(node, Sequential) else getattr(node, "alternatives", ())
-        return any(getattr(child, "fsdp_unit", False) or holds_unit(child) for child in children)
-
-    return any(
-        isinstance(node, Sequential) and node.checkpoint is not None and holds_unit(node) for node in spec.named()
-    )
-
-
 @known_issue(
     "checkpoint-recompute-recorded-in-first-iteration-order",
     priority=340,
@@ -1300,6 +1288,6 @@ def _checkpointed_region_holds_a_unit(spec: ModelSpec) -> bool:
 def _checkpoint_recompute_recorded_in_first_iteration_order(
     scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
 ) -> bool:
-    if scenario.debug_level != "DETAIL" or not _checkpointed_region_holds_a_unit(scenario.model):
+    if scenario.debug_level != "DETAIL" or not checkpointed_region_holds_a_unit(scenario.model, CHECKPOINT_MODES):
         return False
     return all(v.kind == Kind.WARNING_UNEXPECTED for v in violations)

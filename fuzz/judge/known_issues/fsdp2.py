@@ -5,10 +5,15 @@ from __future__ import annotations
 
 from fsdp_fuzz.data import Clause, Observations, Scenario, Violation
 from fsdp_fuzz.data import ViolationKind as Kind
-from fsdp_fuzz.judge.known_issues.facts import all_failed_with, freezes_after_wrapping, reentrant_runs_since_backward
+from fsdp_fuzz.judge.known_issues.facts import (
+    all_failed_with,
+    checkpointed_region_holds_a_unit,
+    freezes_after_wrapping,
+    reentrant_runs_since_backward,
+)
 from fsdp_fuzz.judge.known_issues.registry import Relation, Upstream, known_issue
 from fsdp_fuzz.judge.orders import fsdp2_promises
-from fsdp_fuzz.models.spec import ModelSpec, Sequential, taken
+from fsdp_fuzz.models.spec import Sequential, taken
 
 
 @known_issue(
@@ -292,18 +297,6 @@ def _fsdp2_method_before_forward_makes_a_unit_root(
     )
 
 
-def _reentrant_region_holds_a_unit(spec: ModelSpec) -> bool:
-    """A block checkpointed with use_reentrant=True has an FSDP unit inside it."""
-
-    def holds_unit(node) -> bool:
-        children = node.children if isinstance(node, Sequential) else getattr(node, "alternatives", ())
-        return any(getattr(child, "fsdp_unit", False) or holds_unit(child) for child in children)
-
-    return any(
-        isinstance(node, Sequential) and node.checkpoint == "reentrant" and holds_unit(node) for node in spec.named()
-    )
-
-
 @known_issue(
     "fsdp2-reentrant-checkpoint-around-a-unit-loses-gradients",
     priority=270,
@@ -343,7 +336,7 @@ def _reentrant_region_holds_a_unit(spec: ModelSpec) -> bool:
 def _fsdp2_reentrant_checkpoint_around_a_unit(
     scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
 ) -> bool:
-    if not _reentrant_region_holds_a_unit(scenario.model):
+    if not checkpointed_region_holds_a_unit(scenario.model, ("reentrant",)):
         return False
     numbers = (Kind.GRADIENT_MISMATCH, Kind.OUTPUT_MISMATCH, Kind.REPLICAS_DIVERGED)
     return all(
