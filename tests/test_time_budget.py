@@ -47,14 +47,19 @@ def test_a_strict_campaign_that_finds_several_classes_ends_within_a_tenth_more(t
     (tally,) = report["targets"].values()
     assert len(tally["classes"]) >= 3, "a strict run finds several classes"
     cut_short = {name for name, saved in tally["saved"].items() if saved.get("fully_shrunk") is False}
-    assert cut_short, f"the deadline cut no shrink short:\n{result.stdout}"
     entries = [load_entry(path) for path in sorted((tmp_path / "corpus" / "found").glob("*.json"))]
     unfinished = [entry for entry in entries if not entry.finding.fully_shrunk]
     assert len(unfinished) == len(cut_short), "each cut-short class saved once, marked in its file"
-    assert {entry.known_issue for entry in unfinished} - {None} <= cut_short, "unknown classes save no name"
-    assert f"{len(unfinished)} finding(s) saved as they stood, not fully shrunk" in result.stdout
     assert len(report["not_fully_shrunk"]) == len(unfinished)
-    assert "keeps their progress" in result.stdout
+    if not cut_short:
+        # On a quiet machine every shrink may end before the deadline (seen
+        # once in CI): then nothing may claim otherwise.
+        assert "not fully shrunk" not in result.stdout, result.stdout
+        assert all(saved.get("fully_shrunk") is True for saved in tally["saved"].values())
+    else:
+        assert {entry.known_issue for entry in unfinished} - {None} <= cut_short, "unknown classes save no name"
+        assert f"{len(unfinished)} finding(s) saved as they stood, not fully shrunk" in result.stdout
+        assert "keeps their progress" in result.stdout
 
     spent = report["time"]
     assert spent["shrinking"] > 0 and spent["exploring"] > 0
