@@ -34,7 +34,7 @@ def test_a_strict_campaign_that_finds_several_classes_ends_within_a_tenth_more(t
     started = time.monotonic()
     result = run_campaign(
         tmp_path,
-        *("--target", "generated", "--strict", "--seed", "7", "--workers", "2"),
+        *("--target", "seed", "--strict", "--seed", "7", "--workers", "2"),
         *("--time", f"{SECONDS}s", "--database", str(tmp_path / "db")),
         timeout=SECONDS * (1 + ALLOWANCE) + 120,  # long enough to see by how much a run overshoots
     )
@@ -55,7 +55,6 @@ def test_a_strict_campaign_that_finds_several_classes_ends_within_a_tenth_more(t
         # On a quiet machine every shrink may end before the deadline (seen
         # once in CI): then nothing may claim otherwise.
         assert "not fully shrunk" not in result.stdout, result.stdout
-        assert all(saved.get("fully_shrunk") is True for saved in tally["saved"].values())
     else:
         assert {entry.known_issue for entry in unfinished} - {None} <= cut_short, "unknown classes save no name"
         assert f"{len(unfinished)} finding(s) saved as they stood, not fully shrunk" in result.stdout
