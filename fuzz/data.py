@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from pathlib import Path as FilePath
 from typing import Any
@@ -30,7 +30,6 @@ from fsdp_fuzz.models.spec import (
     named_in,
     spec_from_json,
     spec_to_json,
-    taken,
 )
 
 SCHEMA_VERSION = 1
@@ -620,58 +619,31 @@ def _validate_sharded_together(model: ModelSpec, groups: tuple[tuple[str, ...], 
 _DEFAULT_STEP = Step()
 
 
-def step_to_json(step: Step, *, complete: bool = False) -> dict[str, Any]:
-    """Mode and path always; other fields only where they differ from
-    ``Step()``, or all of them when ``complete`` (what the executor reads)."""
+def step_to_json(step: Step) -> dict[str, Any]:
+    """Mode and path always; other fields only where they differ from ``Step()``."""
     encoded: dict[str, Any] = {
         "mode": step.mode,
         "path": {name: list(taken) for name, taken in sorted(step.path.items())},
     }
-    for name in _STEP_FIELDS:
-        if complete or getattr(step, name) != getattr(_DEFAULT_STEP, name):
-            encoded[name] = list(step.frozen) if name == "frozen" else getattr(step, name)
+    for item in fields(Step):
+        value = getattr(step, item.name)
+        if item.name not in encoded and value != getattr(_DEFAULT_STEP, item.name):
+            encoded[item.name] = list(value) if isinstance(value, tuple) else value
     return encoded
 
 
-_STEP_FIELDS = (
-    "forwards",
-    "backward",
-    "grad_enabled",
-    "optimizer_step",
-    "gradient_sync",
-    "unshard",
-    "reshard",
-    "method",
-    "frozen",
-    "all_reduce",
-    "last_backward",
-    "reshard_after_forward",
-    "reset_iter_state",
-)
-
-
 def step_from_json(encoded: Mapping[str, Any]) -> Step:
-    known = {"mode", "path", *_STEP_FIELDS}
-    unknown = set(encoded) - known
+    """Each field as its default's type; the others' decoders in ``_STEP_DECODERS``."""
+    names = [item.name for item in fields(Step)]
+    unknown = set(encoded) - set(names)
     if unknown:
         raise ScenarioError(f"unknown step fields {sorted(unknown)}")
-    path = {str(name): tuple(int(i) for i in taken) for name, taken in dict(encoded.get("path", {})).items()}
     return Step(
-        mode=str(encoded.get("mode", "train")),
-        path=path,
-        forwards=int(encoded.get("forwards", 1)),
-        backward=bool(encoded.get("backward", True)),
-        grad_enabled=bool(encoded.get("grad_enabled", True)),
-        optimizer_step=bool(encoded.get("optimizer_step", False)),
-        gradient_sync=bool(encoded.get("gradient_sync", True)),
-        unshard=bool(encoded.get("unshard", False)),
-        reshard=bool(encoded.get("reshard", False)),
-        method=str(encoded.get("method", "forward")),
-        frozen=tuple(str(name) for name in encoded.get("frozen", ())),
-        all_reduce=bool(encoded.get("all_reduce", True)),
-        last_backward=bool(encoded.get("last_backward", True)),
-        reshard_after_forward=_optional_bool(encoded.get("reshard_after_forward")),
-        reset_iter_state=bool(encoded.get("reset_iter_state", False)),
+        **{
+            name: _STEP_DECODERS.get(name, type(getattr(_DEFAULT_STEP, name)))(encoded[name])
+            for name in names
+            if name in encoded
+        }
     )
 
 
@@ -679,24 +651,29 @@ def _optional_bool(value: Any) -> bool | None:
     return None if value is None else bool(value)
 
 
-def scenario_to_json(scenario: Scenario, *, complete: bool = False) -> dict[str, Any]:
-    """The saved form; ``complete`` spells out every default, so that the
-    executor, which reads this form, never needs to know one."""
+_STEP_DECODERS = {
+    "path": lambda path: {str(name): tuple(int(i) for i in taken) for name, taken in dict(path).items()},
+    "frozen": lambda names: tuple(str(name) for name in names),
+    "reshard_after_forward": _optional_bool,
+}
+
+
+def scenario_to_json(scenario: Scenario) -> dict[str, Any]:
+    """The saved form: settings newer than the first saved scenarios only where set."""
     return {
         "schema_version": SCHEMA_VERSION,
         "description": scenario.description,
         "world_size": scenario.world_size,
-        **({"engine": scenario.engine} if complete or scenario.engine != "fsdp1" else {}),
-        "model": spec_to_json(scenario.model, complete=complete),
-        "fsdp": _settings_json(scenario.fsdp, complete),
-        **({"fsdp2": _settings_json(scenario.fsdp2, complete)} if complete or scenario.engine == "fsdp2" else {}),
+        **({"engine": scenario.engine} if scenario.engine != "fsdp1" else {}),
+        "model": spec_to_json(scenario.model),
+        "fsdp": _settings_json(scenario.fsdp),
+        **({"fsdp2": _settings_json(scenario.fsdp2)} if scenario.engine == "fsdp2" else {}),
         "debug_level": scenario.debug_level,
         "collective_checker": scenario.collective_checker,
         "freeze_untaken": scenario.freeze_untaken,
         "seed": scenario.seed,
         "batch_size": scenario.batch_size,
-        "ranks": [[_step_json(scenario.model, step, complete) for step in steps] for steps in scenario.ranks],
-        **({"hybrid": scenario.hybrid, "hybrid_node_size": HYBRID_NODE_SIZE} if complete else {}),
+        "ranks": [[step_to_json(step) for step in steps] for steps in scenario.ranks],
     }
 
 
@@ -716,13 +693,9 @@ _ADDED_SETTINGS = (
 """Settings newer than the first saved scenarios: written only where set, so old files stay as they were."""
 
 
-def _settings_json(settings: FsdpSettings | Fsdp2Settings, complete: bool) -> dict[str, Any]:
+def _settings_json(settings: FsdpSettings | Fsdp2Settings) -> dict[str, Any]:
     encoded, default = (json.loads(json.dumps(asdict(s))) for s in (settings, type(settings)()))  # tuples as lists
-    return {
-        name: value
-        for name, value in encoded.items()
-        if complete or name not in _ADDED_SETTINGS or value != default[name]
-    }
+    return {name: value for name, value in encoded.items() if name not in _ADDED_SETTINGS or value != default[name]}
 
 
 def _settings_from_json(kind: type, encoded: Mapping[str, Any]) -> Any:
@@ -739,13 +712,6 @@ def _settings_from_json(kind: type, encoded: Mapping[str, Any]) -> Any:
     if fields.get("gradient_divide_factor") is not None:
         fields["gradient_divide_factor"] = float(fields["gradient_divide_factor"])
     return kind(**fields)
-
-
-def _step_json(model: ModelSpec, step: Step, complete: bool) -> dict[str, Any]:
-    encoded = step_to_json(step, complete=complete)
-    if complete:
-        encoded["path"] = {choice.name: list(taken(step.path, choice.name)) for choice in model.choices()}
-    return encoded
 
 
 def scenario_from_json(encoded: Any) -> Scenario:

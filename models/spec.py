@@ -292,8 +292,8 @@ def _units(node: Sequential) -> Iterator[Sequential | Choice]:
 # JSON ----------------------------------------------------------------------
 
 
-def node_to_json(node: Node, *, complete: bool = False) -> dict[str, Any]:
-    """Flags only where set, or every flag when ``complete``."""
+def node_to_json(node: Node) -> dict[str, Any]:
+    """Flags only where set."""
     if isinstance(node, Linear):
         return {"linear": [node.in_features, node.out_features], "bias": node.bias}
     if isinstance(node, ReLU):
@@ -303,7 +303,7 @@ def node_to_json(node: Node, *, complete: bool = False) -> dict[str, Any]:
     if isinstance(node, Sequential):
         encoded: dict[str, Any] = {
             "sequential": node.name,
-            "children": [node_to_json(c, complete=complete) for c in node.children],
+            "children": [node_to_json(c) for c in node.children],
         }
         flags = {
             "fsdp_unit": node.fsdp_unit,
@@ -312,9 +312,9 @@ def node_to_json(node: Node, *, complete: bool = False) -> dict[str, Any]:
             "tied_to": node.tied_to,
         }
     else:
-        encoded = {"choice": node.name, "alternatives": [node_to_json(a, complete=complete) for a in node.alternatives]}
+        encoded = {"choice": node.name, "alternatives": [node_to_json(a) for a in node.alternatives]}
         flags = {"fsdp_unit": node.fsdp_unit}
-    encoded.update((flag, value) for flag, value in flags.items() if complete or value)
+    encoded.update((flag, value) for flag, value in flags.items() if value)
     return encoded
 
 
@@ -351,8 +351,8 @@ def node_from_json(encoded: Any) -> Node:
     raise SpecError(f"unknown model node {encoded!r}: expected one of linear, relu, norm, sequential, choice")
 
 
-def spec_to_json(spec: ModelSpec, *, complete: bool = False) -> dict[str, Any]:
-    return {"in_features": spec.in_features, "root": node_to_json(spec.root, complete=complete)}
+def spec_to_json(spec: ModelSpec) -> dict[str, Any]:
+    return {"in_features": spec.in_features, "root": node_to_json(spec.root)}
 
 
 def spec_from_json(encoded: Any) -> ModelSpec:

@@ -15,6 +15,7 @@ import torch
 
 from fsdp_fuzz.cli import main
 from fsdp_fuzz.corpus import load_entry, save_finding
+from fsdp_fuzz.data import Status, StepOutcome
 from fsdp_fuzz.execute.devices import (
     CPU,
     DeviceError,
@@ -137,19 +138,13 @@ def test_the_pool_refuses_a_world_it_cannot_place_before_starting_ranks(recorded
 
 # When ranks must be replaced -------------------------------------------------------------
 
-CUDA_ERROR = {
-    "status": "error",
-    "error_type": "AcceleratorError",
-    "error_message": "CUDA error: an illegal memory access was encountered",
-}
-NCCL_TIMEOUT = {
-    "status": "hang",
-    "error_type": "DistBackendError",
-    "error_message": "Work WorkNCCL(SeqNum=3, OpType=ALLGATHER) timed out in blocking wait",
-}
-GLOO_TIMEOUT = {"status": "hang", "error_type": "RuntimeError", "error_message": "[gloo] Timed out waiting 1000ms"}
-ORDER_ERROR = {"status": "error", "error_type": "RuntimeError", "error_message": "Forward order differs across ranks"}
-OK = {"status": "ok"}
+CUDA_ERROR = StepOutcome(Status.ERROR, "AcceleratorError", "CUDA error: an illegal memory access was encountered")
+NCCL_TIMEOUT = StepOutcome(
+    Status.HANG, "DistBackendError", "Work WorkNCCL(SeqNum=3, OpType=ALLGATHER) timed out in blocking wait"
+)
+GLOO_TIMEOUT = StepOutcome(Status.HANG, "RuntimeError", "[gloo] Timed out waiting 1000ms")
+ORDER_ERROR = StepOutcome(Status.ERROR, "RuntimeError", "Forward order differs across ranks")
+OK = StepOutcome(Status.OK)
 
 
 def test_a_cuda_error_replaces_the_ranks_on_any_gpu_backend_and_never_on_the_cpu():
@@ -175,8 +170,8 @@ def test_an_nccl_timeout_replaces_the_ranks_a_gloo_timeout_does_not():
     ],
 )
 def test_device_failures_are_read_from_the_message(message):
-    assert device_failure({"status": "error", "error_type": "RuntimeError", "error_message": message})
-    assert not device_failure({"status": "error", "error_type": "RuntimeError", "error_message": "shape mismatch"})
+    assert device_failure(StepOutcome(Status.ERROR, "RuntimeError", message))
+    assert not device_failure(StepOutcome(Status.ERROR, "RuntimeError", "shape mismatch"))
 
 
 # What reports and findings record ------------------------------------------------------------

@@ -16,11 +16,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from fsdp_fuzz.data import Scenario, Step
 from fsdp_fuzz.execute.groups import new_scenario_groups
+from fsdp_fuzz.models.seed import seed_model
 
 WORLD_SIZE = 4
 TIMEOUT_S = 3.0
-SCENARIO = {"collective_checker": False, "hybrid": False, "world_size": WORLD_SIZE, "hybrid_node_size": 2}
+SCENARIO = Scenario(model=seed_model(), ranks=((Step(),),) * WORLD_SIZE, engine="fsdp2")
 
 
 def _timeout(group) -> timedelta:

@@ -4,12 +4,12 @@ import only what they may, and one vocabulary between ranks and judge."""
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 from fsdp_fuzz.data import Purpose, Status
-from fsdp_fuzz.execute import protocol
 from fsdp_fuzz.execute.engines import ENGINES
 from fsdp_fuzz.judge.known_issues import markdown_table
 
@@ -64,12 +64,19 @@ def test_the_judge_imports_no_torch():
 
 
 def test_the_ranks_speak_the_data_vocabulary():
-    """Ranks report plain strings (they may import only torch); the data
-    module's enums parse exactly those, and every engine's unit hooks serve
-    one of its purposes."""
-    assert {protocol.OK, protocol.ERROR, protocol.HANG, protocol.CRASH, protocol.NOT_RUN} == {s.value for s in Status}
-    assert {hook.purpose for hook in ENGINES["fsdp1"].unit_hooks} == {p.value for p in Purpose}
-    assert {hook.purpose for engine in ENGINES.values() for hook in engine.unit_hooks} <= {p.value for p in Purpose}
+    """One data model: ranks read the typed scenario and report typed
+    outcomes, so the executor spells no status of its own and
+    reads no scenario field by its JSON name; every engine's unit hooks
+    serve one of the data module's purposes."""
+    statuses = "|".join(status.value for status in Status)
+    words = re.compile(rf"""["']({statuses})["']""")
+    json_fields = re.compile(r"""(scenario|step|settings|node)\[["']""")
+    for path in sorted((ROOT / "fuzz" / "execute").rglob("*.py")):
+        source = path.read_text()
+        assert not words.search(source), f"{path.relative_to(ROOT)} spells {words.search(source).group(0)}"
+        assert not json_fields.search(source), f"{path.relative_to(ROOT)} reads {json_fields.search(source).group(0)}"
+    assert {hook.purpose for hook in ENGINES["fsdp1"].unit_hooks} == set(Purpose)
+    assert all(isinstance(hook.purpose, Purpose) for engine in ENGINES.values() for hook in engine.unit_hooks)
 
 
 def test_the_readme_table_of_known_issues_is_generated_from_the_records():

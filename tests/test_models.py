@@ -14,12 +14,11 @@ from fsdp_fuzz.models.spec import (
     Sequential,
     SpecError,
     numel,
-    spec_to_json,
     unit_numel,
     validate,
 )
 
-SEED_MODEL = spec_to_json(seed_model(), complete=True)
+SEED_MODEL = seed_model()
 
 
 def test_seed_alternatives_have_equal_numel():

@@ -27,21 +27,22 @@ def test_fsdp2_scenarios_round_trip_and_name_their_engine(name):
     assert "engine" not in scenario_to_json(seed_scenarios()[name]), "FSDP1 files stay as they were"
 
 
-def test_the_executor_form_spells_out_every_default():
-    scenario = seed_scenarios()["train_eval-full_shard"]
-    complete = scenario_to_json(scenario, complete=True)
-    assert complete["engine"] == "fsdp1" and complete["hybrid"] is False and complete["hybrid_node_size"] == 2
-    step = complete["ranks"][0][0]
-    fields = {"mode", "path", "forwards", "backward", "grad_enabled", "optimizer_step"}
-    fsdp2_controls = {"unshard", "reshard", "all_reduce", "last_backward", "reshard_after_forward", "reset_iter_state"}
-    assert set(step) == fields | fsdp2_controls | {"gradient_sync", "method", "frozen"}
-    unit = complete["model"]["root"]["children"][0]
-    assert unit["fsdp_unit"] is False and unit["frozen"] is False
-    assert unit["checkpoint"] is None and unit["tied_to"] is None
-    assert complete["fsdp"]["mixed_precision"] is None
-    assert complete["fsdp"]["auto_wrap"] is False and complete["fsdp"]["ignored"] == []
-    assert complete["fsdp2"]["sharded_together"] == [] and complete["fsdp2"]["shard_dim"] == 0
-    assert scenario_from_json(complete) == scenario
+def test_steps_read_every_field_they_write():
+    """The step codec walks ``Step``'s fields: a field added to ``Step`` is
+    saved and read back with no second list to update."""
+    from dataclasses import fields
+
+    from fsdp_fuzz.data import step_from_json, step_to_json
+
+    changed = Step(
+        mode="eval", path={"b": (1, 0)}, forwards=2, backward=False, grad_enabled=False, optimizer_step=True,
+        gradient_sync=False, unshard=True, reshard=True, method="encode", frozen=("x", "y"), all_reduce=False,
+        last_backward=False, reshard_after_forward=False, reset_iter_state=True,
+    )  # fmt: skip
+    assert {item.name for item in fields(Step)} == set(step_to_json(changed)), "every field differs from Step()"
+    assert step_from_json(json.loads(json.dumps(step_to_json(changed)))) == changed
+    with pytest.raises(ScenarioError, match="unknown step fields"):
+        step_from_json({"mode": "train", "path": {}, "forwardz": 2})
 
 
 def test_steps_write_only_fields_that_differ_from_the_default():

@@ -19,7 +19,6 @@ from fsdp_fuzz.data import (
     Status,
     dumps,
     scenario_from_json,
-    scenario_to_json,
     validate_scenario,
 )
 from fsdp_fuzz.execute.model import BuiltModel, build_model, run_forwards
@@ -172,10 +171,9 @@ def assert_flat_parameters_uniform(spec: ModelSpec, built: BuiltModel) -> None:
 def test_every_scenario_builds_identically_and_runs_on_every_rank_without_fsdp(scenario: Scenario):
     model = scenario.model
     width = features(model.root, model.in_features)
-    encoded = scenario_to_json(scenario, complete=True)
     reference = None
     for rank, steps in enumerate(scenario.ranks):
-        built = build_model(encoded["model"], scenario.seed, scenario.freeze_untaken)
+        built = build_model(scenario.model, scenario.seed, scenario.freeze_untaken)
         state = {key: value.detach().clone() for key, value in built.module.state_dict().items()}
         if reference is None:
             reference = state
@@ -183,7 +181,7 @@ def test_every_scenario_builds_identically_and_runs_on_every_rank_without_fsdp(s
         assert all(torch.equal(state[key], reference[key]) for key in state)
         optimizer = torch.optim.SGD(built.module.parameters(), lr=0.01)
         for index, step in enumerate(steps):
-            total = run_forwards(encoded, built, rank, index, torch.device("cpu")).total
+            total = run_forwards(scenario, built, rank, index, torch.device("cpu")).total
             if not scenario.fsdp.use_orig_params:
                 assert_flat_parameters_uniform(model, built)
             if step.forwards:

@@ -12,9 +12,9 @@ import os
 import queue
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from fsdp_fuzz.execute.protocol import CRASH, HANG, NOT_RUN, Json
+from fsdp_fuzz.data import Scenario, Status, StepOutcome
 
 DEADLOCK_AFTER_S = 0.1
 """How long every unfinished rank must sit blocked, nothing running, before
@@ -80,7 +80,7 @@ class RankHandles:
 
 @dataclass
 class Collected:
-    outcomes: list[list[Json]]
+    outcomes: list[list[StepOutcome]]
     """Per rank, setup's outcome and then each step's, padded with ``not_run``."""
     silent: set[int]
     """Ranks that stopped reporting without dying: stuck outside any collective timeout."""
@@ -96,7 +96,7 @@ class Collected:
 
 
 def collect_outcomes(
-    scenario: Json,
+    scenario: Scenario,
     reports,
     scenario_id: int,
     ranks: RankHandles,
@@ -121,12 +121,12 @@ def collect_outcomes(
     rank never reached did not run; nor, for the other ranks, the step a rank
     crashed in and those after it.
     """
-    world_size = scenario["world_size"]
-    total = 1 + len(scenario["ranks"][0])
+    world_size = scenario.world_size
+    total = 1 + scenario.num_steps
     collected = Collected([[] for _ in range(world_size)], set(), set(), [{} for _ in range(world_size)])
     done: set[int] = set()
     anchor, limit = time.monotonic(), first_report_s
-    watch = deadlock_after_s is not None and not scenario["collective_checker"] and RankActivity.available
+    watch = deadlock_after_s is not None and not scenario.collective_checker and RankActivity.available
     activity = RankActivity(ranks.pid) if watch else None
     quiet: tuple[float, tuple[int, ...]] | None = None
     while len(done) < world_size:
@@ -136,14 +136,14 @@ def collect_outcomes(
             for rank in sorted(set(range(world_size)) - done):
                 if not ranks.is_alive(rank):
                     message = f"rank {rank} died (exit code {ranks.exit_code(rank)})"
-                    collected.outcomes[rank].append({"status": CRASH, "error_message": message})
+                    collected.outcomes[rank].append(StepOutcome(Status.CRASH, error_message=message))
                     collected.crashed.add(rank)
                     done.add(rank)
             if time.monotonic() - anchor > limit:
                 for rank in sorted(set(range(world_size)) - done):
                     if len(collected.outcomes[rank]) < total:  # else it waits at the final barrier
                         message = f"no report from rank {rank} for {limit:.0f} s"
-                        collected.outcomes[rank].append({"status": HANG, "error_message": message})
+                        collected.outcomes[rank].append(StepOutcome(Status.HANG, error_message=message))
                     collected.silent.add(rank)
                 break
             # Not before every rank has reported its setup: until then a rank may
@@ -172,16 +172,16 @@ def collect_outcomes(
             collected.timings[rank] = payload
             done.add(rank)
     for reported in collected.outcomes:
-        reported[:] = reported[:total] + [{"status": NOT_RUN}] * (total - len(reported))
+        reported[:] = reported[:total] + [StepOutcome(Status.NOT_RUN)] * (total - len(reported))
     if collected.crashed:
         # Whether a peer finished the step it was in when a rank died is a
         # race: from that step on, only the crash is observed.
         ended = min(
-            next(i for i, o in enumerate(collected.outcomes[r]) if o["status"] == CRASH) for r in collected.crashed
+            next(i for i, o in enumerate(collected.outcomes[r]) if o.status is Status.CRASH) for r in collected.crashed
         )
         for rank, reported in enumerate(collected.outcomes):
             if rank not in collected.crashed:
-                reported[ended:] = [{"status": NOT_RUN}] * (total - ended)
+                reported[ended:] = [StepOutcome(Status.NOT_RUN)] * (total - ended)
     return collected
 
 
@@ -193,7 +193,7 @@ def _record_deadlock(
     blocked = [
         rank for rank in range(len(collected.outcomes)) if rank not in done and len(collected.outcomes[rank]) < total
     ]
-    answers: dict[int, Json | None] = {}
+    answers: dict[int, StepOutcome | None] = {}
     for rank in blocked:
         ranks.inquiries[rank].put(scenario_id)
     deadline = time.monotonic() + 2.0
@@ -208,6 +208,6 @@ def _record_deadlock(
             collected.outcomes[rank].append(payload)
     message = DEADLOCK_MESSAGE.format(quiet=quiet_s)
     for rank in blocked:
-        outcome = answers.get(rank) or {"status": HANG, "error_type": "Deadlock"}
-        collected.outcomes[rank].append({**outcome, "error_message": message})
+        outcome = answers.get(rank) or StepOutcome(Status.HANG, error_type="Deadlock")
+        collected.outcomes[rank].append(replace(outcome, error_message=message))
     collected.deadlocked = True

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from fsdp_fuzz.data import Scenario, Status, StepOutcome
+
 DEVICES = ("cpu", "cuda")
 BACKENDS = ("gloo", "nccl")
 WORLD_SIZES = (2, 3, 4)
@@ -188,12 +190,11 @@ def as_request(placement: Placement | DeviceRequest) -> DeviceRequest:
     return DeviceRequest(placement.device, placement.backend, placement.gpus)
 
 
-def refuse_offload_on_cpu(scenario: dict[str, Any], placement: Placement) -> None:
+def refuse_offload_on_cpu(scenario: Scenario, placement: Placement) -> None:
     """CPU offload moves parameters between the CPU and the device: there
     is nothing to offload from ranks on the CPU (FSDP2 fails to find an
     accelerator), so such a scenario needs CUDA ranks."""
-    offloads = scenario["fsdp"]["cpu_offload"] or scenario["fsdp2"]["cpu_offload"]
-    if offloads and placement.device != "cuda":
+    if scenario.cpu_offload and placement.device != "cuda":
         raise DeviceError(
             f"the scenario offloads parameters to the CPU (cpu_offload), which needs CUDA ranks, but it would run "
             f"on {placement.device}; run it with --device cuda, or drop cpu_offload"
@@ -247,17 +248,17 @@ DEVICE_FAILURE_MARKERS = (
 DEVICE_FAILURE_TYPES = ("AcceleratorError", "OutOfMemoryError", "DistBackendError")
 
 
-def device_failure(outcome: dict[str, Any]) -> str | None:
+def device_failure(outcome: StepOutcome) -> str | None:
     """What in a reported outcome says the rank's device or communicator may
     be broken for what follows: a CUDA or NCCL error (a sticky CUDA error
     fails every later call in the process). None if nothing does."""
-    text = f"{outcome.get('error_type') or ''}: {outcome.get('error_message') or ''}"
-    if outcome.get("error_type") in DEVICE_FAILURE_TYPES:
+    text = f"{outcome.error_type or ''}: {outcome.error_message or ''}"
+    if outcome.error_type in DEVICE_FAILURE_TYPES:
         return text
     return text if any(marker in text for marker in DEVICE_FAILURE_MARKERS) else None
 
 
-def needs_fresh_ranks(placement: Placement, outcomes: list[list[dict[str, Any]]]) -> str | None:
+def needs_fresh_ranks(placement: Placement, outcomes: list[list[StepOutcome]]) -> str | None:
     """Why the ranks that reported ``outcomes`` must not run another
     scenario, or None. On the CPU nothing here applies (the pool's own rules
     do). On a GPU: a CUDA or NCCL error leaves the process's context or
@@ -271,6 +272,6 @@ def needs_fresh_ranks(placement: Placement, outcomes: list[list[dict[str, Any]]]
             failure = device_failure(outcome)
             if failure is not None:
                 return f"rank {rank}: {failure.splitlines()[0][:200]}"
-            if placement.backend == "nccl" and outcome.get("status") == "hang":
+            if placement.backend == "nccl" and outcome.status is Status.HANG:
                 return f"rank {rank}: an NCCL collective timed out"
     return None

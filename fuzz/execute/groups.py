@@ -11,8 +11,9 @@ from typing import Any
 
 import torch.distributed as dist
 
+from fsdp_fuzz.data import HYBRID_NODE_SIZE, Scenario
 from fsdp_fuzz.execute.devices import Placement, prepare_rank
-from fsdp_fuzz.execute.protocol import STARTUP_TIMEOUT_S, Json
+from fsdp_fuzz.execute.protocol import STARTUP_TIMEOUT_S
 
 
 def join_default_group(rank: int, world_size: int, store_path: str, placement: Placement) -> None:
@@ -77,7 +78,7 @@ def _creation_timeout(timeout: timedelta, checked: bool) -> timedelta:
     return timeout if checked else max(timeout, timedelta(seconds=STARTUP_TIMEOUT_S))
 
 
-def new_scenario_groups(scenario: Json, rank: int, timeout_s: float) -> ScenarioGroups:
+def new_scenario_groups(scenario: Scenario, rank: int, timeout_s: float) -> ScenarioGroups:
     """Every rank creates every group, in the same order, as ``new_group``
     needs. torch wraps groups created at DETAIL in its collective checker,
     so the level is the scenario's ``collective_checker`` for the creation only.
@@ -87,17 +88,17 @@ def new_scenario_groups(scenario: Json, rank: int, timeout_s: float) -> Scenario
     (``GroupsNotCreated``) rather than observed.
     """
     previous = dist.get_debug_level()
-    checked = scenario["collective_checker"]
+    checked = scenario.collective_checker
     dist.set_debug_level(dist.DebugLevel.DETAIL if checked else dist.DebugLevel.OFF)
     timeout = timedelta(seconds=timeout_s)
     creation = _creation_timeout(timeout, checked)
     try:
-        if not scenario["hybrid"]:
+        if not scenario.hybrid:
             created = [dist.new_group(timeout=creation)]
             mine: Any = created[0]
         else:
-            size = scenario["hybrid_node_size"]
-            nodes, local = range(scenario["world_size"] // size), range(size)
+            size = HYBRID_NODE_SIZE
+            nodes, local = range(scenario.world_size // size), range(size)
             intra = [dist.new_group([n * size + i for i in local], timeout=creation) for n in nodes]
             inter = [dist.new_group([n * size + i for n in nodes], timeout=creation) for i in local]
             mine = (intra[rank // size], inter[rank % size])

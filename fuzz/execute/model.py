@@ -1,7 +1,7 @@
 """The model a scenario describes, and the user's program around it.
 
-``build_model`` builds a spec (the scenario's ``model`` in its complete JSON
-form) as plain ``nn.Module`` classes, with parameters that depend on the
+``build_model`` builds a spec (``fsdp_fuzz.models.spec.ModelSpec``) as
+plain ``nn.Module`` classes, with parameters that depend on the
 seed alone; ``run_forwards`` runs one step's forwards the way a user's
 program does (mode, path, freezing, grad mode, entry point) on batches that
 depend only on where they are used (``step_input``). The ranks
@@ -12,34 +12,31 @@ parameters, batches and forwards.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from fsdp_fuzz.execute.protocol import Json
+from fsdp_fuzz.data import Scenario
+from fsdp_fuzz.models.spec import Choice, Linear, ModelSpec, Node, Norm, ReLU, Sequential, taken
 
 LEARNING_RATE = 0.01
 """The user's optimizer: SGD at this rate, on the ranks and in the reference."""
 
 
-# A spec node is {"linear": [in, out], "bias": b}, {"relu": true}, {"norm": n},
-# {"sequential": name, "children": [...], "fsdp_unit": b, "frozen": b,
-# "checkpoint": mode, "tied_to": name} or {"choice": name, "alternatives":
-# [sequentials], "fsdp_unit": b}. Every branch point reads the path of the
-# forward in progress from one dict shared by the whole model, set before each
-# step, the way a user's model reads a flag (the seed test's ``use_alt_path``):
-# FSDP sees the call signature a user's model has.
+# Every branch point reads the path of the forward in progress from one dict
+# shared by the whole model, set before each step, the way a user's model
+# reads a flag (the seed test's ``use_alt_path``): FSDP sees the call
+# signature a user's model has.
+
+Block = Sequential | Choice
 
 
-def node_name(node: Json) -> str | None:
-    return node.get("sequential", node.get("choice"))
-
-
-def node_children(node: Json) -> list[Json]:
-    return node["children"] if "sequential" in node else node["alternatives"]
+def blocks_below(node: Block) -> tuple[Node, ...]:
+    """A block's children: a sequential's layers and blocks, a branch point's alternatives."""
+    return node.children if isinstance(node, Sequential) else node.alternatives
 
 
 def unwrapped(module: nn.Module) -> nn.Module:
@@ -53,12 +50,12 @@ class SequentialModule(nn.Module):
     named, others numbered. ``checkpoint`` ``reentrant`` or ``non_reentrant``
     runs the children under ``torch.utils.checkpoint``."""
 
-    def __init__(self, node: Json, path: dict[str, list[int]]) -> None:
+    def __init__(self, node: Sequential, path: dict[str, list[int]]) -> None:
         super().__init__()
         self.child_names: list[str] = []
-        self.checkpoint_mode = node.get("checkpoint")
-        for index, child in enumerate(node["children"]):
-            name = node_name(child) or str(index)
+        self.checkpoint_mode = node.checkpoint
+        for index, child in enumerate(node.children):
+            name = child.name if isinstance(child, (Sequential, Choice)) else str(index)
             self.add_module(name, _build_node(child, path))
             self.child_names.append(name)
 
@@ -79,9 +76,9 @@ class UnitModule(SequentialModule):
     a ``ModuleWrapPolicy`` finds the units by class, as it finds a
     transformer's blocks."""
 
-    def __init__(self, node: Json, path: dict[str, list[int]]) -> None:
+    def __init__(self, node: Sequential, path: dict[str, list[int]]) -> None:
         super().__init__(node, path)
-        self.unit_name = node["sequential"]
+        self.unit_name = node.name
 
 
 class RootModule(SequentialModule):
@@ -97,13 +94,13 @@ class ChoiceModule(nn.Module):
 
     unit_name: str | None = None
 
-    def __init__(self, node: Json, path: dict[str, list[int]]) -> None:
+    def __init__(self, node: Choice, path: dict[str, list[int]]) -> None:
         super().__init__()
-        self.choice_name = node["choice"]
+        self.choice_name = node.name
         self.path = path
-        self.alternative_names = [alternative["sequential"] for alternative in node["alternatives"]]
-        for alternative in node["alternatives"]:
-            self.add_module(alternative["sequential"], _build_node(alternative, path))
+        self.alternative_names = [alternative.name for alternative in node.alternatives]
+        for alternative in node.alternatives:
+            self.add_module(alternative.name, _build_node(alternative, path))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for index in self.path[self.choice_name]:
@@ -114,29 +111,29 @@ class ChoiceModule(nn.Module):
 class UnitChoiceModule(ChoiceModule):
     """A branch point the spec makes an FSDP unit (see ``UnitModule``)."""
 
-    def __init__(self, node: Json, path: dict[str, list[int]]) -> None:
+    def __init__(self, node: Choice, path: dict[str, list[int]]) -> None:
         super().__init__(node, path)
-        self.unit_name = node["choice"]
+        self.unit_name = node.name
 
 
 UNIT_CLASSES = frozenset({UnitModule, UnitChoiceModule})
 
 
-def _build_node(node: Json, path: dict[str, list[int]]) -> nn.Module:
-    if "linear" in node:
-        return nn.Linear(*node["linear"], bias=node["bias"])
-    if "relu" in node:
+def _build_node(node: Node, path: dict[str, list[int]]) -> nn.Module:
+    if isinstance(node, Linear):
+        return nn.Linear(node.in_features, node.out_features, bias=node.bias)
+    if isinstance(node, ReLU):
         return nn.ReLU()
-    if "norm" in node:
-        return nn.BatchNorm1d(node["norm"])
-    if "choice" in node:
-        return (UnitChoiceModule if node["fsdp_unit"] else ChoiceModule)(node, path)
-    module = (UnitModule if node["fsdp_unit"] else SequentialModule)(node, path)
-    if node.get("checkpoint") == "wrapper":
+    if isinstance(node, Norm):
+        return nn.BatchNorm1d(node.features)
+    if isinstance(node, Choice):
+        return (UnitChoiceModule if node.fsdp_unit else ChoiceModule)(node, path)
+    module = (UnitModule if node.fsdp_unit else SequentialModule)(node, path)
+    if node.checkpoint == "wrapper":
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
         return checkpoint_wrapper(module, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
-    if node.get("checkpoint") == "composable":
+    if node.checkpoint == "composable":
         from torch.distributed._composable import checkpoint
 
         checkpoint(module)
@@ -147,7 +144,7 @@ def _build_node(node: Json, path: dict[str, list[int]]) -> nn.Module:
 class BuiltModel:
     """A model and the handles a schedule needs to drive it."""
 
-    spec: Json
+    spec: ModelSpec
     module: nn.Module
     """The root; the engine's wrapper once wrapped."""
     path: dict[str, list[int]]
@@ -156,43 +153,42 @@ class BuiltModel:
     ignored: frozenset[int] = frozenset()
     """ids of the parameters the engine was told to ignore: each rank's own."""
 
-    def set_path(self, path: dict[str, list[int]]) -> None:
+    def set_path(self, path: Mapping[str, Sequence[int]]) -> None:
+        """Every branch point's alternatives for the forwards to come (the first where ``path`` is silent)."""
         self.path.clear()
-        self.path.update(path)
+        self.path.update({choice.name: list(taken(path, choice.name)) for choice in self.spec.choices()})
 
-    def branch_points(self) -> Iterator[tuple[Json, nn.Module, str]]:
+    def branch_points(self) -> Iterator[tuple[Choice, nn.Module, str]]:
         """(node, module, innermost enclosing alternative or the root) of
         every branch point, outer first; through wrappers once wrapped."""
         for node, module, enclosing in self.blocks():
-            if "choice" in node:
+            if isinstance(node, Choice):
                 yield node, module, enclosing
 
-    def blocks(self) -> Iterator[tuple[Json, nn.Module, str]]:
+    def blocks(self) -> Iterator[tuple[Block, nn.Module, str]]:
         """(node, module, innermost enclosing alternative or the root) of
         every sequential and branch point, outer first."""
 
-        def walk(node: Json, module: nn.Module, enclosing: str) -> Iterator[tuple[Json, nn.Module, str]]:
+        def walk(node: Block, module: nn.Module, enclosing: str) -> Iterator[tuple[Block, nn.Module, str]]:
             yield node, module, enclosing
-            for child in node_children(node):
-                name = node_name(child)
-                if name is not None:
-                    inner = name if "choice" in node else enclosing
-                    yield from walk(child, getattr(module, name), inner)
+            for child in blocks_below(node):
+                if isinstance(child, (Sequential, Choice)):
+                    inner = child.name if isinstance(node, Choice) else enclosing
+                    yield from walk(child, getattr(module, child.name), inner)
 
-        root = self.spec["root"]
-        yield from walk(root, self.module, root["sequential"])
+        yield from walk(self.spec.root, self.module, self.spec.root.name)
 
     def block(self, name: str) -> nn.Module:
-        return next(module for node, module, _ in self.blocks() if node_name(node) == name)
+        return next(module for node, module, _ in self.blocks() if node.name == name)
 
-    def ignore(self, names: list[str]) -> list[nn.Module]:
+    def ignore(self, names: Sequence[str]) -> list[nn.Module]:
         """The named blocks, whose parameters the engine is told to ignore."""
         blocks = [self.block(name) for name in names]
         self.ignored = frozenset(id(parameter) for block in blocks for parameter in block.parameters())
         return blocks
 
 
-def build_model(spec: Json, seed: int, freeze_untaken: bool) -> BuiltModel:
+def build_model(spec: ModelSpec, seed: int, freeze_untaken: bool) -> BuiltModel:
     """Build ``spec`` with parameters that depend on ``seed`` alone.
 
     Every rank calls this with the same seed and gets the same parameters,
@@ -202,33 +198,28 @@ def build_model(spec: Json, seed: int, freeze_untaken: bool) -> BuiltModel:
     path: dict[str, list[int]] = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        module = RootModule(spec["root"], path)
+        module = RootModule(spec.root, path)
     built = BuiltModel(spec, module, path)
+    built.set_path({})
     for node, block, _ in list(built.blocks()):
-        if node.get("tied_to"):
-            source = built.block(node["tied_to"])
-            for index, child in enumerate(node["children"]):
-                if "linear" in child or "norm" in child:
+        if isinstance(node, Sequential) and node.tied_to:
+            source = built.block(node.tied_to)
+            for index, child in enumerate(node.children):
+                if isinstance(child, (Linear, Norm)):
                     layer, origin = getattr(block, str(index)), getattr(source, str(index))
                     layer.weight = origin.weight
                     if getattr(origin, "bias", None) is not None:
                         layer.bias = origin.bias
-
-    def freeze(node: Json, module: nn.Module) -> None:
-        if node.get("frozen"):
-            for parameter in module.parameters():
+    for node, block, _ in built.blocks():
+        if isinstance(node, Sequential) and node.frozen:
+            for parameter in block.parameters():
                 parameter.requires_grad = False
-        for child in node_children(node):
-            if node_name(child) is not None:
-                freeze(child, getattr(module, node_name(child)))
-
-    freeze(spec["root"], module)
     if freeze_untaken:
-        freeze_untaken_alternatives(built, {node["choice"]: [0] for node, _, _ in built.branch_points()})
+        freeze_untaken_alternatives(built, {})
     return built
 
 
-def freeze_untaken_alternatives(built: BuiltModel, path: dict[str, list[int]]) -> None:
+def freeze_untaken_alternatives(built: BuiltModel, path: Mapping[str, Sequence[int]]) -> None:
     """Make trainable exactly the alternatives ``path`` runs, as the seed's
     ``flip_path`` does.
 
@@ -237,30 +228,29 @@ def freeze_untaken_alternatives(built: BuiltModel, path: dict[str, list[int]]) -
     Branch points come outer first, so an untaken outer alternative leaves
     everything inside it frozen.
     """
-    active = {built.spec["root"]["sequential"]}
+    active = {built.spec.root.name}
     for node, module, enclosing in built.branch_points():
-        runs = set(path[node["choice"]])
-        for index, alternative in enumerate(node["alternatives"]):
+        runs = set(taken(path, node.name))
+        for index, alternative in enumerate(node.alternatives):
             trainable = enclosing in active and index in runs
             if trainable:
-                active.add(alternative["sequential"])
-            for parameter in getattr(module, alternative["sequential"]).parameters():
+                active.add(alternative.name)
+            for parameter in getattr(module, alternative.name).parameters():
                 parameter.requires_grad = trainable
 
 
-def freeze_scheduled(built: BuiltModel, scenario: Json, frozen: list[str]) -> None:
+def freeze_scheduled(built: BuiltModel, scenario: Scenario, frozen: Sequence[str]) -> None:
     """Blocks some step of the scenario freezes: frozen in this step when
     ``frozen`` names them, trainable otherwise."""
-    scheduled = {name for steps in scenario["ranks"] for step in steps for name in step["frozen"]}
-    for name in sorted(scheduled):
+    for name in sorted(scenario.scheduled_frozen()):
         for parameter in built.block(name).parameters():
             parameter.requires_grad = name not in frozen
 
 
-def step_input(scenario: Json, rank: int, step: int, forward: int) -> torch.Tensor:
+def step_input(scenario: Scenario, rank: int, step: int, forward: int) -> torch.Tensor:
     """A batch that depends only on where it is used, never on RNG history."""
-    generator = torch.Generator().manual_seed(((scenario["seed"] * 1009 + rank) * 1009 + step) * 1009 + forward)
-    return torch.randn((scenario["batch_size"], scenario["model"]["in_features"]), generator=generator)
+    generator = torch.Generator().manual_seed(((scenario.seed * 1009 + rank) * 1009 + step) * 1009 + forward)
+    return torch.randn((scenario.batch_size, scenario.model.in_features), generator=generator)
 
 
 @dataclass
@@ -273,7 +263,7 @@ class Forwards:
 
 
 def run_forwards(
-    scenario: Json,
+    scenario: Scenario,
     built: BuiltModel,
     rank: int,
     index: int,
@@ -284,16 +274,16 @@ def run_forwards(
     """The step's forwards, as the user's program runs them: mode, path,
     freezing, grad mode, entry point. The dtypes are for a run without an
     engine to cast the inputs and outputs (the reference)."""
-    step = scenario["ranks"][rank][index]
-    built.module.train(step["mode"] == "train")
-    built.set_path(step["path"])
-    if scenario["freeze_untaken"]:
-        freeze_untaken_alternatives(built, step["path"])
-    freeze_scheduled(built, scenario, step["frozen"])
-    entry = built.module if step["method"] == "forward" else getattr(built.module, step["method"])
+    step = scenario.ranks[rank][index]
+    built.module.train(step.training)
+    built.set_path(step.path)
+    if scenario.freeze_untaken:
+        freeze_untaken_alternatives(built, step.path)
+    freeze_scheduled(built, scenario, step.frozen)
+    entry = built.module if step.method == "forward" else getattr(built.module, step.method)
     outputs = []
-    with torch.set_grad_enabled(step["grad_enabled"]):
-        for k in range(step["forwards"]):
+    with torch.set_grad_enabled(step.grad_enabled):
+        for k in range(step.forwards):
             batch = step_input(scenario, rank, index, k).to(device)
             output = entry(batch if input_dtype is None else batch.to(input_dtype))
             outputs.append((output if output_dtype is None else output.to(output_dtype)).float())

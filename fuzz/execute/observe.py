@@ -7,12 +7,14 @@ from collections.abc import Sequence
 
 import torch
 
-from fsdp_fuzz.data import Observations, RankObservation, Scenario, outcome_from_json
+from fsdp_fuzz.data import Observations, RankObservation, Scenario, StepOutcome
 from fsdp_fuzz.execute.devices import Placement
 from fsdp_fuzz.execute.reference import reference_run
 
 
-def observations_of(scenario: Scenario, placement: Placement, outcomes: Sequence[Sequence[dict]]) -> Observations:
+def observations_of(
+    scenario: Scenario, placement: Placement, outcomes: Sequence[Sequence[StepOutcome]]
+) -> Observations:
     """Per rank, setup's reported outcome then each step's."""
     return Observations(
         backend=placement.backend,
@@ -20,8 +22,8 @@ def observations_of(scenario: Scenario, placement: Placement, outcomes: Sequence
         torch_version=torch.__version__,
         ranks=tuple(
             RankObservation(
-                setup=outcome_from_json(reported[0]),
-                steps=tuple(outcome_from_json(outcome) for outcome in reported[1:]),
+                setup=reported[0],
+                steps=tuple(reported[1:]),
             )
             for reported in outcomes
         ),

@@ -40,13 +40,13 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 
-from fsdp_fuzz.data import Observations, Scenario, scenario_to_json
+from fsdp_fuzz.data import Observations, Scenario, Status
 from fsdp_fuzz.execute.collect import DEADLOCK_AFTER_S, Collected, RankHandles, collect_outcomes
 from fsdp_fuzz.execute.devices import (
     CPU,
@@ -59,7 +59,7 @@ from fsdp_fuzz.execute.devices import (
 )
 from fsdp_fuzz.execute.groups import join_default_group
 from fsdp_fuzz.execute.observe import observations_of
-from fsdp_fuzz.execute.protocol import HANG, STARTUP_TIMEOUT_S, HarnessError
+from fsdp_fuzz.execute.protocol import STARTUP_TIMEOUT_S, HarnessError
 from fsdp_fuzz.execute.rank import answer_inquiries, serve_scenario
 from fsdp_fuzz.execute.trace import check_trace
 
@@ -255,10 +255,9 @@ class RankPool:
         if scenario.engine not in self._traced:
             check_trace(scenario.engine)
             self._traced.add(scenario.engine)
-        encoded = scenario_to_json(scenario, complete=True)
-        refuse_offload_on_cpu(encoded, self.placement)
+        refuse_offload_on_cpu(scenario, self.placement)
         for _ in range(GROUP_ATTEMPTS):
-            collected = self._collect(encoded)
+            collected = self._collect(scenario)
             if collected.no_groups is None:
                 return observations_of(scenario, self.placement, collected.outcomes)
         raise HarnessError(
@@ -266,13 +265,13 @@ class RankPool:
             f"{collected.no_groups}"
         )
 
-    def _collect(self, encoded: dict) -> Collected:
+    def _collect(self, scenario: Scenario) -> Collected:
         ranks = self._ranks()
         scenario_id, self._next_id = self._next_id, self._next_id + 1
         for commands in ranks.commands:
-            commands.put((scenario_id, encoded))
+            commands.put((scenario_id, scenario))
         collected = collect_outcomes(
-            encoded,
+            scenario,
             ranks.reports,
             scenario_id,
             ranks.handles(),
@@ -282,14 +281,17 @@ class RankPool:
         )
         self.stats.scenarios += 1
         self.last_timings = collected.timings
-        if any(outcome["status"] == HANG for outcomes in collected.outcomes for outcome in outcomes):
+        if any(outcome.status is Status.HANG for outcomes in collected.outcomes for outcome in outcomes):
             self.stats.hangs += 1
         if collected.silent:
             stacks = ranks.dump_stacks(collected.silent)
             for rank in collected.silent:
-                for outcome in collected.outcomes[rank]:
-                    if outcome["status"] == HANG and "stack" not in outcome:
-                        outcome["stack"] = stacks[rank]
+                collected.outcomes[rank] = [
+                    replace(outcome, stack=stacks[rank])
+                    if outcome.status is Status.HANG and outcome.stack is None
+                    else outcome
+                    for outcome in collected.outcomes[rank]
+                ]
         if collected.crashed:
             self.stats.crashes += 1
         if collected.deadlocked:

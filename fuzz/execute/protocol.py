@@ -1,21 +1,8 @@
-"""What a rank and its parent agree on: the words of a rank's reports, how
-long a rank may take to start, and the error that stops a run.
-
-A rank reports in plain JSON (``Json``), in the form
-``fsdp_fuzz.data.outcome_from_json`` reads; the statuses and purposes here
-are the strings ``fsdp_fuzz.data.Status`` and ``Purpose`` parse
-(tests/test_layout.py keeps the two vocabularies equal).
-"""
+"""What a rank and its parent agree on beyond the typed scenario and
+outcomes (``fsdp_fuzz.data``): how long a rank may take to start, and the
+error that stops a run."""
 
 from __future__ import annotations
-
-from typing import Any
-
-Json = dict[str, Any]
-
-# The words of a report.
-OK, ERROR, HANG, CRASH, NOT_RUN = "ok", "error", "hang", "crash", "not_run"
-UNSHARD, REDUCE_GRAD, ORDER_CHECK = "unshard", "reduce_grad", "order_check"
 
 STARTUP_TIMEOUT_S = 120.0
 """For a rank's first report: starting Python, importing torch, the rendezvous."""

@@ -1,5 +1,5 @@
 """One rank's run of a scenario: build, wrap, run each step, and report each
-outcome as it ends.
+outcome as it ends, as the typed ``StepOutcome`` the judge reads.
 
 ``serve_scenario`` runs a scenario on groups of its own and puts each
 outcome on the parent's queue as it ends; ``answer_inquiries`` answers the
@@ -29,11 +29,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fsdp_fuzz.data import Scenario, Status, StepOutcome, WarningRecord
 from fsdp_fuzz.execute.devices import Placement
 from fsdp_fuzz.execute.engines import ENGINES
 from fsdp_fuzz.execute.groups import GroupsNotCreated, ScenarioGroups, new_scenario_groups
 from fsdp_fuzz.execute.model import LEARNING_RATE, BuiltModel, build_model, run_forwards
-from fsdp_fuzz.execute.protocol import ERROR, HANG, NOT_RUN, OK, Json
 from fsdp_fuzz.execute.trace import CollectiveTrace, tracing
 
 # How gloo and NCCL word a collective that outlived the group's timeout. A peer
@@ -62,8 +62,12 @@ _doing = Doing()
 
 
 def run_rank(
-    scenario: Json, rank: int, device: torch.device, groups: ScenarioGroups, timings: dict[str, float] | None = None
-) -> Iterator[Json]:
+    scenario: Scenario,
+    rank: int,
+    device: torch.device,
+    groups: ScenarioGroups,
+    timings: dict[str, float] | None = None,
+) -> Iterator[StepOutcome]:
     """Yield setup's outcome, then each step's, for this rank, as each ends.
 
     Whoever drives the rank learns how far it got even if a later step hangs.
@@ -73,60 +77,60 @@ def run_rank(
     stay out of the outcomes, which must not vary from run to run.
     """
     timings = {} if timings is None else timings
-    engine = ENGINES[scenario["engine"]]
+    engine = ENGINES[scenario.engine]
     trace = CollectiveTrace()
-    with _recording() as caught, tracing(trace, scenario["engine"]):
+    with _recording() as caught, tracing(trace, scenario.engine):
         _doing.caught, _doing.trace = caught, trace
         try:
             started = time.perf_counter()
-            built = build_model(scenario["model"], scenario["seed"], scenario["freeze_untaken"])
+            built = build_model(scenario.model, scenario.seed, scenario.freeze_untaken)
             timings["build"] = time.perf_counter() - started
-            dist.set_debug_level(getattr(dist.DebugLevel, scenario["debug_level"]))
+            dist.set_debug_level(getattr(dist.DebugLevel, scenario.debug_level))
             started = time.perf_counter()
             with groups.adopting():
                 engine.wrap(built, scenario, groups.for_fsdp, device)
             timings["wrap"] = time.perf_counter() - started
             trace.unit_keys = engine.unit_keys(built)
             optimizer = torch.optim.SGD(built.module.parameters(), lr=LEARNING_RATE)
-            setup = _outcome(OK, caught, trace)
+            setup = _outcome(Status.OK, caught, trace)
         except Exception as exc:  # noqa: BLE001 - any failure is an observation
             setup = _failure(exc, caught, trace)
     yield setup
-    steps = scenario["ranks"][rank]
-    if setup["status"] != OK:
-        yield from ({"status": NOT_RUN} for _ in steps)
+    steps = scenario.ranks[rank]
+    if setup.status is not Status.OK:
+        yield from (StepOutcome(Status.NOT_RUN) for _ in steps)
         return
     started = time.perf_counter()
     for index in range(len(steps)):
         outcome = _run_step(scenario, built, optimizer, rank, index, device, trace)
         timings["steps"] = time.perf_counter() - started
         yield outcome
-        if outcome["status"] != OK:
-            yield from ({"status": NOT_RUN} for _ in steps[index + 1 :])
+        if outcome.status is not Status.OK:
+            yield from (StepOutcome(Status.NOT_RUN) for _ in steps[index + 1 :])
             return
 
 
-def _run_step(scenario: Json, built: BuiltModel, optimizer, rank: int, index: int, device, trace) -> Json:
-    step = scenario["ranks"][rank][index]
-    engine = ENGINES[scenario["engine"]]
-    with _recording() as caught, tracing(trace, scenario["engine"]):
+def _run_step(scenario: Scenario, built: BuiltModel, optimizer, rank: int, index: int, device, trace) -> StepOutcome:
+    step = scenario.ranks[rank][index]
+    engine = ENGINES[scenario.engine]
+    with _recording() as caught, tracing(trace, scenario.engine):
         _doing.caught, _doing.trace = caught, trace
         try:
             with engine.stepping(built, step):
                 total = run_forwards(scenario, built, rank, index, device).total
                 grad_sum = None
-                if step["backward"]:
+                if step.backward:
                     total.backward()
                     # On the CPU: offloaded gradients live there whatever the device.
                     grads = [
                         _local(p.grad).float().sum().cpu() for p in built.module.parameters() if p.grad is not None
                     ]
                     grad_sum = float(sum(grads, torch.zeros(())))
-                if step["optimizer_step"]:
+                if step.optimizer_step:
                     optimizer.step()
                     optimizer.zero_grad()
             return _outcome(
-                OK,
+                Status.OK,
                 caught,
                 trace,
                 output_sum=float(total.detach().cpu()),
@@ -165,22 +169,22 @@ def _recording() -> Iterator[list[warnings.WarningMessage]]:
         yield caught
 
 
-def _outcome(status: str, caught: list[warnings.WarningMessage], trace: CollectiveTrace, **fields: Any) -> Json:
-    """An outcome in its JSON form: fields that say nothing are left out."""
-    outcome = {
-        "status": status,
+def _outcome(
+    status: Status, caught: list[warnings.WarningMessage], trace: CollectiveTrace, **fields: Any
+) -> StepOutcome:
+    return StepOutcome(
+        status,
+        warnings=tuple(WarningRecord(w.category.__name__, str(w.message)) for w in caught),
+        collectives=tuple(trace.take()),
         **fields,
-        "warnings": [{"category": w.category.__name__, "message": str(w.message)} for w in caught],
-        "collectives": trace.take(),
-    }
-    return {key: value for key, value in outcome.items() if key == "status" or value not in (None, [])}
+    )
 
 
-def _failure(exc: BaseException, caught: list[warnings.WarningMessage], trace: CollectiveTrace) -> Json:
+def _failure(exc: BaseException, caught: list[warnings.WarningMessage], trace: CollectiveTrace) -> StepOutcome:
     message = str(exc)
     timed_out = any(marker in message for marker in TIMEOUT_MARKERS)
     return _outcome(
-        HANG if timed_out else ERROR,
+        Status.HANG if timed_out else Status.ERROR,
         caught,
         trace,
         error_type=type(exc).__name__,
@@ -203,7 +207,7 @@ def _short(filename: str) -> str:
     return os.path.basename(filename)
 
 
-def serve_scenario(scenario: Json, scenario_id: int, rank: int, placement: Placement, timeout_s: float, reports):
+def serve_scenario(scenario: Scenario, scenario_id: int, rank: int, placement: Placement, timeout_s: float, reports):
     """Run one scenario on groups of its own, putting ``(kind, rank,
     scenario_id, payload)`` on ``reports``: ``outcome`` for each outcome as
     it ends, then ``done`` with the rank's timings; ``no-groups`` instead if
@@ -247,5 +251,5 @@ def answer_inquiries(rank: int, inquiries, reports) -> None:
             caught, trace = list(_doing.caught or ()), _doing.trace
             frame = sys._current_frames().get(main)
             stack = _stack(traceback.extract_stack(frame)) if frame is not None else None
-            answer = _outcome(HANG, caught, trace, error_type="Deadlock", stack=stack)
+            answer = _outcome(Status.HANG, caught, trace, error_type="Deadlock", stack=stack)
         reports.put(("where", rank, scenario_id, answer))

@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-from fsdp_fuzz.data import ReferenceStep, Scenario, Step, scenario_to_json
+from fsdp_fuzz.data import ReferenceStep, Scenario, Step
 from fsdp_fuzz.execute.model import LEARNING_RATE, build_model, dtype_named, run_forwards
 
 CPU = torch.device("cpu")
@@ -53,8 +53,7 @@ def reference_run(scenario: Scenario) -> tuple[ReferenceStep, ...] | None:
 
 
 def _reference_steps(scenario: Scenario) -> tuple[ReferenceStep, ...]:
-    encoded = scenario_to_json(scenario, complete=True)
-    built = build_model(encoded["model"], scenario.seed, scenario.freeze_untaken)
+    built = build_model(scenario.model, scenario.seed, scenario.freeze_untaken)
     dtypes = _Dtypes(scenario)
     parameters = list(built.module.parameters())
     masters = [parameter.detach().clone() for parameter in parameters]
@@ -80,7 +79,7 @@ def _reference_steps(scenario: Scenario) -> tuple[ReferenceStep, ...]:
                 parameters,
                 [own[rank].get(position, master).to(dtypes.param) for position, master in enumerate(masters)],
             )
-            forwards = run_forwards(encoded, built, rank, index, CPU, dtypes.param, dtypes.output)
+            forwards = run_forwards(scenario, built, rank, index, CPU, dtypes.param, dtypes.output)
             output_sums.append(float(forwards.total.detach()))
             magnitudes.append(forwards.magnitude)
             if step.backward and forwards.total.requires_grad:

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from fsdp_fuzz.data import CollectiveRecord, Purpose
 from fsdp_fuzz.execute.engines import ENGINES, UnitHook
 from fsdp_fuzz.execute.protocol import HarnessError
 
@@ -42,9 +43,9 @@ class CollectiveTrace:
 
     def __init__(self) -> None:
         self.unit_keys: dict[int, str] = {}
-        self.records: list[list] = []
+        self.records: list[CollectiveRecord] = []
 
-    def take(self) -> list[list]:
+    def take(self) -> list[CollectiveRecord]:
         taken, self.records = self.records, []
         return taken
 
@@ -52,7 +53,7 @@ class CollectiveTrace:
 # A plain global, not a context variable: on GPUs the backward's collectives
 # are issued from autograd's device threads. A rank runs one scenario at a time.
 _active: CollectiveTrace | None = None
-_serving: contextvars.ContextVar[tuple[object, str] | None] = contextvars.ContextVar("serving", default=None)
+_serving: contextvars.ContextVar[tuple[object, Purpose] | None] = contextvars.ContextVar("serving", default=None)
 _installed: set[str] = set()
 
 
@@ -125,14 +126,14 @@ def _recording_op(name: str, op: Callable, tensor_at: int, group_at: int) -> Cal
             key, purpose = _serving.get() or (None, None)
             is_tensor = isinstance(tensor, torch.Tensor)
             trace.records.append(
-                [
+                CollectiveRecord(
                     name,
                     str(tensor.dtype).removeprefix("torch.") if is_tensor else "?",
                     tensor.numel() if is_tensor else -1,
                     trace.unit_keys.get(id(key)) if key is not None else None,
                     purpose,
-                    list(dist.get_process_group_ranks(group)) if group is not None else [],
-                ]
+                    tuple(dist.get_process_group_ranks(group)) if group is not None else (),
+                )
             )
         return op(*args, **kwargs)
 

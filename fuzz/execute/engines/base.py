@@ -5,13 +5,13 @@ share."""
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import torch
 
+from fsdp_fuzz.data import MixedPrecision, MixedPrecisionPolicy, Purpose, Scenario, Step
 from fsdp_fuzz.execute.model import BuiltModel, dtype_named
-from fsdp_fuzz.execute.protocol import Json
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class UnitHook:
     owner: str | None
     """A class in ``module`` holding the function, or ``None`` for a module-level function."""
     name: str
-    purpose: str
+    purpose: Purpose
     unit_argument: int
     """Which positional argument identifies the unit (see ``Engine.unit_keys``)."""
 
@@ -36,17 +36,18 @@ class Engine(Protocol):
 
     unit_hooks: tuple[UnitHook, ...]
 
-    def wrap(self, built: BuiltModel, scenario: Json, group: Any, device: torch.device) -> None:
+    def wrap(self, built: BuiltModel, scenario: Scenario, group: Any, device: torch.device) -> None:
         """Make the spec's units units of the engine, root last, recording
         each in ``built.units`` and the root in ``built.module``."""
 
     def unit_keys(self, built: BuiltModel) -> dict[int, str]:
         """id of what the unit hooks receive -> the unit's spec name."""
 
-    def stepping(self, built: BuiltModel, step: Json) -> AbstractContextManager:
+    def stepping(self, built: BuiltModel, step: Step) -> AbstractContextManager:
         """Around one step: the engine's per-step controls the step sets."""
 
 
-def with_dtypes(policy: Json) -> Json:
+def with_dtypes(policy: MixedPrecision | MixedPrecisionPolicy, **replaced: Any) -> dict[str, Any]:
     """A mixed-precision setting's keywords, dtype names made dtypes."""
-    return {name: dtype_named(value) if name.endswith("_dtype") else value for name, value in policy.items()}
+    keywords = {**asdict(policy), **replaced}
+    return {name: dtype_named(value) if name.endswith("_dtype") else value for name, value in keywords.items()}
