@@ -20,6 +20,9 @@ A nightly job with a hard limit gets its report either way.
 
 Each scenario's time is charged to what it was for (``Activity``), so the
 summary can say where a campaign's time went.
+
+What the command shares with the pytest targets (the targets, saving a
+finding, the summary) is ``fsdp_fuzz.core``.
 """
 
 from __future__ import annotations
@@ -29,23 +32,21 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
 from hypothesis import HealthCheck, Phase, Verbosity, given, seed, settings
-from hypothesis import strategies as st
 from hypothesis.control import current_build_context
 from hypothesis.database import ExampleDatabase, choices_to_bytes
 from hypothesis.errors import Flaky
 from hypothesis.internal.conjecture.shrinker import sort_key
 from hypothesis.internal.reflection import function_digest
 
+from fsdp_fuzz.core import SavedFinding, keep_finding
+from fsdp_fuzz.core import target as fuzz_target
 from fsdp_fuzz.corpus import save_finding, scenario_id
 from fsdp_fuzz.execute.pool import PoolSet
-from fsdp_fuzz.generate.seed_family import seed_family_scenarios
-from fsdp_fuzz.generate.strategies import scenarios
 from fsdp_fuzz.ledger import Ledger
-from fsdp_fuzz.report import CampaignReport, TargetTally
+from fsdp_fuzz.report import Activity, TargetTally, counts
 from fsdp_fuzz.verdict import (
     ContractCheck,
     ContractViolation,
@@ -54,12 +55,6 @@ from fsdp_fuzz.verdict import (
     failures_in,
     only_contract_violations,
 )
-
-TARGETS: dict[str, Callable[[str], st.SearchStrategy]] = {
-    "generated": lambda engine: scenarios(engine=engine),
-    "seed": lambda engine: seed_family_scenarios(engine=engine),
-}
-"""What ``--target`` names, as a strategy for the given engine."""
 
 RUN_EXAMPLES = 400
 """Scenarios per Hypothesis run at most: runs end regularly, so that the
@@ -93,26 +88,9 @@ def deadline(started: float, seconds: float) -> float:
     return started + seconds + allowance - min(allowance, max(allowance / 2, TEARDOWN_S))
 
 
-def target_name(target: str, engine: str) -> str:
-    return f"{target}[{engine}]"
-
-
 class Stop(BaseException):
     """Ends a Hypothesis run at once: not an ``Exception``, so Hypothesis
     neither catches nor shrinks it."""
-
-
-class Activity(str, Enum):
-    """What a scenario's time went to, in the report's words."""
-
-    EXPLORING = "exploring"
-    SHRINKING = "shrinking"
-    """From a run's first failure on: the scenarios Hypothesis runs to shrink it."""
-    REPLAYING = "replaying"
-    """A scenario saved as a finding, or reused from the database."""
-    OTHER = "other"
-    """Starting pools, saving findings, Hypothesis between runs; in the
-    summary also starting workers and ending them."""
 
 
 @dataclass
@@ -140,13 +118,15 @@ class Budget:
 class CampaignResult:
     examples: int
     wall_s: float
-    findings: list[tuple[Path, bool]]
-    """Saved corpus files, and whether each is new."""
+    findings: list[SavedFinding]
     hypothesis_runs: int
     flaky: int = 0
     """Hypothesis runs that ended because a failure did not replay."""
-    unfinished: list[Path] = field(default_factory=list)
-    """Those of ``findings`` whose shrink the deadline cut short."""
+
+    @property
+    def unfinished(self) -> list[Path]:
+        """Those of ``findings`` whose shrink the deadline cut short."""
+        return [saved.path for saved in self.findings if not saved.fully_shrunk]
 
 
 @dataclass
@@ -179,15 +159,16 @@ def run_campaign(
     ``stop_requested``, finishing a shrink under way unless
     ``budget.deadline`` comes first; ``note`` receives a line per saved
     finding, ``after_each`` is called after every scenario."""
-    strategy = TARGETS[target](engine)
-    name = target_name(target, engine)
+    fuzzed = fuzz_target(target, engine)
+    strategy = fuzzed.strategy()
+    name = fuzzed.name
     check.target = name
     tally = check.report.tally(name)
     started_examples = tally.examples
     charged_before = sum(tally.seconds.values())
     rng = random.Random(random_seed)
     result = CampaignResult(0, 0.0, [], 0)
-    found_by = f"python -m fsdp_fuzz run --target {target} --engine {engine}"
+    found_by = fuzzed.command
 
     saved_scenarios: frozenset[str] = frozenset()
     stored: frozenset[bytes] = frozenset()
@@ -240,16 +221,9 @@ def run_campaign(
             after_each()
 
     def save(failure: Failure, fully_shrunk: bool) -> None:
-        path, new = save_finding(
-            corpus, failure.scenario, failure.observations, failure.violations, failure.known, found_by, fully_shrunk
-        )
-        result.findings.append((path, new))
-        check.report.record_saved(name, failure.failure_class, str(path), new, fully_shrunk)
-        where = "saved to" if new else "already in the corpus:"
-        cut = "" if fully_shrunk else " (not fully shrunk: the deadline cut its shrink short)"
-        note(f"finding [{failure.failure_class.name}] {where} {path}{cut}")
-        if not fully_shrunk:
-            result.unfinished.append(path)
+        saved = keep_finding(corpus, failure, found_by, check.report, name, fully_shrunk)
+        result.findings.append(saved)
+        note(saved.headline())
 
     one_scenario._hypothesis_internal_add_digest = name.encode()  # one database key per target, in every worker
     key = function_digest(one_scenario)  # the one Hypothesis files this target's cases under
@@ -353,23 +327,6 @@ def _resume_later(database: ExampleDatabase | None, key: bytes, choices: tuple) 
         database.save(key, choices_to_bytes((*choices, 0)))
 
 
-def time_spent(report: CampaignReport, workers: int) -> dict[str, float]:
-    """Where a campaign's time went, in seconds summed over its workers:
-    each activity over every target, and ``other`` whatever no target ran
-    (starting workers and pools, saving, ending pools, the report)."""
-    spent = Counter()
-    for tally in report.targets.values():
-        spent.update(tally.seconds)
-    charged = sum(spent[activity.value] for activity in Activity if activity is not Activity.OTHER)
-    total = report.elapsed() * workers
-    return {
-        **{activity.value: round(spent[activity.value], 1) for activity in Activity if activity is not Activity.OTHER},
-        Activity.OTHER.value: round(max(0.0, total - charged), 1),
-        "wall": round(report.elapsed(), 1),
-        "workers": workers,
-    }
-
-
 def progress_line(tallies: list[TargetTally], elapsed: float, budget: Budget, workers: int = 1) -> str:
     """One line for the terminal: scenarios, rate, classes seen and saved, outcomes."""
     examples = sum(tally.examples for tally in tallies)
@@ -389,8 +346,3 @@ def progress_line(tallies: list[TargetTally], elapsed: float, budget: Budget, wo
         f"[{elapsed:5.0f} s] {examples}{of} scenarios{on} ({rate:.1f}/s{left}); "
         f"classes: {len(seen)} seen, {len(saved)} saved; steps: {counts(outcomes)}" + over
     )
-
-
-def counts(counter: Counter) -> str:
-    """``Counter`` as "3 error, 5 ok", for progress and summary lines."""
-    return ", ".join(f"{count} {name}" for name, count in sorted(counter.items()))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import json
 import os
 import re
 import signal
@@ -24,19 +23,25 @@ from typing import NoReturn
 
 import torch
 
-from fsdp_fuzz.campaign import ALLOWANCE, TARGETS, Activity, Budget, counts, progress_line, time_spent
+from fsdp_fuzz.campaign import ALLOWANCE, Budget, progress_line
+from fsdp_fuzz.core import (
+    REFUSAL_EXIT_CODES,
+    TARGET_NAMES,
+    CampaignEnd,
+    check_before_ranks,
+    refusal_exit_code,
+    summary_lines,
+)
 from fsdp_fuzz.corpus import CorpusEntry, corpus_files, load_entry
 from fsdp_fuzz.data import ENGINES, ScenarioError
-from fsdp_fuzz.execute.devices import BACKENDS, DEVICES, WORLD_SIZES, DeviceError, DeviceRequest
+from fsdp_fuzz.execute.devices import BACKENDS, DEVICES, WORLD_SIZES, DeviceRequest
 from fsdp_fuzz.execute.pool import DEFAULT_GROUP_TIMEOUT_S, PoolSet
-from fsdp_fuzz.execute.protocol import HarnessError
-from fsdp_fuzz.execute.trace import check_trace
 from fsdp_fuzz.judge.known_issues import issue_named
 from fsdp_fuzz.render import render_scenario
 from fsdp_fuzz.replay import PASSING, ReplayReport, ReplayResult, ranks_log, replay_result
-from fsdp_fuzz.report import CampaignReport
+from fsdp_fuzz.report import counts
 from fsdp_fuzz.terminal import ProgressLine
-from fsdp_fuzz.workers import EXIT_CODES, CampaignSpec, WorkerResult, open_database, run_workers
+from fsdp_fuzz.workers import EXIT_CODES, CampaignSpec, open_database, run_workers
 
 DEFAULT_CORPUS = Path("corpus")
 DEFAULT_EXAMPLES = 100
@@ -69,12 +74,9 @@ def _command(args: argparse.Namespace) -> int:
     except ScenarioError as exc:
         print(f"fsdp-fuzz {args.name}: {exc}", file=sys.stderr)
         return 2
-    except HarnessError as exc:
+    except tuple(REFUSAL_EXIT_CODES) as exc:  # refused before any rank started: the same codes as pytest's
         print(f"fsdp-fuzz {args.name}: {exc}", file=sys.stderr)
-        return 3
-    except DeviceError as exc:
-        print(f"fsdp-fuzz {args.name}: {exc}", file=sys.stderr)
-        return 4
+        return refusal_exit_code(exc)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="fuzz FSDP until a budget is spent; save findings to the corpus")
-    run.add_argument("--target", choices=sorted(TARGETS), default="generated", help="what to generate (%(default)s)")
+    run.add_argument("--target", choices=TARGET_NAMES, default="generated", help="what to generate (%(default)s)")
     run.add_argument(
         "--engine",
         choices=(*ENGINES, "both"),
@@ -218,11 +220,9 @@ def _process_started() -> float:
 def _pools(
     args: argparse.Namespace, log_path: Path | None = None, world_sizes: tuple[int, ...] = WORLD_SIZES
 ) -> PoolSet:
-    """Pools on the requested device, refused (``DeviceError``) for what cannot run ``world_sizes``."""
+    """Pools on the requested device, refused before any rank starts (``check_before_ranks``)."""
     request = _request(args)
-    request.check(world_sizes)
-    for engine in ENGINES:
-        check_trace(engine)
+    check_before_ranks(request, world_sizes)
     return PoolSet(request, args.group_timeout, log_path=log_path)
 
 
@@ -233,7 +233,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageProblem("--workers must be at least 1")
     examples = args.examples if args.examples is not None or args.time is not None else DEFAULT_EXAMPLES
     engines = ENGINES if args.engine == "both" else (args.engine,)
-    _pools(args).close()  # refuse a device or a torch that cannot run it, before any worker starts
+    check_before_ranks(_request(args))  # refuse a device or a torch that cannot run it, before any worker starts
     try:
         open_database(args.database)
     except ValueError as exc:
@@ -272,83 +272,33 @@ def _run(args: argparse.Namespace) -> int:
 
     with ProgressLine(lambda: progress_line(latest, budget.elapsed(), budget, args.workers)) as line:
         report, result, signum = run_workers(spec, args.workers, line.note, show)
-    _summarise(report, result, spec, args.workers)
-    if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        request = _request(args)
-        backends = ",".join(sorted(set(request.backends().values())))
-        document = report.to_json(profile=f"cli:{args.target}", backend=backends, placement=request.to_json())
-        document["time"] = time_spent(report, args.workers)
-        document["not_fully_shrunk"] = [str(path) for path in result.unfinished]
-        args.report.write_text(json.dumps(document, indent=1) + "\n")
-        print(f"  report written to {args.report}")
+    end = CampaignEnd(
+        report=report,
+        request=_request(args),
+        profile=f"cli:{args.target}",
+        wall_s=report.elapsed(),
+        findings=result.findings,
+        strict=args.strict,
+        strict_option="--strict",
+        workers=args.workers,
+        hypothesis_runs=result.hypothesis_runs,
+        flaky=result.flaky,
+        seconds=args.time,
+        ends_within_s=None if args.time is None else args.time * (1 + ALLOWANCE),
+        database=spec.database,
+        report_path=args.report,
+        log_path=spec.log_path,
+        stopped_by=None if signum is None else signal.Signals(signum).name,
+        failed_itself=result.error is not None,
+    )
+    print()
+    for line in summary_lines(end):
+        print(line)
     if signum is not None:
-        print(f"  stopped by {signal.Signals(signum).name}")
         return EXIT_CODES[signum]
     if result.error is not None:
-        print("  the fuzzer itself failed (see above): a bug of the fuzzer's own, not an FSDP finding")
         return 3
     return 1 if result.findings else 0
-
-
-def _summarise(report: CampaignReport, result: WorkerResult, spec: CampaignSpec, workers: int) -> None:
-    wall = report.elapsed()
-    examples = sum(tally.examples for tally in report.targets.values())
-    print(
-        f"\nsummary: {examples} scenarios in {wall:.1f} s ({examples / wall if wall else 0:.1f}/s) on {workers} "
-        f"worker(s), {result.hypothesis_runs} Hypothesis run(s)"
-        + (f", {result.flaky} dropped as flaky" if result.flaky else "")
-        + f", on {DeviceRequest(spec.device, spec.backend).describe()}"
-    )
-    spent = time_spent(report, workers)
-    within = (
-        ""
-        if spec.seconds is None
-        else f" (--time {spec.seconds:.0f} s plus a tenth: {spec.seconds * (1 + ALLOWANCE):.0f} s)"
-    )
-    print(
-        f"  time{within}, in seconds{' summed over workers' if workers > 1 else ''}: "
-        + ", ".join(f"{activity.value} {spent[activity.value]:.1f}" for activity in Activity)
-        + " (other: starting workers and pools, saving findings, ending)"
-    )
-    for name, tally in report.targets.items():
-        print(f"  {name}: {tally.examples} scenarios; steps: {counts(tally.outcomes) or 'none'}")
-        print("    violated clauses (known issues included): " + (counts(tally.clauses) or "none"))
-        print(
-            f"    time: {tally.examples / tally.wall_s if tally.wall_s else 0:.1f} scenarios/s; "
-            + ", ".join(f"{activity.value} {tally.seconds[activity.value]:.1f} s" for activity in Activity)
-        )
-        if tally.replayed_findings:
-            print(f"    findings replayed from the shared database: {tally.replayed_findings} run(s)")
-        if tally.first_seen:
-            print("    classes, by time to the first run (then to the saved, shrunk finding):")
-        for class_name, first in sorted(tally.first_seen.items(), key=lambda item: item[1]["seconds"]):
-            saved = tally.saved.get(class_name)
-            when = f"saved at {saved['seconds']:.0f} s" if saved else "not saved"
-            when += "" if saved is None or saved.get("fully_shrunk", True) else ", not fully shrunk"
-            print(
-                f"      {first['seconds']:6.1f} s (scenario {first['scenarios']}): {class_name}; "
-                f"{tally.classes[class_name]} run(s); {when}"
-            )
-        for issue, count in tally.known_issues.most_common():
-            print(f"    known issue {issue}: {count} run(s); upstream: {issue_named(issue).upstream_summary}")
-    for path, new in result.findings:
-        cut = " (not fully shrunk)" if path in result.unfinished else ""
-        print(f"  finding {'NEW' if new else 'seen before'}{cut}: {path}")
-        print(f"    python -m fsdp_fuzz show {path}; python -m fsdp_fuzz repro {path}")
-    if not result.findings:
-        print("  findings: none")
-    if result.unfinished:
-        kept = (
-            f"Hypothesis's database ({spec.database}) keeps their progress: a later run with it shrinks them further"
-            if spec.database not in (None, "none")
-            else "with --database none their progress is lost: a later run shrinks them again from the start"
-        )
-        print(
-            f"  {len(result.unfinished)} finding(s) saved as they stood, not fully shrunk: the deadline cut their "
-            f"shrink short; their classes stay unsettled, and {kept}"
-        )
-    print(f"  ranks' output: {spec.log_path}")
 
 
 def _entries(paths: Sequence[Path]) -> list[Path]:

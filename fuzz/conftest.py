@@ -1,8 +1,10 @@
-"""pytest wiring for the fuzz targets: profiles, device and backend choice, corpus path."""
+"""pytest wiring for the fuzz targets: options, profiles, the session's ranks
+and contract, saving findings and the summary. The targets themselves, the
+checks before ranks start, saving and the summary are the campaign core the
+command shares (``fsdp_fuzz.core``)."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import Counter
@@ -11,14 +13,18 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from fsdp_fuzz.campaign import Budget, counts, progress_line
-from fsdp_fuzz.corpus import corpus_root, save_finding
-from fsdp_fuzz.data import ENGINES
-from fsdp_fuzz.execute.devices import BACKENDS, DEVICES, WORLD_SIZES, DeviceError, DeviceRequest
+from fsdp_fuzz.campaign import Budget, progress_line
+from fsdp_fuzz.core import (
+    REFUSAL_EXIT_CODES,
+    CampaignEnd,
+    check_before_ranks,
+    keep_finding,
+    refusal_exit_code,
+    summary_lines,
+)
+from fsdp_fuzz.corpus import corpus_root
+from fsdp_fuzz.execute.devices import BACKENDS, DEVICES, DeviceRequest
 from fsdp_fuzz.execute.pool import DEFAULT_GROUP_TIMEOUT_S, PoolSet
-from fsdp_fuzz.execute.protocol import HarnessError
-from fsdp_fuzz.execute.trace import check_trace
-from fsdp_fuzz.judge.known_issues import issue_named
 from fsdp_fuzz.profiles import PROFILES, profile_from_environment, register_profiles, unknown_profile_message
 from fsdp_fuzz.terminal import ProgressLine
 from fsdp_fuzz.verdict import ContractCheck, failures_in
@@ -85,20 +91,21 @@ def device_request(config: pytest.Config) -> DeviceRequest:
     return DeviceRequest(config.getoption("--fuzz-device"), config.getoption("--fuzz-backend"))
 
 
+_READY = pytest.StashKey[bool]()
+
+
 @pytest.fixture(scope="session")
 def pools(pytestconfig: pytest.Config):
     """The campaign's ranks: spawned on first use, closed at the end of the
-    session. A device or backend that cannot run every world size the
-    targets draw stops the session before any rank starts."""
+    session. What cannot run every world size the targets draw, or a torch
+    the trace cannot observe, stops the session before any rank starts
+    (``check_before_ranks``, with the command's exit codes)."""
     placement = device_request(pytestconfig)
     try:
-        placement.check(WORLD_SIZES)
-        for engine in ENGINES:
-            check_trace(engine)
-    except HarnessError as exc:
-        pytest.exit(str(exc), returncode=3)
-    except DeviceError as exc:
-        pytest.exit(str(exc), returncode=4)
+        check_before_ranks(placement)
+    except tuple(REFUSAL_EXIT_CODES) as exc:
+        pytest.exit(str(exc), returncode=refusal_exit_code(exc))
+    pytestconfig.stash[_READY] = True
     with PoolSet(placement, pytestconfig.getoption("--group-timeout"), log_path=rank_log(pytestconfig)) as campaign:
         yield campaign
 
@@ -150,15 +157,9 @@ def pytest_runtest_call(item: pytest.Item):
     except BaseException as exc:
         if not item.config.getoption("--no-save-findings"):
             for failure in failures_in(exc):
-                path, new = save_finding(
-                    corpus_root(item.config),
-                    failure.scenario,
-                    failure.observations,
-                    failure.violations,
-                    failure.known,
-                    found_by=item.nodeid,
-                )
-                item.config.stash.setdefault(_SAVED, []).append((path, new))
+                saved = keep_finding(corpus_root(item.config), failure, item.nodeid, check.report, item.nodeid)
+                item.config.stash.setdefault(_SAVED, []).append(saved)
+                terminal.write(saved.headline() + "\n")
         raise
     finally:
         tally.wall_s += time.monotonic() - started
@@ -181,51 +182,24 @@ class _Terminal:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """The summary both front ends print (``fsdp_fuzz.core.summary_lines``),
+    after whatever ran on the session's ranks."""
     check = config.stash.get(_CONTRACT, None)
-    replays = config.stash.get(_REPLAYS, None)
-    if check is None and not replays:
-        return
-    try:
-        device_request(config).check(WORLD_SIZES)
-    except DeviceError:
-        return  # refused at the start: nothing ran
-    write = terminalreporter.write_line
+    replays = config.stash.get(_REPLAYS, Counter())
+    if not config.stash.get(_READY, False) or (check is None and not replays):
+        return  # refused at the start, or no rank ran
+    end = CampaignEnd(
+        report=None if check is None else check.report,
+        request=device_request(config),
+        profile=settings.get_current_profile_name(),
+        wall_s=0.0 if check is None else sum(tally.wall_s for tally in check.report.targets.values()),
+        findings=config.stash.get(_SAVED, []),
+        strict=config.getoption("--strict-contract"),
+        strict_option="--strict-contract",
+        replays=replays,
+        report_path=config.getoption("--fuzz-report"),
+        log_path=config.stash.get(_LOG, None),
+    )
     terminalreporter.section("fsdp fuzz summary")
-    if replays:
-        write(f"corpus replay: {counts(replays)}")
-    if check is not None:
-        _summarise_campaign(check, config, write)
-    if _LOG in config.stash:
-        write(f"ranks' output: {config.stash[_LOG]}")
-
-
-def _summarise_campaign(check: ContractCheck, config: pytest.Config, write) -> None:
-    profile = settings.get_current_profile_name()
-    write(f"ranks on {device_request(config).describe()}")
-    for name, tally in check.report.targets.items():
-        outcomes = counts(tally.outcomes)
-        write(
-            f"{name}: {tally.examples} scenarios in {tally.wall_s:.1f} s (profile {profile}); step outcomes: {outcomes}"
-        )
-        if tally.finding is not None:
-            write(f"  FINDING: {'; '.join(tally.finding['violations'])}")
-    for path, new in config.stash.get(_SAVED, []):
-        write(f"finding saved to {path}" if new else f"finding already in the corpus: {path}")
-        write(f"  replay: pytest fuzz/test_corpus.py -k {path.stem}; reproducer: python -m fsdp_fuzz repro {path}")
-    hits = sum((tally.known_issues for tally in check.report.targets.values()), Counter())
-    if not hits:
-        write("known issues matched: none")
-    for name, count in hits.most_common():
-        issue = issue_named(name)
-        write(
-            f"known issue {name}: {count} run(s) (not failed; --strict-contract to fail) "
-            f"upstream: {issue.upstream_summary}"
-        )
-    path = config.getoption("--fuzz-report")
-    if path:
-        request = device_request(config)
-        backend = ",".join(sorted(set(request.backends().values())))
-        document = check.report.to_json(profile, backend, placement=request.to_json())
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(document, indent=1) + "\n")
-        write(f"report written to {path}")
+    for line in summary_lines(end):
+        terminalreporter.write_line(line)

@@ -1,8 +1,9 @@
 """The campaign report: what the fuzz targets ran, saw and found.
 
-Filled by ``ContractCheck`` as scenarios are judged and by the pytest hooks
-that time each target; written as JSON by ``--fuzz-report PATH`` and
-summarised on the terminal at the end of every run.
+Filled by ``ContractCheck`` as scenarios are judged, by the campaign
+(``fsdp_fuzz.campaign``) and the pytest hooks that time each target;
+written as JSON by ``--report PATH`` and ``--fuzz-report PATH`` and
+summarised on the terminal at the end of every run (``fsdp_fuzz.core``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,6 +21,19 @@ from fsdp_fuzz.judge.known_issues import KnownIssue
 
 if TYPE_CHECKING:
     from fsdp_fuzz.verdict import FailureClass
+
+
+class Activity(str, Enum):
+    """What a scenario's time went to, in the report's words."""
+
+    EXPLORING = "exploring"
+    SHRINKING = "shrinking"
+    """From a run's first failure on: the scenarios Hypothesis runs to shrink it."""
+    REPLAYING = "replaying"
+    """A scenario saved as a finding, or reused from the database."""
+    OTHER = "other"
+    """Starting pools, saving findings, Hypothesis between runs; in the
+    summary also starting workers and ending them."""
 
 
 @dataclass
@@ -139,3 +154,25 @@ class CampaignReport:
                 {"target": name, **tally.finding} for name, tally in self.targets.items() if tally.finding is not None
             ],
         }
+
+
+def time_spent(report: CampaignReport, workers: int) -> dict[str, float]:
+    """Where a campaign's time went, in seconds summed over its workers:
+    each activity over every target, and ``other`` whatever no target ran
+    (starting workers and pools, saving, ending pools, the report)."""
+    spent = Counter()
+    for tally in report.targets.values():
+        spent.update(tally.seconds)
+    charged = sum(spent[activity.value] for activity in Activity if activity is not Activity.OTHER)
+    total = report.elapsed() * workers
+    return {
+        **{activity.value: round(spent[activity.value], 1) for activity in Activity if activity is not Activity.OTHER},
+        Activity.OTHER.value: round(max(0.0, total - charged), 1),
+        "wall": round(report.elapsed(), 1),
+        "workers": workers,
+    }
+
+
+def counts(counter: Counter) -> str:
+    """``Counter`` as "3 error, 5 ok", for progress and summary lines."""
+    return ", ".join(f"{count} {name}" for name, count in sorted(counter.items()))

@@ -1,19 +1,10 @@
-"""Fuzz targets: the seed test's model under random flips and train/eval mixes, one per engine."""
+"""Fuzz targets: the seed test's model under random flips and train/eval
+mixes, one per engine; ``fsdp_fuzz.core.TARGETS`` defines them, as it does
+for ``python -m fsdp_fuzz run --target seed``."""
 
 from __future__ import annotations
 
-from hypothesis import given
+from fsdp_fuzz.core import pytest_target
 
-from fsdp_fuzz.execute.pool import PoolSet
-from fsdp_fuzz.generate.seed_family import seed_family_scenarios
-from fsdp_fuzz.verdict import ContractCheck
-
-
-@given(scenario=seed_family_scenarios())
-def test_seed_family_keeps_the_contract(scenario, pools: PoolSet, contract: ContractCheck) -> None:
-    contract(scenario, pools.run(scenario))
-
-
-@given(scenario=seed_family_scenarios(engine="fsdp2"))
-def test_seed_family_under_fsdp2_keeps_the_contract(scenario, pools: PoolSet, contract: ContractCheck) -> None:
-    contract(scenario, pools.run(scenario))
+test_seed_family_keeps_the_contract = pytest_target("seed", "fsdp1")
+test_seed_family_under_fsdp2_keeps_the_contract = pytest_target("seed", "fsdp2")

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch.multiprocessing as mp
 from hypothesis.database import DirectoryBasedExampleDatabase, ExampleDatabase
 
-from fsdp_fuzz.campaign import Budget, CampaignResult, deadline, run_campaign, target_name
+from fsdp_fuzz.campaign import Budget, CampaignResult, deadline, run_campaign
+from fsdp_fuzz.core import SavedFinding, target
 from fsdp_fuzz.execute.devices import DeviceRequest
 from fsdp_fuzz.execute.pool import PoolSet, die_with_parent
 from fsdp_fuzz.ledger import Ledger
@@ -77,13 +78,16 @@ class CampaignSpec:
 @dataclass
 class WorkerResult:
     tallies: dict[str, TargetTally]
-    findings: list[tuple[Path, bool]]
+    findings: list[SavedFinding]
     hypothesis_runs: int
     flaky: int
     error: str | None = None
     """The traceback of a failure of the fuzzer's own, if the worker had one."""
-    unfinished: list[Path] = field(default_factory=list)
-    """Those of ``findings`` whose shrink the deadline cut short."""
+
+    @property
+    def unfinished(self) -> list[Path]:
+        """Those of ``findings`` whose shrink the deadline cut short."""
+        return [saved.path for saved in self.findings if not saved.fully_shrunk]
 
 
 class KeepingFindings(ExampleDatabase):
@@ -200,7 +204,6 @@ def run_workers(
         merged.findings += result.findings
         merged.hypothesis_runs += result.hypothesis_runs
         merged.flaky += result.flaky
-        merged.unfinished += result.unfinished
     merged.tallies = report.targets
     return report, merged, received[0] if received else None
 
@@ -226,8 +229,7 @@ def campaign_worker(index: int, spec: CampaignSpec, events, stop) -> None:
             last_sent = time.monotonic()
             events.put(("progress", index, copy.deepcopy(check.report.targets)))
 
-    findings: list[tuple[Path, bool]] = []
-    unfinished: list[Path] = []
+    findings: list[SavedFinding] = []
     runs = flaky = 0
     error = None
     try:
@@ -243,7 +245,7 @@ def campaign_worker(index: int, spec: CampaignSpec, events, stop) -> None:
                     started=now,
                     deadline=None if spec.deadline is None else now + max(0.0, spec.deadline - now) / share,
                 )
-                check.report.tally(target_name(spec.target, engine))
+                check.report.tally(target(spec.target, engine).name)
                 result: CampaignResult = run_campaign(
                     spec.target,
                     pools,
@@ -259,7 +261,6 @@ def campaign_worker(index: int, spec: CampaignSpec, events, stop) -> None:
                     after_each=send_progress,
                 )
                 findings += result.findings
-                unfinished += result.unfinished
                 runs += result.hypothesis_runs
                 flaky += result.flaky
                 if examples is not None:
@@ -271,7 +272,7 @@ def campaign_worker(index: int, spec: CampaignSpec, events, stop) -> None:
     finally:
         send_progress(force=True)
         tallies = dict(check.report.targets)
-        events.put(("done", index, WorkerResult(tallies, findings, runs, flaky, error, unfinished)))
+        events.put(("done", index, WorkerResult(tallies, findings, runs, flaky, error)))
         events.close()
         events.join_thread()
     # Leave as a forked process does: finalisers (this worker's temporary

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from fsdp_fuzz import cli
 from fsdp_fuzz.cli import _duration, main
 from fsdp_fuzz.corpus import load_entry
+from tests.test_report import spy_on_summary
 
 CORPUS = Path(__file__).resolve().parent.parent / "corpus"
 FIRST_ITERATION = CORPUS / "seed" / "invalid_first_iter_order-full_shard.json"
@@ -99,7 +101,8 @@ def test_show_of_a_saved_finding_prints_its_recorded_verdict(tmp_path, capsys, r
     assert [cell.strip() for cell in row.split("|")[1:]] == ["train (defaults) fwd", "train (defaults) fwd bwd"]
 
 
-def test_both_engines_split_the_budget_and_are_summarised_each(tmp_path, capsys):
+def test_both_engines_split_the_budget_and_are_summarised_each(tmp_path, capsys, monkeypatch):
+    calls = spy_on_summary(monkeypatch, cli)
     report = tmp_path / "report.json"
     code = main(
         ["run", "--target", "seed", "--engine", "both", "--examples", "4", "--seed", "2", "--workers", "1"]
@@ -112,3 +115,5 @@ def test_both_engines_split_the_budget_and_are_summarised_each(tmp_path, capsys)
     assert "  seed[fsdp1]: 2 scenarios" in shown and "  seed[fsdp2]: 2 scenarios" in shown
     targets = json.loads(report.read_text())["targets"]
     assert {name: tally["examples"] for name, tally in targets.items()} == {"seed[fsdp1]": 2, "seed[fsdp2]": 2}
+    ((_, lines),) = calls
+    assert shown.endswith("\n".join(["", *lines, ""])), "the summary is the core's, as pytest's is (test_report)"

@@ -1,17 +1,26 @@
-"""The campaign report on recorded observations, and the pytest options
-that select profiles and write reports, run as a user runs them."""
+"""The campaign report on recorded observations, the pytest options that
+select profiles and write reports, run as a user runs them, and the one
+campaign core (``fsdp_fuzz.core``) behind both front ends: the same
+targets, the same summary."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
+
+from fsdp_fuzz import core
+from fsdp_fuzz.cli import _parser
 from fsdp_fuzz.judge.known_issues import triage
 from fsdp_fuzz.judge.oracles import judge
 from fsdp_fuzz.report import CampaignReport
+from fsdp_fuzz.verdict import ContractCheck, ContractViolation
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,7 +96,7 @@ def test_a_failing_target_saves_one_shrunk_finding_per_class_to_the_corpus(tmp_p
     assert len(saved) >= 2, "the seed family breaks the strict contract in several ways, each its own finding"
     issues = []
     for path in saved:
-        assert f"finding saved to {path}" in result.stdout
+        assert f"] saved to {path}" in result.stdout, "finding [CLASS] saved to PATH"
         assert f"python -m fsdp_fuzz repro {path}" in result.stdout
         document = json.loads(path.read_text())
         assert document["finding"]["found_by"] == "fuzz/test_seed_family.py::test_seed_family_keeps_the_contract"
@@ -95,3 +104,68 @@ def test_a_failing_target_saves_one_shrunk_finding_per_class_to_the_corpus(tmp_p
         issues.append(document["known_issue"])
     assert None not in issues, "--strict-contract fails known issues, and says which"
     assert len(set(issues)) == len(issues), "one finding per class"
+
+
+# One core for both front ends ---------------------------------------------------------------------
+
+PYTEST_TARGET_MODULES = ("fsdp_fuzz.test_generated", "fsdp_fuzz.test_seed_family")
+
+
+def test_the_pytest_targets_are_exactly_the_registry_the_command_looks_up(capsys):
+    tests = {
+        f"{module}::{name}": test
+        for module in PYTEST_TARGET_MODULES
+        for name, test in vars(importlib.import_module(module)).items()
+        if name.startswith("test")
+    }
+    built = {name: getattr(test, "fuzz_target", None) for name, test in tests.items()}
+    assert None not in built.values(), f"every pytest target is core.pytest_target(...): {built}"
+    assert sorted(built.values()) == sorted(core.TARGETS.values()), "one pytest target per registry entry"
+    for family, engine in core.TARGETS:
+        args = _parser().parse_args(["run", "--target", family, "--engine", engine])
+        assert core.target(args.target, args.engine) is core.TARGETS[(family, engine)]
+    assert {family for family, _ in core.TARGETS} == set(core.TARGET_NAMES)
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["run", "--target", "nothing-registered"])
+
+
+def spy_on_summary(monkeypatch, front_end) -> list:
+    """Record what ``front_end`` (a module) asks ``core.summary_lines`` for,
+    once it is checked to print the core's summary and no other."""
+    assert front_end.summary_lines is core.summary_lines, f"{front_end.__name__} prints the core's summary"
+    calls = []
+
+    def recording(end: core.CampaignEnd) -> list[str]:
+        lines = core.summary_lines(end)
+        calls.append((end, lines))
+        return lines
+
+    monkeypatch.setattr(front_end, "summary_lines", recording)
+    return calls
+
+
+def test_the_pytest_summary_is_the_cores_and_names_the_saved_finding(monkeypatch, recorded, tmp_path):
+    """The pytest front end, in process: a strict contract fails a known
+    issue, the core saves it, and the terminal summary is the core's lines."""
+    conftest = importlib.import_module("fsdp_fuzz.conftest")
+    calls = spy_on_summary(monkeypatch, conftest)
+    check = ContractCheck(strict=True)
+    check.target = "fuzz/test_x.py::test_y"
+    with pytest.raises(ContractViolation) as raised:
+        check(*recorded("eval-order-unchecked-full_shard-silent"))
+    saved = core.keep_finding(tmp_path / "corpus", raised.value.failure, check.target, check.report, check.target)
+    options = {"--fuzz-device": "cpu", "--fuzz-backend": None, "--strict-contract": True}
+    config = SimpleNamespace(stash=pytest.Stash(), getoption=lambda name, default=None: options.get(name, default))
+    options["--fuzz-report"] = str(tmp_path / "report.json")
+    config.stash[conftest._READY] = True
+    config.stash[conftest._CONTRACT] = check
+    config.stash[conftest._SAVED] = [saved]
+    written: list[str] = []
+    reporter = SimpleNamespace(section=lambda title: written.append(f"== {title}"), write_line=written.append)
+    conftest.pytest_terminal_summary(reporter, 1, config)
+    ((end, lines),) = calls
+    assert written == ["== fsdp fuzz summary", *lines]
+    assert end.report is check.report and list(end.findings) == [saved]
+    assert f"  finding [eval-order-unchecked] saved to {saved.path}" in lines
+    assert f"  report written to {tmp_path / 'report.json'}" in lines
+    assert json.loads((tmp_path / "report.json").read_text())["targets"][check.target]["saved"]

@@ -28,7 +28,7 @@ def test_a_saved_finding_replays_and_becomes_a_standalone_reproducer(tmp_path):
         "run", "--target", "seed", "--strict", "--examples", "30", "--seed", "1", "--corpus", str(corpus), cwd=tmp_path
     )
     assert campaign.returncode == 1, campaign.stdout + campaign.stderr
-    assert "summary:" in campaign.stdout and "finding NEW" in campaign.stdout
+    assert "summary:" in campaign.stdout and "] saved to " in campaign.stdout
     found = corpus_files(corpus / "found")
     assert found, campaign.stdout
     entry = load_entry(found[0])
