@@ -19,30 +19,27 @@ from enum import Enum
 from pathlib import Path as FilePath
 from typing import Any
 
+from fsdp_fuzz.engines import ENGINES as ENGINE_REGISTRY
+from fsdp_fuzz.engines import HYBRID_NODE_SIZE, Engine
+from fsdp_fuzz.engines.base import Purpose
+from fsdp_fuzz.engines.fsdp1 import FsdpSettings, MixedPrecision
+from fsdp_fuzz.engines.fsdp2 import Fsdp2Settings, MixedPrecisionPolicy
 from fsdp_fuzz.jsonfmt import format_json
 from fsdp_fuzz.models.spec import (
     Choice,
-    Linear,
     ModelSpec,
-    Norm,
     Sequential,
     SpecError,
-    named_in,
     spec_from_json,
     spec_to_json,
 )
 
 SCHEMA_VERSION = 1
 
-SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
-BACKWARD_PREFETCH = (None, "BACKWARD_PRE", "BACKWARD_POST")
-HYBRID_STRATEGIES = ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
-HYBRID_NODE_SIZE = 2
-"""Ranks per simulated node for hybrid sharding: nodes are consecutive ranks."""
 DEBUG_LEVELS = ("OFF", "INFO", "DETAIL")
-ENGINES = ("fsdp1", "fsdp2")
-"""``fsdp1``: ``FullyShardedDataParallel``; ``fsdp2``: ``fully_shard``. The
-executor implements each (``fsdp_fuzz.execute.engines.ENGINES``)."""
+ENGINES = tuple(ENGINE_REGISTRY)
+"""``fsdp1``: ``FullyShardedDataParallel``; ``fsdp2``: ``fully_shard``; each
+one ``fsdp_fuzz.engines.Engine``."""
 MODES = ("train", "eval")
 METHODS = ("forward", "encode")
 """The model's entry points: ``forward``, and ``encode``, which runs every
@@ -74,14 +71,6 @@ class Status(_Vocabulary):
     """The rank's process died."""
     NOT_RUN = "not_run"
     """After a failed step the rank runs nothing more."""
-
-
-class Purpose(_Vocabulary):
-    """Why FSDP issued a collective, as the trace attributes it."""
-
-    UNSHARD = "unshard"
-    REDUCE_GRAD = "reduce_grad"
-    ORDER_CHECK = "order_check"
 
 
 class Clause(_Vocabulary):
@@ -165,100 +154,6 @@ class Violation:
 
 
 @dataclass(frozen=True)
-class MixedPrecision:
-    """FSDP1's ``MixedPrecision``: dtypes are names from ``DTYPES``, ``None``
-    keeps the parameters' own (float32)."""
-
-    param_dtype: str | None = None
-    reduce_dtype: str | None = None
-    buffer_dtype: str | None = None
-    keep_low_precision_grads: bool = False
-    cast_forward_inputs: bool = False
-
-
-@dataclass(frozen=True)
-class MixedPrecisionPolicy:
-    """FSDP2's ``MixedPrecisionPolicy``, dtypes by name as above; every
-    unit gets it, ``output_dtype`` only the root (the model's output dtype)."""
-
-    param_dtype: str | None = None
-    reduce_dtype: str | None = None
-    output_dtype: str | None = None
-    cast_forward_inputs: bool = True
-
-
-@dataclass(frozen=True)
-class FsdpSettings:
-    """Keyword arguments of every ``FullyShardedDataParallel`` in the model.
-
-    Defaults are FSDP's own, so a scenario that says nothing uses FSDP as a
-    user who says nothing does.
-    """
-
-    sharding_strategy: str = "FULL_SHARD"
-    use_orig_params: bool = False
-    forward_prefetch: bool = False
-    backward_prefetch: str | None = "BACKWARD_PRE"
-    limit_all_gathers: bool = True
-    sync_module_states: bool = False
-    mixed_precision: MixedPrecision | None = None
-    auto_wrap: bool = False
-    """Units wrapped by ``auto_wrap_policy=ModuleWrapPolicy({unit class})`` on
-    the root, as users wrap a transformer's blocks, instead of one
-    ``FullyShardedDataParallel`` call per unit."""
-    ignored: tuple[str, ...] = ()
-    """Blocks passed as ``ignored_states``: FSDP neither shards their
-    parameters nor reduces their gradients."""
-    cpu_offload: bool = False
-    """``CPUOffload(offload_params=True)``: sharded parameters and gradients
-    live on the CPU between uses. CUDA placements only."""
-
-
-@dataclass(frozen=True)
-class Fsdp2Settings:
-    """How every ``fully_shard`` unit is set up; defaults are FSDP2's own.
-
-    ``reshard_after_forward`` is ``fully_shard``'s argument (an int applies to
-    the non-root units; the root keeps FSDP2's default). ``hsdp`` shards over
-    a 2-D (replicate x shard) mesh of simulated nodes. The other fields are
-    the ``FSDPModule`` setters of the same names, applied to the root
-    (recursively); ``forward_prefetch`` and ``backward_prefetch`` have each
-    unit prefetch the next (the previous) unit in the spec's order.
-    """
-
-    reshard_after_forward: bool | int | None = None
-    hsdp: bool = False
-    reduce_scatter_unused_params: bool = False
-    reshard_after_backward: bool = True
-    forward_prefetch: bool = False
-    backward_prefetch: bool = False
-    mp_policy: MixedPrecisionPolicy | None = None
-    register_encode: bool = False
-    """``register_fsdp_forward_method(root, "encode")``: FSDP2 runs its hooks around ``encode`` too."""
-    shard_dim: int = 0
-    """``shard_placement_fn``: 1 shards the 2-D parameters (weights) on dim
-    1 (``Shard(1)``) where it splits evenly over the shard group (FSDP2
-    refuses uneven dim-1 shards), 0 keeps FSDP2's ``Shard(0)``."""
-    gradient_divide_factor: float | None = None
-    """``set_gradient_divide_factor``: reduced gradients are the ranks' sum
-    divided by this instead of by the world size."""
-    force_sum_reduction: bool = False
-    """``set_force_sum_reduction_for_comms``: sum reductions, the division done apart."""
-    ignored: tuple[str, ...] = ()
-    """Blocks whose parameters every ``fully_shard`` call gets as
-    ``ignored_params``: neither sharded nor reduced."""
-    sharded_together: tuple[tuple[str, ...], ...] = ()
-    """Sibling units each sharded by one ``fully_shard([a, b, ...])`` call:
-    one parameter group, unsharded whichever of them runs first."""
-    no_unshard_in_backward: tuple[str, ...] = ()
-    """Units given ``set_unshard_in_backward(False)``: FSDP2 leaves their
-    parameters sharded in backward, which is right only where backward
-    needs none of them (an embedding-like first layer)."""
-    cpu_offload: bool = False
-    """``offload_policy=CPUOffloadPolicy()``. CUDA placements only."""
-
-
-@dataclass(frozen=True)
 class Step:
     """What one rank does in one step of the schedule.
 
@@ -338,16 +233,19 @@ class Scenario:
         return len(self.ranks[0])
 
     @property
+    def runs_on(self) -> Engine:
+        """The engine, with everything the fuzzer knows of it (``fsdp_fuzz.engines``)."""
+        return ENGINE_REGISTRY[self.engine]
+
+    @property
     def hybrid(self) -> bool:
         """Sharded within simulated nodes of ``HYBRID_NODE_SIZE`` ranks, replicated across them."""
-        if self.engine == "fsdp2":
-            return self.fsdp2.hsdp
-        return self.fsdp.sharding_strategy in HYBRID_STRATEGIES
+        return self.runs_on.hybrid(self)
 
     @property
     def mixed_precision(self) -> MixedPrecision | MixedPrecisionPolicy | None:
         """The engine's mixed-precision setting."""
-        return self.fsdp.mixed_precision if self.engine == "fsdp1" else self.fsdp2.mp_policy
+        return self.runs_on.mixed_precision(self)
 
     @property
     def dtypes(self) -> frozenset[str]:
@@ -365,12 +263,12 @@ class Scenario:
     @property
     def cpu_offload(self) -> bool:
         """Whether the engine offloads parameters to the CPU (CUDA only)."""
-        return self.fsdp2.cpu_offload if self.engine == "fsdp2" else self.fsdp.cpu_offload
+        return self.runs_on.cpu_offload(self)
 
     @property
     def ignored_blocks(self) -> tuple[str, ...]:
         """Blocks whose parameters the engine ignores (``ignored``)."""
-        return self.fsdp2.ignored if self.engine == "fsdp2" else self.fsdp.ignored
+        return self.runs_on.ignored(self)
 
     def scheduled_frozen(self) -> tuple[str, ...]:
         """Blocks some step freezes, in the spec's order."""
@@ -388,16 +286,19 @@ def validate_scenario(scenario: Scenario) -> None:
         raise ScenarioError(f"engine {scenario.engine!r} is not one of {ENGINES}")
     if scenario.debug_level not in DEBUG_LEVELS:
         raise ScenarioError(f"debug_level {scenario.debug_level!r} is not one of {DEBUG_LEVELS}")
-    if scenario.fsdp.sharding_strategy not in SHARDING_STRATEGIES:
-        raise ScenarioError(
-            f"sharding_strategy {scenario.fsdp.sharding_strategy!r} is not one of {SHARDING_STRATEGIES}"
-        )
-    if scenario.fsdp.backward_prefetch not in BACKWARD_PREFETCH:
-        raise ScenarioError(f"backward_prefetch {scenario.fsdp.backward_prefetch!r} is not one of {BACKWARD_PREFETCH}")
+    engine = scenario.runs_on
+    for other in ENGINE_REGISTRY.values():
+        if other is not engine and other.settings(scenario) != other.settings_type():
+            raise ScenarioError(
+                f"{other.settings_field!r} settings need engine {other.name!r} ({other.api}); engine "
+                f"{engine.name!r} takes {engine.settings_field!r} settings"
+            )
     if scenario.hybrid and scenario.world_size % HYBRID_NODE_SIZE:
         raise ScenarioError(f"hybrid sharding simulates nodes of {HYBRID_NODE_SIZE} ranks: the world size must be even")
-    _validate_engine_settings(scenario)
+    _validate_ignored(scenario)
     _validate_mixed_precision(scenario)
+    for reason in engine.refusals(scenario):
+        raise ScenarioError(reason)
     if scenario.batch_size < 1:
         raise ScenarioError("batch_size must be positive")
     alternatives = {choice.name: len(choice.alternatives) for choice in scenario.model.choices()}
@@ -409,11 +310,18 @@ def validate_scenario(scenario: Scenario) -> None:
                 raise ScenarioError(f"{where}: mode {step.mode!r} is not one of {MODES}")
             if step.method not in METHODS:
                 raise ScenarioError(f"{where}: method {step.method!r} is not one of {METHODS}")
-            if step.method != "forward" and scenario.engine != "fsdp2":
-                raise ScenarioError(
-                    f"{where}: method {step.method!r} needs engine 'fsdp2' (FSDP1 runs its hooks around forward "
-                    "only; call other methods inside summon_full_params there)"
+            if step.method not in engine.methods:
+                offering = " or ".join(
+                    repr(other.name) for other in ENGINE_REGISTRY.values() if step.method in other.methods
                 )
+                raise ScenarioError(
+                    f"{where}: method {step.method!r} needs engine {offering} ({engine.api} runs its hooks "
+                    f"around {' and '.join(engine.methods)} only)"
+                )
+            for other in ENGINE_REGISTRY.values():
+                for name in other.step_controls if other is not engine else ():
+                    if getattr(step, name) != getattr(_DEFAULT_STEP, name):
+                        raise ScenarioError(f"{where}: {name!r} needs engine {other.name!r}")
             unfreezable = sorted(set(step.frozen) - set(freezable))
             if unfreezable:
                 raise ScenarioError(
@@ -432,9 +340,6 @@ def validate_scenario(scenario: Scenario) -> None:
                         f"{where}: branch point {name!r} has {alternatives[name]} alternatives, "
                         f"path asks for {list(runs)}"
                     )
-
-
-_FSDP2_STEP_FIELDS = ("unshard", "reshard", "all_reduce", "last_backward", "reshard_after_forward", "reset_iter_state")
 
 
 def first_step_on_unreduced_gradients(steps: Sequence[Step]) -> int | None:
@@ -458,7 +363,7 @@ def freezable_blocks(scenario: Scenario) -> tuple[str, ...]:
     ``freeze_untaken`` sets theirs; with FSDP1 and ``use_orig_params`` off,
     only units (a flat parameter has one ``requires_grad``)."""
     tied = {name for pair in scenario.model.ties().items() for name in pair}
-    whole_units = scenario.engine == "fsdp1" and not scenario.fsdp.use_orig_params
+    whole_units = scenario.runs_on.flat_parameters(scenario)
     found: list[str] = []
 
     def visit(node, inside_alternative: bool, frozen_above: bool) -> None:
@@ -489,128 +394,24 @@ def _validate_mixed_precision(scenario: Scenario) -> None:
     for name, value in vars(policy).items():
         if name.endswith("_dtype") and value is not None and value not in DTYPES:
             raise ScenarioError(f"mixed precision {name} {value!r} is not one of {DTYPES}")
-    if scenario.model.has_norms():
-        buffers = (policy.buffer_dtype or "float32") if scenario.engine == "fsdp1" else "float32"
-        if buffers != scenario.param_dtype:
-            fix = "set buffer_dtype to the param_dtype" if scenario.engine == "fsdp1" else "drop the param_dtype"
-            raise ScenarioError(
-                f"a norm layer would get {scenario.param_dtype} weights and {buffers} running statistics, which "
-                f"torch's batch norm refuses ({scenario.engine} casts parameters to param_dtype and buffers "
-                f"{'to buffer_dtype' if scenario.engine == 'fsdp1' else 'never'}); {fix}, or drop the norm layers"
-            )
     if scenario.ignored_blocks and scenario.param_dtype != "float32":
         raise ScenarioError(
             f"ignored blocks {list(scenario.ignored_blocks)} keep float32 parameters that the engine does not "
             f"cast, and would meet {scenario.param_dtype} activations, which torch refuses; drop the param_dtype "
             "or the ignored blocks"
         )
-    if scenario.engine == "fsdp2" and not policy.cast_forward_inputs and scenario.param_dtype != "float32":
-        raise ScenarioError(
-            "cast_forward_inputs=False with a param_dtype: the root's float32 inputs would meet "
-            f"{scenario.param_dtype} weights, which torch refuses; keep cast_forward_inputs"
-        )
 
 
-def _validate_engine_settings(scenario: Scenario) -> None:
-    """Each engine's settings only where that engine runs."""
-    if scenario.engine == "fsdp1":
-        if scenario.fsdp2 != Fsdp2Settings():
-            raise ScenarioError("'fsdp2' settings need engine 'fsdp2'")
-        _validate_ignored(scenario, scenario.fsdp.ignored)
-        if scenario.fsdp.auto_wrap and scenario.fsdp.mixed_precision is not None and scenario.model.has_norms():
-            raise ScenarioError(
-                "auto_wrap with mixed_precision: FSDP1's auto wrapping then makes every BatchNorm a unit of its own "
-                "(kept in float32), units the spec does not describe, so the contract cannot say what to expect; "
-                "wrap explicitly (auto_wrap false), or drop the norms or the mixed precision"
-            )
-        for rank, steps in enumerate(scenario.ranks):
-            for index, step in enumerate(steps):
-                for name in _FSDP2_STEP_FIELDS:
-                    if getattr(step, name) != getattr(_DEFAULT_STEP, name):
-                        raise ScenarioError(f"rank {rank}, step {index}: {name!r} needs engine 'fsdp2'")
-        return
-    if scenario.fsdp != FsdpSettings():
-        raise ScenarioError("'fsdp' settings are FullyShardedDataParallel's: engine 'fsdp2' takes 'fsdp2' settings")
-    settings = scenario.fsdp2
-    _validate_ignored(scenario, settings.ignored)
-    if settings.shard_dim not in (0, 1):
-        raise ScenarioError(f"shard_dim {settings.shard_dim!r} must be 0 or 1 (the dim 2-D parameters are sharded on)")
-    if settings.gradient_divide_factor is not None:
-        if not settings.gradient_divide_factor > 0:
-            raise ScenarioError(f"gradient_divide_factor {settings.gradient_divide_factor!r} must be positive")
-        if not settings.force_sum_reduction:
-            raise ScenarioError(
-                "gradient_divide_factor without force_sum_reduction: FSDP2 then reduces with PREMUL_SUM, which "
-                "gloo lacks; set force_sum_reduction too (FSDP2 then divides apart)"
-            )
-    _validate_sharded_together(scenario.model, settings.sharded_together)
-    for name in settings.no_unshard_in_backward:
-        if not backward_needs_no_parameters(scenario.model, name):
-            raise ScenarioError(
-                f"no_unshard_in_backward names {name!r}, whose parameters backward needs (it computes input "
-                "gradients through them, or recomputes them under checkpointing): only a unit that is the "
-                "model's first block and whose only layer with parameters is its first, a Linear, qualifies "
-                "(an embedding-like layer on inputs that need no gradient)"
-            )
-    reshard = scenario.fsdp2.reshard_after_forward
-    if isinstance(reshard, int) and not isinstance(reshard, bool):
-        shard_size = HYBRID_NODE_SIZE if scenario.hybrid else scenario.world_size
-        if not 1 < reshard < shard_size or shard_size % reshard:
-            raise ScenarioError(
-                f"reshard_after_forward={reshard} must be a divisor of the shard group's size ({shard_size}) "
-                "other than 1 and itself"
-            )
-
-
-def _validate_ignored(scenario: Scenario, ignored: tuple[str, ...]) -> None:
+def _validate_ignored(scenario: Scenario) -> None:
     blocks = {node.name for node in scenario.model.named() if isinstance(node, Sequential)}
     tied = {name for pair in scenario.model.ties().items() for name in pair}
-    for name in ignored:
+    for name in scenario.ignored_blocks:
         if name not in blocks or name == scenario.model.root.name:
             raise ScenarioError(f"ignored block {name!r} is not a named Sequential below the root")
         if name in tied:
             raise ScenarioError(
                 f"ignored block {name!r} is tied: its parameters would be managed at one place and ignored at "
                 "the other; ignore a block no tie involves"
-            )
-        if scenario.engine == "fsdp1" and any(node.fsdp_unit for node in named_in(scenario.model.block(name))):
-            raise ScenarioError(
-                f"ignored block {name!r} is or holds an FSDP unit, and FSDP1's ignored_states refuses FSDP "
-                "modules; ignore a block inside a unit, or make it no unit"
-            )
-
-
-def backward_needs_no_parameters(model: ModelSpec, name: str) -> bool:
-    """Whether backward can do without the unit's unsharded parameters: the
-    model's first block, a unit, not checkpointed nor tied, whose only
-    layer with parameters is its first child, a Linear on the model's
-    input (which needs no gradient): its weight gradient is input times
-    output gradient, and no gradient flows further back."""
-    first = model.root.children[0]
-    if not isinstance(first, Sequential) or first.name != name or not first.fsdp_unit:
-        return False
-    if first.checkpoint or first.tied_to or not first.children or not isinstance(first.children[0], Linear):
-        return False
-    return not any(isinstance(child, (Linear, Norm, Sequential, Choice)) for child in first.children[1:])
-
-
-def _validate_sharded_together(model: ModelSpec, groups: tuple[tuple[str, ...], ...]) -> None:
-    units = {node.name for node in model.units() if node is not model.root}
-    parents = model.parents()
-    seen: set[str] = set()
-    for group in groups:
-        if len(group) < 2:
-            raise ScenarioError(f"sharded_together group {list(group)} needs at least two units")
-        for name in group:
-            if name not in units:
-                raise ScenarioError(f"sharded_together names {name!r}, which is not a unit below the root")
-            if name in seen:
-                raise ScenarioError(f"sharded_together names unit {name!r} twice")
-            seen.add(name)
-        if len({parents[name] for name in group}) > 1:
-            raise ScenarioError(
-                f"sharded_together group {list(group)} must be siblings (one parent block), so that one "
-                "fully_shard call can take them after their inner units and before their parent"
             )
 
 
@@ -666,8 +467,9 @@ def scenario_to_json(scenario: Scenario) -> dict[str, Any]:
         "world_size": scenario.world_size,
         **({"engine": scenario.engine} if scenario.engine != "fsdp1" else {}),
         "model": spec_to_json(scenario.model),
+        # FSDP1's settings always (every file has them), another engine's where it runs.
         "fsdp": _settings_json(scenario.fsdp),
-        **({"fsdp2": _settings_json(scenario.fsdp2)} if scenario.engine == "fsdp2" else {}),
+        scenario.runs_on.settings_field: _settings_json(scenario.runs_on.settings(scenario)),
         "debug_level": scenario.debug_level,
         "collective_checker": scenario.collective_checker,
         "freeze_untaken": scenario.freeze_untaken,
@@ -729,8 +531,10 @@ def scenario_from_json(encoded: Any) -> Scenario:
         scenario = Scenario(
             model=spec_from_json(encoded["model"]),
             ranks=ranks,
-            fsdp=_settings_from_json(FsdpSettings, encoded.get("fsdp", {})),
-            fsdp2=_settings_from_json(Fsdp2Settings, encoded.get("fsdp2", {})),
+            **{
+                engine.settings_field: _settings_from_json(engine.settings_type, encoded.get(engine.settings_field, {}))
+                for engine in ENGINE_REGISTRY.values()
+            },
             engine=str(encoded.get("engine", "fsdp1")),
             debug_level=str(encoded.get("debug_level", "DETAIL")),
             collective_checker=bool(encoded.get("collective_checker", False)),

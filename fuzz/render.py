@@ -5,6 +5,7 @@ what the contract expects of them."""
 from __future__ import annotations
 
 from fsdp_fuzz.data import Scenario, Step
+from fsdp_fuzz.engines import Promise
 from fsdp_fuzz.judge.oracles import consistent, expectations
 from fsdp_fuzz.judge.orders import fsdp2_promises, iterations
 from fsdp_fuzz.models.spec import Choice, Linear, ModelSpec, Node, Norm, ReLU, Sequential, unit_numel
@@ -16,7 +17,7 @@ def render_scenario(scenario: Scenario) -> str:
         + (", collective checker" if scenario.collective_checker else "")
         + (", untaken alternatives frozen each step" if scenario.freeze_untaken else "")
         + f", seed {scenario.seed}, batch {scenario.batch_size}",
-        _engine_line(scenario),
+        scenario.runs_on.describe(scenario),
     ]
     if scenario.description:
         lines.insert(0, scenario.description)
@@ -24,21 +25,6 @@ def render_scenario(scenario: Scenario) -> str:
     lines += ["", "forward orders (training iterations):", *render_orders(scenario)]
     lines += ["", "the contract expects:", *render_expectations(scenario)]
     return "\n".join(lines)
-
-
-def _engine_line(scenario: Scenario) -> str:
-    if scenario.engine == "fsdp2":
-        settings = ", ".join(f"{name}={value}" for name, value in vars(scenario.fsdp2).items())
-        return f"FSDP2 (fully_shard): {settings}"
-    fsdp = scenario.fsdp
-    return (
-        f"FSDP: {fsdp.sharding_strategy}, use_orig_params={fsdp.use_orig_params}, "
-        f"forward_prefetch={fsdp.forward_prefetch}, backward_prefetch={fsdp.backward_prefetch}, "
-        f"limit_all_gathers={fsdp.limit_all_gathers}, sync_module_states={fsdp.sync_module_states}"
-        + (f", mixed_precision={fsdp.mixed_precision}" if fsdp.mixed_precision else "")
-        + (", units wrapped by ModuleWrapPolicy" if fsdp.auto_wrap else "")
-        + (f", ignored_states={list(fsdp.ignored)}" if fsdp.ignored else "")
-    )
 
 
 def render_model(spec: ModelSpec) -> list[str]:
@@ -133,14 +119,14 @@ def render_orders(scenario: Scenario) -> list[str]:
 
 
 def render_expectations(scenario: Scenario) -> list[str]:
-    if scenario.engine == "fsdp2":
+    if scenario.runs_on.promise is Promise.SAME_PROGRAM:
         if fsdp2_promises(scenario):
             return [
                 "  FSDP2's promise holds (the same program, or the same units with unused parameters "
                 "reduce-scattered): no error or hang; results match the reference run"
             ]
         return ["  outside FSDP2's promise (the ranks' programs differ): whatever happens is recorded, by design"]
-    if scenario.debug_level != "DETAIL":
+    if not scenario.runs_on.checks_order(scenario):
         lines = [f"  debug level {scenario.debug_level}: no order check; clauses 4 and 5 only"]
     else:
         lines = []

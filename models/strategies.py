@@ -42,6 +42,7 @@ from functools import cache
 
 from hypothesis import strategies as st
 
+from fsdp_fuzz.generate.choices import chance
 from fsdp_fuzz.models.spec import Choice, Linear, ModelSpec, Node, Norm, ReLU, Sequential
 
 MIN_WIDTH = 2
@@ -155,12 +156,6 @@ class _Names:
 
 
 @cache
-def _chance(times: int, out_of: int) -> st.SearchStrategy[bool]:
-    """True about ``times`` in ``out_of`` draws; shrinks to False."""
-    return st.integers(1, out_of).map(lambda drawn: drawn > out_of - times)
-
-
-@cache
 def _layouts(count: int) -> st.SearchStrategy[tuple[str, ...]]:
     """``count`` stage kinds: a branch point at some stage, any kind at the
     others; shrinks to the branch point first, then bare ReLUs."""
@@ -252,9 +247,9 @@ def model_specs(
                 children.append(Linear(width, out, draw(st.booleans())))
             else:
                 stack = _free_stack(draw, width, out, bounds)
-                layers = _layers(draw, stack) + ((Norm(out),) if draw(_chance(1, 3)) and features.norms else ())
+                layers = _layers(draw, stack) + ((Norm(out),) if draw(chance(1, 3)) and features.norms else ())
                 block = _block(draw, names("block"), layers, bounds)
-                tie = draw(_chance(1, 2)) and features.ties
+                tie = draw(chance(1, 2)) and features.ties
                 sources = [source for source_in, _, source in blocks if source_in == width]
                 if tie and sources:
                     source = sources[-1]
@@ -303,7 +298,7 @@ def _block(
     draw: st.DrawFn, name: str, children: tuple[Node, ...], bounds: _Bounds, alternative: bool = False
 ) -> Sequential:
     rules = bounds.rules
-    frozen = draw(_chance(1, 4))
+    frozen = draw(chance(1, 4))
     unit = draw(st.booleans())
     checkpoint = _checkpoint(draw, bounds)
     forced = (frozen and rules.frozen_are_units) or (alternative and rules.alternatives_are_units)
@@ -314,7 +309,7 @@ def _segment(draw: st.DrawFn, names: _Names, stack: Stack, bounds: _Bounds) -> t
     """A stack inside an alternative: its layers inline, or wrapped in a block
     of its own that may be a unit or frozen."""
     layers = _layers(draw, stack)
-    wrapped = draw(_chance(1, 3))
+    wrapped = draw(chance(1, 3))
     block = _block(draw, "", layers, bounds)
     if wrapped:
         return (replace(block, name=names("block")),)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from fsdp_fuzz.data import Purpose, Status
-from fsdp_fuzz.execute.engines import ENGINES
+from fsdp_fuzz.engines import ENGINES
 from fsdp_fuzz.judge.known_issues import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent

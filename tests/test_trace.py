@@ -9,14 +9,14 @@ import torch
 
 from fsdp_fuzz.cli import main
 from fsdp_fuzz.data import FsdpSettings, Purpose, Scenario, Status, Step
-from fsdp_fuzz.execute.engines import ENGINES, Fsdp1, UnitHook
+from fsdp_fuzz.engines import ENGINES, Fsdp1, UnitHook
 from fsdp_fuzz.execute.pool import PoolSet
 from fsdp_fuzz.execute.protocol import HarnessError
 from fsdp_fuzz.execute.trace import check_trace, missing_hooks
 from fsdp_fuzz.generate.seed_family import invalid_first_iter_order, invalid_later_iter_order
 from fsdp_fuzz.models.seed import seed_model
 
-MISSING = UnitHook("torch.distributed.fsdp._flat_param", "FlatParamHandle", "_no_such_hook", "unshard", 0)
+MISSING = UnitHook("torch.distributed.fsdp._flat_param", "FlatParamHandle", "_no_such_hook", Purpose.UNSHARD, 0)
 
 
 def agreeing(strategy: str, world_size: int, **settings) -> Scenario:

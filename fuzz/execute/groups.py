@@ -11,7 +11,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from fsdp_fuzz.data import HYBRID_NODE_SIZE, Scenario
+from fsdp_fuzz.data import Scenario
+from fsdp_fuzz.engines import HYBRID_NODE_SIZE
 from fsdp_fuzz.execute.devices import Placement, prepare_rank
 from fsdp_fuzz.execute.protocol import STARTUP_TIMEOUT_S
 

@@ -83,7 +83,7 @@ PRELOAD = [
     "torch.distributed._composable",
     "fsdp_fuzz.execute.devices",
     "fsdp_fuzz.execute.model",
-    "fsdp_fuzz.execute.engines",
+    "fsdp_fuzz.engines",
     "fsdp_fuzz.execute.trace",
     "fsdp_fuzz.execute.groups",
     "fsdp_fuzz.execute.rank",

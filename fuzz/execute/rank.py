@@ -30,8 +30,8 @@ import torch.distributed as dist
 from torch import nn
 
 from fsdp_fuzz.data import Scenario, Status, StepOutcome, WarningRecord
+from fsdp_fuzz.engines import ENGINES
 from fsdp_fuzz.execute.devices import Placement
-from fsdp_fuzz.execute.engines import ENGINES
 from fsdp_fuzz.execute.groups import GroupsNotCreated, ScenarioGroups, new_scenario_groups
 from fsdp_fuzz.execute.model import LEARNING_RATE, BuiltModel, build_model, run_forwards
 from fsdp_fuzz.execute.trace import CollectiveTrace, tracing

@@ -126,8 +126,7 @@ def _ignored_positions(scenario: Scenario, built, parameters: list) -> frozenset
 def _gradient_divisor(scenario: Scenario) -> float:
     """What the ranks' summed gradients are divided by: the world size, or
     FSDP2's ``gradient_divide_factor``."""
-    factor = scenario.fsdp2.gradient_divide_factor if scenario.engine == "fsdp2" else None
-    return scenario.world_size if factor is None else factor
+    return scenario.runs_on.gradient_divisor(scenario)
 
 
 class _Dtypes:

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from fsdp_fuzz.data import CollectiveRecord, Purpose
-from fsdp_fuzz.execute.engines import ENGINES, UnitHook
+from fsdp_fuzz.engines import ENGINES, UnitHook
 from fsdp_fuzz.execute.protocol import HarnessError
 
 # op name -> (position of the tensor whose numel is recorded, position of ``group``)
@@ -78,7 +78,7 @@ def check_trace(engine: str) -> None:
         raise HarnessError(
             f"torch {torch.__version__} lacks {', '.join(missing)}: the collective trace of engine {engine!r} "
             "cannot tell which FSDP unit a collective serves. Update the engine's unit_hooks in "
-            f"fsdp_fuzz/execute/engines/{engine}.py for this torch."
+            f"fsdp_fuzz/engines/{engine}.py for this torch."
         )
 
 

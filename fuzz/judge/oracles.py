@@ -25,6 +25,7 @@ from fsdp_fuzz.data import (
     WarningRecord,
     first_step_on_unreduced_gradients,
 )
+from fsdp_fuzz.engines import Promise
 from fsdp_fuzz.judge.orders import (
     deviates,
     first_iteration_divergence,
@@ -94,21 +95,13 @@ def refusal(scenario: Scenario, rank: int) -> Refusal | None:
     while they are certainly sharded: as the rank's first call, without an
     explicit unshard. Later unregistered calls may find the root unsharded
     and run; FSDP2 promises nothing of them (``unregistered_calls``)."""
-    if scenario.engine != "fsdp2":
-        return None
+    engine = scenario.runs_on
     steps = scenario.ranks[rank]
     first = next((index for index, step in enumerate(steps) if step.forwards or step.unshard), None)
     if first is None:
         return None
-    owners = scenario.model.owning_units()
-    group_of = {unit: group for group in scenario.fsdp2.sharded_together for unit in group}
-    across = {  # sharded together, the two share one parameter group: FSDP2's own advice for ties
-        tied: source
-        for tied, source in scenario.model.ties_across_units().items()
-        if group_of.get(owners[tied], (owners[tied],)) != group_of.get(owners[source], (owners[source],))
-    }
     call = steps[first]
-    if not scenario.fsdp2.register_encode and call.method != "forward" and call.forwards and not call.unshard:
+    if not engine.registers(scenario, call.method) and call.forwards and not call.unshard:
         # No root hook runs, so no lazy initialisation checks the ties: the
         # call meets the root's sharded parameters, or runs its units alone.
         if _encoder_runs_root_parameters(scenario.model):
@@ -119,6 +112,15 @@ def refusal(scenario: Scenario, rank: int) -> Refusal | None:
                 "runs root parameters that are still sharded",
             )
         return None
+    if not engine.refuses_ties_across_units(scenario):
+        return None
+    owners = scenario.model.owning_units()
+    group_of = {unit: group for group in scenario.fsdp2.sharded_together for unit in group}
+    across = {  # sharded together, the two share one parameter group: FSDP2's own advice for ties
+        tied: source
+        for tied, source in scenario.model.ties_across_units().items()
+        if group_of.get(owners[tied], (owners[tied],)) != group_of.get(owners[source], (owners[source],))
+    }
     if across:
         tied, source = next(iter(across.items()))
         return Refusal(
@@ -149,7 +151,7 @@ def _encoder_runs_root_parameters(model: ModelSpec) -> bool:
 def expectations(scenario: Scenario) -> tuple[RankExpectation, ...]:
     """FSDP1 checks the forward order at DETAIL only; FSDP2 never does, but
     refuses some arrangements (``refusal``)."""
-    if scenario.engine != "fsdp1" or scenario.debug_level != "DETAIL":
+    if not scenario.runs_on.checks_order(scenario):
         return tuple(RankExpectation(refusal=refusal(scenario, rank)) for rank in range(scenario.world_size))
     divergence = first_iteration_divergence(scenario)
     if divergence is not None:
@@ -221,7 +223,7 @@ def gradient_replicas(scenario: Scenario) -> int:
     """How many ranks hold each element of the averaged gradient once a
     backward is done: one where gradients are sharded, every rank for
     ``NO_SHARD``, one per node for hybrid sharding (HSDP)."""
-    if scenario.engine == "fsdp1" and scenario.fsdp.sharding_strategy == "NO_SHARD":
+    if scenario.runs_on.replicated(scenario):
         return scenario.world_size
     if scenario.hybrid:
         return scenario.world_size // HYBRID_NODE_SIZE
@@ -232,7 +234,7 @@ def replica_groups(scenario: Scenario) -> tuple[tuple[int, ...], ...]:
     """Ranks that hold the same parameters (the same shards) once every
     rank has applied the same update: all of them for ``NO_SHARD``, the
     ranks at one position in every simulated node under hybrid sharding."""
-    if scenario.engine == "fsdp1" and scenario.fsdp.sharding_strategy == "NO_SHARD":
+    if scenario.runs_on.replicated(scenario):
         return (tuple(range(scenario.world_size)),)
     if scenario.hybrid:
         return tuple(tuple(range(local, scenario.world_size, HYBRID_NODE_SIZE)) for local in range(HYBRID_NODE_SIZE))
@@ -242,7 +244,7 @@ def replica_groups(scenario: Scenario) -> tuple[tuple[int, ...], ...]:
 def keeps_replicas(scenario: Scenario) -> bool:
     """The premise of the replica clause: the engine's promise holds (one
     order on every rank for FSDP1, ``fsdp2_promises`` for FSDP2)."""
-    if scenario.engine == "fsdp1":
+    if scenario.runs_on.promise is Promise.ONE_ORDER:
         return consistent(scenario)
     return fsdp2_promises(scenario) and not unregistered_calls(scenario)
 
@@ -512,7 +514,7 @@ def _meets_sharded_parameters(scenario: Scenario, step: Step, outcome: StepOutco
     it), and under a param dtype its inputs uncast (torch refuses the
     dtypes); all of it is what FSDP2 documents. ``refusal`` demands the
     refusal where the parameters are certainly sharded."""
-    unregistered = scenario.engine == "fsdp2" and not scenario.fsdp2.register_encode and step.method != "forward"
+    unregistered = not scenario.runs_on.registers(scenario, step.method)
     documented = [SHARDED_CALL] + ([UNCAST_INPUTS] if scenario.param_dtype != "float32" else [])
     message = outcome.error_message or ""
     return unregistered and any(outcome.error_type == kind and words in message for kind, words in documented)

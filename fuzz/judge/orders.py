@@ -142,9 +142,11 @@ def unregistered_calls(scenario: Scenario) -> bool:
     """Some step calls a method other than ``forward`` that FSDP2 was not
     told of (``register_fsdp_forward_method``): its hooks do not run around
     it, and FSDP2 promises nothing of the numbers from there on."""
-    if scenario.engine != "fsdp2" or scenario.fsdp2.register_encode:
-        return False
-    return any(step.method != "forward" and step.forwards for steps in scenario.ranks for step in steps)
+    return any(
+        not scenario.runs_on.registers(scenario, step.method) and step.forwards
+        for steps in scenario.ranks
+        for step in steps
+    )
 
 
 def fsdp2_promises(scenario: Scenario) -> bool:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from fsdp_fuzz.data import HYBRID_NODE_SIZE, HYBRID_STRATEGIES, Clause, Observations, Scenario, Status, Violation
+from fsdp_fuzz.data import Clause, Observations, Scenario, Status, Violation
 from fsdp_fuzz.data import ViolationKind as Kind
+from fsdp_fuzz.engines import HYBRID_NODE_SIZE
+from fsdp_fuzz.engines.fsdp1 import HYBRID_STRATEGIES
 from fsdp_fuzz.judge.known_issues.facts import (
     MONITORED_BARRIER,
     all_failed_with,
