@@ -27,8 +27,8 @@ from fsdp_fuzz.corpus import CorpusEntry
 from fsdp_fuzz.data import Scenario
 from fsdp_fuzz.judge.known_issues import issue_named
 from fsdp_fuzz.repro import harness
-from fsdp_fuzz.repro.contract import contract_for
-from fsdp_fuzz.repro.engines import FSDP2_CONTROLS, engine_source
+from fsdp_fuzz.repro.contract import contract_for, numbers_matter
+from fsdp_fuzz.repro.engines import engine_source
 from fsdp_fuzz.repro.model import block_paths, model_source
 from fsdp_fuzz.repro.schedule import schedule_source
 from fsdp_fuzz.repro.text import docstring, literal
@@ -36,12 +36,6 @@ from fsdp_fuzz.repro.text import docstring, literal
 __all__ = ["STYLES", "reproducer_script"]
 
 STYLES = ("script", "unittest")
-MACHINERY = (
-    "# " + "-" * 98 + "\n"
-    "# Below: how each rank runs its program and reports what it saw, the unsharded reference, and\n"
-    "# the checks check() calls. The same in every reproducer (fsdp_fuzz.repro generates it)."
-)
-ORDER_WARNING = "Forward order differs"
 
 
 def reproducer_script(
@@ -61,34 +55,24 @@ def reproducer_script(
     scenario = case.scenario if isinstance(case, CorpusEntry) else case
     model = model_source(scenario)
     engine = engine_source(scenario)
-    contract = contract_for(scenario)
+    numbers = numbers_matter(entry)
+    contract = contract_for(scenario, numbers)
+    needs = harness.Needs.of(scenario, contract)
     fsdp2 = scenario.engine == "fsdp2"
-    cast = scenario.param_dtype != "float32" or getattr(scenario.mixed_precision, "output_dtype", None) is not None
-    imports = _imports(style, model.imports, engine.imports)
+    imports = _imports(style, model.imports, engine.imports, needs)
     constants = [
         f"WORLD_SIZE, STEPS, SEED, BATCH, IN_FEATURES = {scenario.world_size}, {scenario.num_steps}, "
         f"{scenario.seed}, {scenario.batch_size}, {scenario.model.in_features}",
-        "RANKS = range(WORLD_SIZE)",
-        f'DEVICE, TIMEOUT_S = "{device}", {float(timeout_s)!r}  # TIMEOUT_S: seconds before a collective is hung',
-        "PATH = {}  # branch point -> the alternatives the forwards of the step under way run there",
-        f"ORDER_WARNING = {literal(ORDER_WARNING)}  # FSDP's order error and warning start so",
+        f'DEVICE, TIMEOUT_S = "{device}", {float(timeout_s)!r}  # "cuda": rank r on GPU r mod n; TIMEOUT_S: until a '
+        "collective hangs",
     ]
-    if engine.stepping is not None:
-        controls = (
-            [
-                name
-                for name in (*FSDP2_CONTROLS, "reset_iter_state", "reshard_after_forward", "unshard", "reshard")
-                if f"{name}=" in engine.stepping
-            ]
-            if fsdp2
-            else ["gradient_sync"]
-        )
-        constants.append(f"CONTROLS = {literal(controls)}  # step fields the engine applies around a step")
-    if style == "script":
-        constants.append(f"KEPT = {literal(_kept(scenario))}")
+    if contract.reference:
+        constants.insert(1, "RANKS = range(WORLD_SIZE)")
+    if scenario.model.choices():
+        constants.append("PATH = {}  # branch point -> the alternatives the forwards of the step under way run there")
     constants += contract.constants
     sections = [
-        _docstring(entry, scenario, style, device),
+        _docstring(entry, scenario, style),
         "\n".join(imports),
         "\n".join(constants),
         model.classes,
@@ -97,16 +81,16 @@ def reproducer_script(
         *([engine.stepping] if engine.stepping else []),
         schedule_source(scenario),
         contract.source(),
-        MACHINERY + "\n\n\n" + harness.STEP_INPUT.strip("\n"),
-        harness.forwards_source(scenario, cast),
-        *([harness.LOCAL.strip("\n")] if fsdp2 else []),
+        harness.STEP_INPUT.strip("\n"),
+        *([harness.forwards_source(scenario, needs)] if needs.numbers else []),
+        harness.rank_source(scenario, engine, contract, needs),
+        *([harness.LOCAL.strip("\n")] if fsdp2 and (needs.numbers or contract.digest) else []),
         *([_digest(scenario)] if contract.digest else []),
-        harness.rank_source(scenario, engine, contract),
-        *([harness.reference_source(scenario)] if contract.reference else []),
+        *([harness.reference_source(scenario, needs)] if contract.reference else []),
         *(helper.strip("\n") for helper in contract.helpers),
     ]
     if style == "script":
-        sections.append(harness.SCRIPT_MAIN.strip("\n"))
+        sections.append(harness.SCRIPT_MAIN.strip("\n").replace("KEPT", literal(_kept(numbers))))
     else:
         name = entry.path.stem if entry is not None else "scenario"
         sections.append(
@@ -116,11 +100,12 @@ def reproducer_script(
     return "\n\n".join(head) + "\n\n\n" + "\n\n\n".join(rest) + "\n"
 
 
-def _imports(style: str, model: tuple[str, ...], engine: tuple[str, ...]) -> list[str]:
-    standard = {"import warnings", "from datetime import timedelta", *(line for line in model if "torch" not in line)}
+def _imports(style: str, model: tuple[str, ...], engine: tuple[str, ...], needs: harness.Needs) -> list[str]:
+    standard = {"from datetime import timedelta", *(line for line in model if "torch" not in line)}
+    if needs.warnings:
+        standard.add("import warnings")
     if style == "script":
-        standard |= {"import argparse", "import os", "import queue", "import sys", "import tempfile", "import time"}
-        standard.add("import traceback")
+        standard |= {"import json", "import os", "import sys", "import tempfile", "import time", "import traceback"}
     standard |= {line for line in engine if not line.startswith("from torch")}
     third = {"import torch", "import torch.distributed as dist", "from torch import nn", *engine, *model}
     third = {line for line in third if line.startswith(("import torch", "from torch"))}
@@ -154,42 +139,37 @@ def _digest(scenario: Scenario) -> str:
     )
 
 
-def _kept(scenario: Scenario) -> str:
+def _kept(numbers: bool) -> str:
+    return "FSDP kept its promise" + ("" if numbers else " (its numbers not compared: this issue is not about them)")
+
+
+def _docstring(entry: CorpusEntry | None, scenario: Scenario, style: str) -> str:
+    """The issue (or the scenario) in a paragraph, its upstream threads, and how to run the script."""
     engine = "fully_shard" if scenario.engine == "fsdp2" else "FullyShardedDataParallel"
-    return f"FSDP kept its promise: {engine} ran every rank's program as the contract says."
-
-
-def _docstring(entry: CorpusEntry | None, scenario: Scenario, style: str, device: str) -> str:
-    if entry is not None and entry.known_issue:
-        title = f"FSDP known issue {entry.known_issue}."
-    elif entry is not None and entry.finding is not None:
-        title = f"FSDP fuzz finding {entry.path.stem}."
-    elif entry is not None:
-        title = f"FSDP scenario {entry.path.stem}, from the fuzzer's corpus: FSDP must keep its promise."
-    else:
-        title = "FSDP forward-path scenario, generated by fsdp_fuzz."
-    paragraphs = [title]
-    if scenario.description:
-        paragraphs.append(scenario.description[0].upper() + scenario.description[1:].rstrip(".") + ".")
+    setting = f"{scenario.world_size} ranks, {engine}, debug level {scenario.debug_level}"
     if entry is not None and entry.known_issue:
         issue = issue_named(entry.known_issue)
-        paragraphs.append(issue.description)
+        paragraphs = [f"FSDP known issue {entry.known_issue} ({setting}): {issue.description}"]
         if issue.upstream:
             paragraphs.append("Upstream: " + ", ".join(reference.url for reference in issue.upstream))
-    if entry is not None and entry.finding is not None:
-        paragraphs.append(f"The fuzzer saw (torch {entry.finding.torch_version}): {entry.finding.violations[0]}")
-    engine = "fully_shard" if scenario.engine == "fsdp2" else "FullyShardedDataParallel"
+    else:
+        if entry is not None and entry.finding is not None:
+            title = f"FSDP fuzz finding {entry.path.stem}"
+        elif entry is not None:
+            title = f"FSDP scenario {entry.path.stem}, from the fuzzer's corpus"
+        else:
+            title = "FSDP scenario, generated by fsdp_fuzz"
+        description = scenario.description.rstrip(".") + "." if scenario.description else ""
+        paragraphs = [f"{title} ({setting}). {description}".strip()]
+        if entry is not None and entry.finding is not None:
+            paragraphs.append(f"The fuzzer saw (torch {entry.finding.torch_version}): {entry.finding.violations[0]}")
     if style == "script":
         paragraphs.append(
-            f"{scenario.world_size} ranks, {engine}, debug level {scenario.debug_level}. Needs only torch: "
-            f"`python repro.py [--device cuda] [--timeout S] [--verbose]` prints one sentence and exits 1 when "
-            "FSDP breaks its promise, 0 when it keeps it."
+            "`python repro.py` needs only torch: one sentence, exit 1 while FSDP breaks its promise, "
+            "0 once it keeps it."
         )
     else:
-        paragraphs.append(
-            f"{scenario.world_size} ranks, {engine}, debug level {scenario.debug_level}; gloo on CPU (NCCL where "
-            "every rank has a GPU of its own). Run with pytest or python; PyTorch's test harness needs expecttest."
-        )
+        paragraphs.append("Run with pytest or python; PyTorch's test harness needs expecttest.")
     return docstring("\n\n".join(paragraphs))
 
 

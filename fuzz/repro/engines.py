@@ -27,6 +27,8 @@ class EngineSource:
     """Lines of the rank's function that create the engine's process groups (``new_group``)."""
     wrap_call: str
     """The line that builds and wraps the model, once the debug level is set."""
+    controls: tuple[str, ...] = ()
+    """``stepping``'s keywords: the step fields it applies."""
 
 
 def engine_source(scenario: Scenario) -> EngineSource:
@@ -139,7 +141,8 @@ def _fsdp1(scenario: Scenario) -> EngineSource:
         groups, call = _hybrid_groups(scenario), "    model = wrap(build(), (intra, inter), device)"
     else:
         groups, call = ["    group = new_group()"], "    model = wrap(build(), group, device)"
-    return EngineSource(tuple(imports), "\n".join(lines), stepping, "\n".join(groups), call)
+    controls = ("gradient_sync",) if stepping is not None else ()
+    return EngineSource(tuple(imports), "\n".join(lines), stepping, "\n".join(groups), call, controls)
 
 
 def _hybrid_groups(scenario: Scenario) -> list[str]:
@@ -247,9 +250,13 @@ def _fsdp2(scenario: Scenario) -> EngineSource:
         ]
     else:
         imports.append("from torch.distributed.device_mesh import DeviceMesh")
-        groups = ["    mesh = DeviceMesh.from_group(new_group(), device.type)  # over FSDP's own group"]
+        groups = ["    group = new_group()", "    mesh = DeviceMesh.from_group(group, device.type)"]
     call = "    model = wrap(build().to(device), mesh)"
-    return EngineSource(tuple(imports), "\n".join(lines), stepping, "\n".join(groups), call)
+    controls = ()
+    if stepping is not None:
+        head = stepping.split("def stepping(model, ", 1)[1].split("):", 1)[0]
+        controls = tuple(parameter.split("=")[0] for parameter in head.split(", "))
+    return EngineSource(tuple(imports), "\n".join(lines), stepping, "\n".join(groups), call, controls)
 
 
 def _spec_order(spec: ModelSpec) -> list[str]:

@@ -1,11 +1,18 @@
 """The script around the scenario: how a rank runs its steps and reports
-them, the single-process reference, and the two ways of starting the ranks
-(a plain script that exits 1 when the finding reproduces, or a test in
-PyTorch's ``MultiProcessTestCase``)."""
+them, the single-process reference where the numbers are checked, and the
+two ways of starting the ranks (a plain script that exits 1 when the
+finding reproduces, or a test in PyTorch's ``MultiProcessTestCase``).
+
+Each piece is written for the scenario at hand: a step takes only the
+fields its schedule sets, and the forwards, the gradients, the optimizer,
+the warnings and the numbers appear only where a step or a check uses them.
+"""
 
 from __future__ import annotations
 
-from fsdp_fuzz.data import Scenario
+from dataclasses import dataclass, fields
+
+from fsdp_fuzz.data import Scenario, Step
 from fsdp_fuzz.execute.reference import LEARNING_RATE
 from fsdp_fuzz.repro.contract import Contract
 from fsdp_fuzz.repro.engines import EngineSource
@@ -13,105 +20,194 @@ from fsdp_fuzz.repro.model import block_paths
 from fsdp_fuzz.repro.text import call_lines, literal
 
 DEFAULT_TIMEOUT_S = 10.0
+FORWARD_FIELDS = ("mode", "forwards", "grad_enabled", "method", "frozen")
+"""The step fields the forwards read; the rest are the step's backward, optimizer and the engine's controls."""
 
 STEP_INPUT = '''
 def step_input(rank, step, forward):
-    """A batch that depends only on where it is used (the fuzzer's step_input)."""
+    """A batch that depends only on where it is used (the fuzzer's inputs)."""
     generator = torch.Generator().manual_seed(((SEED * 1009 + rank) * 1009 + step) * 1009 + forward)
     return torch.randn((BATCH, IN_FEATURES), generator=generator)
 '''
 
 
-def forwards_source(scenario: Scenario, cast: bool) -> str:
-    """``run_forwards``: what the user's program does in one step before the backward."""
-    parameters = 'mode="train", forwards=1, grad_enabled=True, method="forward", frozen=()'
-    parameters += (", cast=(None, None)" if cast else "") + ", **_"
-    lines = [
-        "def run_forwards(model, rank, index, path, device,",
-        f"                 {parameters}):",
-        '    """The step\'s forwards: mode, path, freezing, grad mode, entry point; their outputs\' sum (float32)',
-        '    and the sum of its absolute values."""',
-        '    model.train(mode == "train")',
-        "    PATH.update(path)",
-    ]
+@dataclass(frozen=True)
+class Needs:
+    """What the scenario's steps and checks use, so the script writes nothing else."""
+
+    fields: tuple[str, ...]
+    """Step fields some step sets (``Step``'s names, ``mode`` where a step evaluates), in ``Step``'s order."""
+    cast: bool
+    """Mixed precision: the reference casts inputs and outputs as the engine does."""
+    numbers: bool
+    """The checks compare outputs or gradients with the unsharded reference."""
+    warnings: bool
+    """The checks read FSDP1's order warnings."""
+    zero_forwards: bool
+
+    @classmethod
+    def of(cls, scenario: Scenario, contract: Contract) -> Needs:
+        default, steps = Step(), [step for steps in scenario.ranks for step in steps]
+        used = tuple(
+            f.name
+            for f in fields(Step)
+            if f.name != "path" and any(getattr(step, f.name) != getattr(default, f.name) for step in steps)
+        )
+        cast = scenario.param_dtype != "float32" or getattr(scenario.mixed_precision, "output_dtype", None) is not None
+        return cls(
+            used, cast, contract.reference, scenario.engine == "fsdp1", any(step.forwards == 0 for step in steps)
+        )
+
+
+def _default(name: str) -> str:
+    return "()" if name == "frozen" else literal(getattr(Step(), name))
+
+
+def _forward_lines(scenario: Scenario, needs: Needs, magnitude: bool) -> list[str]:
+    """The step's forwards as the user's program runs them: mode, path, freezing, grad mode, entry point;
+    ``total`` their outputs' sum (and ``size``, the sum of its absolute values, for the reference)."""
+    used = set(needs.fields)
+    lines = ['model.train(mode == "train")'] if "mode" in used else []
+    if scenario.model.choices():
+        lines.append("PATH.update(path)")
     if scenario.freeze_untaken:
-        lines.append("    freeze_untaken(model)")
+        lines.append("freeze_untaken(model)")
     scheduled = scenario.scheduled_frozen()
     if scheduled:
         paths = block_paths(scenario.model)
-        lines.append(f"    for name, block in {literal({name: paths[name] for name in scheduled})}.items():")
-        lines.append("        for parameter in model.get_submodule(block).parameters():")
-        lines.append("            parameter.requires_grad = name not in frozen")
-    lines.append('    entry = model if method == "forward" else getattr(model, method)')
-    lines.append("    with torch.set_grad_enabled(grad_enabled):")
-    if cast:
-        lines.append("        batches = [step_input(rank, index, k).to(device, cast[0]) for k in range(forwards)]")
-        lines.append("        outputs = [entry(batch).to(cast[1]).float() for batch in batches]")
-    else:
-        lines.append(
-            "        outputs = [entry(step_input(rank, index, k).to(device)).float() for k in range(forwards)]"
+        lines += [
+            f"for name, block in {literal({name: paths[name] for name in scheduled})}.items():",
+            "    for parameter in model.get_submodule(block).parameters():",
+            "        parameter.requires_grad = name not in frozen",
+        ]
+    entry = "model"
+    if "method" in used:
+        lines.append('entry = model if method == "forward" else getattr(model, method)')
+        entry = "entry"
+    cast = needs.cast and magnitude  # the reference's casts; the ranks' engine casts for itself
+    count = "forwards" if "forwards" in used else "1"
+    k = "k" if count != "1" or magnitude or needs.zero_forwards else "0"
+    batch = f"step_input(rank, index, {k}).to(device" + (", cast[0])" if cast else ")")
+    output = f"{entry}({batch})" + (".to(cast[1]).float()" if cast else "")
+    inner = []
+    if magnitude or needs.zero_forwards:
+        inner.append(f"outputs = [{output} for k in range({count})]")
+        inner.append(
+            "total = sum((output.sum() for output in outputs), torch.zeros((), device=device))"
+            if needs.zero_forwards
+            else "total = sum(output.sum() for output in outputs)"
         )
-    lines.append("        total = sum((output.sum() for output in outputs), torch.zeros((), device=device))")
-    lines.append("    return total, sum(float(output.detach().abs().sum()) for output in outputs)")
-    return "\n".join(lines)
+    elif count == "1":
+        inner.append(f"total = {output}.sum()")
+    else:
+        inner.append(f"total = sum({output}.sum() for k in range({count}))")
+    if "grad_enabled" in used:
+        lines += ["with torch.set_grad_enabled(grad_enabled):", *(f"    {line}" for line in inner)]
+    else:
+        lines += inner
+    if magnitude:
+        lines.append("size = sum(float(output.detach().abs().sum()) for output in outputs)")
+    return lines
 
 
-def rank_source(scenario: Scenario, engine: EngineSource, contract: Contract) -> str:
+def forwards_source(scenario: Scenario, needs: Needs) -> str:
+    """``run_forwards``, which the ranks and the reference share where the numbers are checked."""
+    keywords = [f"{name}={_default(name)}" for name in FORWARD_FIELDS if name in needs.fields]
+    keywords += ["cast=(None, None)"] * needs.cast + ["**_"]
+    head = f"def run_forwards(model, rank, index, path, device, {', '.join(keywords)}):"
+    if len(head) > 120:
+        head = f"def run_forwards(\n    model, rank, index, path, device, {', '.join(keywords)}\n):"
+    return "\n".join(
+        [
+            head,
+            '    """The step\'s forwards: their outputs\' sum (float32) and the sum of its absolute values."""',
+            *(f"    {line}" for line in _forward_lines(scenario, needs, magnitude=True)),
+            "    return total, size",
+        ]
+    )
+
+
+def rank_source(scenario: Scenario, engine: EngineSource, contract: Contract, needs: Needs) -> str:
     """``run_rank``: one rank's setup and steps, each reported as it ends; after a failed step the
     rank runs nothing more (FSDP's state is undefined then), as the executor does."""
-    grad = "local(g)" if scenario.engine == "fsdp2" else "g"
-    body = [
-        "total, _ = run_forwards(model, rank, index, path, device, **kwargs)",
-        "if backward:",
-        "    total.backward()",
-        "    grads = [p.grad for p in model.parameters() if p.grad is not None]",
-        f'    outcome["grad"] = float(sum({grad}.float().sum() for g in grads))',
-        "if optimizer_step:",
-        "    optimizer.step()",
-        "    optimizer.zero_grad()",
-        'outcome["output"] = float(total.detach().cpu())',
-    ]
+    used = set(needs.fields)
+    optimizer = "optimizer_step" in used
+    parameters = [f"{name}={_default(name)}" for name in needs.fields]
+    if needs.numbers:
+        forwards = [name for name in FORWARD_FIELDS if name in used]
+        arguments = ["model", "rank", "index", "path", "device", *(f"{name}={name}" for name in forwards)]
+        body = [line[16:] for line in call_lines(" " * 16, "run_forwards", arguments, lead="total, _ = ")]
+    else:
+        body = _forward_lines(scenario, needs, magnitude=False)
+    backward = ["total.backward()"]
+    if needs.numbers:
+        grad = "local(g)" if scenario.engine == "fsdp2" else "g"
+        backward += [
+            "grads = [p.grad for p in model.parameters() if p.grad is not None]",
+            f'outcome["grad"] = float(sum({grad}.float().sum() for g in grads))',
+        ]
+    body += ["if backward:", *(f"    {line}" for line in backward)] if "backward" in used else backward
+    if optimizer:
+        body += ["if optimizer_step:", "    optimizer.step()", "    optimizer.zero_grad()"]
+    if needs.numbers:
+        body.append('outcome["output"] = float(total.detach().cpu())')
     if contract.digest:
         body.append('outcome["digest"] = digest(model)')
-    indent = " " * 16
     if engine.stepping is not None:
-        body = ["with stepping(model, **{name: kwargs.pop(name) for name in CONTROLS if name in kwargs}):"] + [
-            f"    {line}" for line in body
-        ]
-    lines = [
-        "def run_rank(rank, device, timeout_s, report):",
-        '    """Build, wrap and run this rank\'s program, calling report(step, outcome) as each step ends."""',
-        "",
-        "    def new_group(ranks=None):  # FSDP's own: a collective waiting past the timeout fails, so hangs end",
-        "        return dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))",
-        "",
+        controls = ", ".join(f"{name}={name}" for name in engine.controls)
+        body = [f"with stepping(model, {controls}):", *(f"    {line}" for line in body)]
+    outcome = '{"mode": mode}' if "mode" in used and needs.warnings else "{}"
+    if needs.numbers:
+        outcome = outcome[:-1] + (", " if outcome != "{}" else "") + '"grad": None}'
+    guarded = [
+        "try:",
+        *(f"    {line}" for line in body),
+        "except Exception as exc:",
+        '    failed.append(outcome.setdefault("error", f"{type(exc).__name__}: {exc}"))',
     ]
+    if needs.warnings:
+        guarded = [
+            "with warnings.catch_warnings(record=True) as caught:",
+            '    warnings.simplefilter("always")',
+            *(f"    {line}" for line in guarded),
+            'outcome["warnings"] = [str(w.message) for w in caught if str(w.message).startswith("Forward order differs")]',  # noqa: E501
+        ]
+    signature = call_lines("    ", "def step", ["index", "path", *parameters])
+    signature[-1] += ":"
+    lines = [
+        "def run_rank(rank, device, report):",
+        '    """Build, wrap and run this rank\'s program; report(step, outcome) as each step ends (-1: wrapping)."""',
+    ]
+    if scenario.hybrid:
+        lines += [
+            "    def new_group(ranks=None):  # FSDP's own: a collective waiting past TIMEOUT_S fails, so hangs end",
+            "        return dist.new_group(ranks, timeout=timedelta(seconds=TIMEOUT_S))",
+            "",
+        ]
+        groups = engine.groups
+    else:
+        own = "dist.new_group(timeout=timedelta(seconds=TIMEOUT_S))  # FSDP's own: a collective waiting past it fails"
+        groups = engine.groups.replace("new_group()", own)
     if scenario.collective_checker:
         lines.append(
             "    dist.set_debug_level(dist.DebugLevel.DETAIL)  # groups created now get the collective checker"
         )
     lines += [
-        engine.groups,
+        groups,
         f"    dist.set_debug_level(dist.DebugLevel.{scenario.debug_level})",
         "    try:",
         "    " + engine.wrap_call,
-        f"        optimizer = torch.optim.SGD(model.parameters(), lr={LEARNING_RATE})",
-        "    except Exception as exc:  # noqa: BLE001 - what FSDP raised is the observation",
+        *([f"        optimizer = torch.optim.SGD(model.parameters(), lr={LEARNING_RATE})"] if optimizer else []),
+        "    except Exception as exc:",
         '        return report(-1, {"error": f"{type(exc).__name__}: {exc}"})',
-        "    report(-1, {})  # built and wrapped",
+        "    report(-1, {})",
         "    failed = []",
         "",
-        "    def step(index, path, backward=True, optimizer_step=False, **kwargs):",
+        *signature,
         "        if failed:  # after a failed step a rank runs nothing more: FSDP's state is undefined",
         "            return",
-        '        outcome = {"mode": kwargs.get("mode", "train"), "grad": None}',
-        "        with warnings.catch_warnings(record=True) as caught:",
-        '            warnings.simplefilter("always")',
-        "            try:",
-        *(indent + line for line in body),
-        "            except Exception as exc:  # noqa: BLE001",
-        '                failed.append(outcome.setdefault("error", f"{type(exc).__name__}: {exc}"))',
-        '        outcome["warnings"] = [str(w.message) for w in caught if str(w.message).startswith(ORDER_WARNING)]',
+        f"        outcome = {outcome}",
+        *(f"        {line}" for line in guarded),
         "        report(index, outcome)",
         "",
         "    schedule(rank, step)",
@@ -136,13 +232,12 @@ def digest(model):
 '''
 
 
-def reference_source(scenario: Scenario) -> str:
+def reference_source(scenario: Scenario, needs: Needs) -> str:
     """``reference()``: the unsharded run of every rank's program in one process (``fsdp_fuzz.execute.reference``)."""
     policy = scenario.mixed_precision
     param = scenario.param_dtype
     output = getattr(policy, "output_dtype", None)
     buffer = getattr(policy, "buffer_dtype", None)
-    cast = param != "float32" or output is not None
     divisor = scenario.world_size
     if scenario.engine == "fsdp2" and scenario.fsdp2.gradient_divide_factor is not None:
         divisor = scenario.fsdp2.gradient_divide_factor
@@ -186,7 +281,7 @@ def reference_source(scenario: Scenario) -> str:
         lines.append(f"                parameter.data = parameter.data if i in own else {load}")
     else:
         lines.append(f"                parameter.data = {load}")
-    dtypes = [f"cast=(torch.{param}, {'None' if output is None else 'torch.' + output})"] if cast else []
+    dtypes = [f"cast=(torch.{param}, {'None' if output is None else 'torch.' + output})"] if needs.cast else []
     lines += [
         *call_lines(
             " " * 12,
@@ -198,14 +293,7 @@ def reference_source(scenario: Scenario) -> str:
         '            if kwargs.get("backward", True) and total.requires_grad:',
         "                total.backward()",
         "                for i, parameter in enumerate(parameters[rank]):",
-    ]
-    if ignored:
-        lines += [
-            "                    if parameter.grad is not None and i not in own:",
-        ]
-    else:
-        lines.append("                    if parameter.grad is not None:")
-    lines += [
+        f"                    if parameter.grad is not None{' and i not in own' if ignored else ''}:",
         "                        summed[i] = summed.get(i, 0) + parameter.grad.float()",
         "                        parameter.grad = None",
         "        grad = size = None",
@@ -235,57 +323,44 @@ def reference_source(scenario: Scenario) -> str:
 
 
 SCRIPT_MAIN = """
-def rank_process(rank, store, args, results):
-    \"\"\"One rank in a process of its own; with --device cuda on GPU rank mod n, NCCL where every rank has
-    a GPU of its own, else gloo.\"\"\"
-    if not args.verbose:  # FSDP's own prints (an assert prints the module) stay out of the verdict
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 1), os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-    gpus = torch.cuda.device_count() if args.device == "cuda" else 0
+def rank_process(rank, tmp):
+    \"\"\"One rank in a process of its own, each step's outcome written to tmp/rank as the step ends.\"\"\"
+    for fd in (1, 2):  # FSDP's own prints (an assert prints the module) stay out of the verdict
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    gpus = torch.cuda.device_count() if DEVICE == "cuda" else 0
     device = torch.device("cuda", rank % gpus) if gpus else torch.device("cpu")
     if gpus:
         torch.cuda.set_device(device)
-    backend = "nccl" if gpus >= WORLD_SIZE else "gloo"
-    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE)
-    run_rank(rank, device, args.timeout, lambda index, outcome: results.put((rank, index, outcome)))
+    backend = "nccl" if gpus >= WORLD_SIZE else "gloo"  # NCCL where every rank has a GPU of its own
+    dist.init_process_group(backend, init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD_SIZE)
+    with open(f"{tmp}/{rank}", "a", buffering=1) as log:  # a line a step: kept if the rank hangs or dies
+        run_rank(rank, device, lambda index, outcome: print(json.dumps([index, outcome]), file=log))
     dist.barrier()  # done: wait for peers still in a collective, which end by their own timeout
-    results.put((rank, None, None))
-    results.close()
-    results.join_thread()
     os._exit(0)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=DEVICE, help="where the ranks compute")
-    parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds before a collective is hung")
-    parser.add_argument("--verbose", action="store_true", help="show the ranks' own output")
-    args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no GPU here; run on the CPU (--device cpu)")
-    context, seen, done = mp.get_context("spawn"), [{} for _ in RANKS], set()
-    results = context.Queue()
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError('DEVICE = "cuda", but torch sees no GPU here: set DEVICE = "cpu"')
+    context, seen = mp.get_context("spawn"), []
     with tempfile.TemporaryDirectory() as tmp:
-        ranks = [context.Process(target=rank_process, args=(r, f"{tmp}/store", args, results)) for r in RANKS]
-        for process in ranks:
+        ranks = [context.Process(target=rank_process, args=(rank, tmp)) for rank in range(WORLD_SIZE)]
+        for rank, process in enumerate(ranks):
+            open(f"{tmp}/{rank}", "w").close()
             process.start()
-        deadline = time.monotonic() + 120 + 3 * args.timeout  # the script ends, whatever FSDP does
-        while len(done) < WORLD_SIZE and time.monotonic() < deadline:
-            try:
-                rank, index, outcome = results.get(timeout=1)
-            except queue.Empty:  # a rank that died says nothing more
-                done |= {rank for rank in RANKS if not ranks[rank].is_alive()}
-                continue
-            seen[rank].update({} if index is None else {index: outcome})
-            done |= {rank} if index is None else set()
-        for process in ranks:
+        deadline = time.monotonic() + 120 + 3 * TIMEOUT_S  # the script ends, whatever FSDP does
+        for rank, process in enumerate(ranks):
+            process.join(max(0.0, deadline - time.monotonic()))
             process.kill()
-    for rank in RANKS:  # one that stopped reporting before its last step, not after a failure: hung or died
-        last, code = max(seen[rank], default=-2), ranks[rank].exitcode
-        if last + 1 < STEPS and "error" not in seen[rank].get(last, {}):
-            said = f"the rank died (exit code {code})" if code not in (None, 0, -9) else "the rank went silent (hung)"
-            seen[rank][last + 1] = {"error": said, "mode": "", "warnings": []}
+            with open(f"{tmp}/{rank}") as log:
+                seen.append(dict(json.loads(line) for line in log))
+            last, code = max(seen[rank], default=-2), process.exitcode  # None, -9: killed at the deadline
+            if last + 1 < STEPS and "error" not in seen[rank].get(last, {}):  # stopped early, not after an error
+                died = code not in (None, 0, -9)
+                seen[rank][last + 1] = {"error": f"the rank died (exit code {code})" if died else "the rank hung"}
     broken = check(seen)
-    print(f"FSDP broke its promise (torch {torch.__version__}): {broken.splitlines()[0]}" if broken else KEPT)
+    print(f"FSDP broke its promise (torch {torch.__version__}): {broken.splitlines()[0]}" if broken else
+          KEPT)
     return 1 if broken else 0
 
 
@@ -314,7 +389,7 @@ class {cls}(MultiProcessTestCase):
         store = f"file://{{self.file_name}}"
         dist.init_process_group(backend, init_method=store, rank=self.rank, world_size=WORLD_SIZE)
         seen = {{}}
-        run_rank(self.rank, device, TIMEOUT_S, seen.__setitem__)
+        run_rank(self.rank, device, seen.__setitem__)
         everything = [None] * WORLD_SIZE
         dist.all_gather_object(everything, seen)
         broken = check(everything)

@@ -122,7 +122,10 @@ def model_source(scenario: Scenario) -> ModelSource:
     if scenario.freeze_untaken:
         default = {choice.name: [0] for choice in spec.choices()}
         lines += [f"    PATH.update({_literal(default)})", "    freeze_untaken(model)"]
-    lines.append("    return model")
+    if len(lines) == 4:  # nothing follows the construction
+        lines[-1] = lines[-1].replace("    model = ", "    return ", 1)
+    else:
+        lines.append("    return model")
     return ModelSource("\n".join(classes).strip("\n"), "\n".join(lines), tuple(imports))
 
 

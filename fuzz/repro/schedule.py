@@ -21,9 +21,7 @@ def step_arguments(scenario: Scenario, index: int, step: Step) -> list[str]:
 def schedule_source(scenario: Scenario) -> str:
     lines = [
         "def schedule(rank, step):",
-        '    """Each rank\'s program, one step(index, path, ...) per step; path: branch point -> the',
-        "    alternatives each forward runs there. A step runs its forwards, then one backward of the sum",
-        '    of their outputs (unless backward=False)."""',
+        '    """Each rank\'s program: a step runs its forwards on the path, then a backward of their outputs\' sum."""',
     ]
     programs: dict[tuple[tuple[str, ...], ...], list[int]] = {}
     for rank, steps in enumerate(scenario.ranks):

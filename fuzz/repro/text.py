@@ -6,7 +6,7 @@ import json
 import textwrap
 from typing import Any
 
-WIDTH = 100
+WIDTH = 116
 """Within ruff's line length (120), which every generated script keeps."""
 
 
