@@ -14,7 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -154,8 +154,6 @@ class Engine(ABC):
 
     def draw_model_settings(self, draw: DrawFn, scenario: Scenario, ignored: tuple[str, ...]) -> Scenario:
         """The settings that name the model's blocks, once it is drawn."""
-        from dataclasses import replace
-
         return replace(scenario, **{self.settings_field: replace(self.settings(scenario), ignored=ignored)})
 
     def may_ignore_units(self) -> bool:
