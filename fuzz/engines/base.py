@@ -5,8 +5,9 @@ its settings (the data class a scenario carries), what it refuses to run,
 what it promises (the facts the judge states its contract from), how its
 settings and per-step controls are drawn, how ``show`` describes it, and
 how a rank wraps a model in it and drives it (``wrap``, ``unit_keys``,
-``unit_hooks``, ``stepping``). Importing an engine imports no torch: the
-rank-side methods import it when called, so the judge stays torch-free.
+``unit_hooks``, ``stepping``), and how a reproducer script writes those
+calls out (``source``). Importing an engine imports no torch: the rank-side
+methods import it when called, so the judge stays torch-free.
 """
 
 from __future__ import annotations
@@ -27,6 +28,23 @@ if TYPE_CHECKING:
 
 HYBRID_NODE_SIZE = 2
 """Ranks per simulated node under hybrid sharding (HSDP)."""
+
+
+@dataclass(frozen=True)
+class EngineSource:
+    """The engine's part of a reproducer script (``fsdp_fuzz.repro``): its calls written out."""
+
+    imports: tuple[str, ...]
+    wrap: str
+    """``def wrap(...)``: the engine's calls on every unit, innermost first, then the root."""
+    stepping: str | None
+    """``stepping(model, **controls)``: a context manager around one step, or None where no step needs one."""
+    groups: str
+    """Lines of the rank's function that create the engine's process groups (``new_group``)."""
+    wrap_call: str
+    """The line that builds and wraps the model, once the debug level is set."""
+    controls: tuple[str, ...] = ()
+    """``stepping``'s keywords: the step fields it applies."""
 
 
 def hybrid_allowed(world_size: int) -> bool:
@@ -92,6 +110,13 @@ class Engine(ABC):
     checkpoint_wrapper: ClassVar[str]
     """The engine's own activation-checkpointing mode (``models.spec.CHECKPOINT_MODES``)."""
     unit_hooks: ClassVar[tuple[UnitHook, ...]]
+    test_class: ClassVar[str]
+    """The ``MultiProcessTestCase`` a reproducer written as a PyTorch test defines."""
+    order_warnings: ClassVar[bool] = False
+    """Whether the engine warns when a later iteration's forward order differs from the first's (which a
+    reproducer then records)."""
+    local_tensors: ClassVar[bool] = False
+    """Whether parameters and gradients are DTensors, whose rank-local part is ``to_local()``."""
 
     # Settings ---------------------------------------------------------------
 
@@ -182,6 +207,16 @@ class Engine(ABC):
     def features(self, scenario: Scenario) -> set[str]:
         """Labels for the engine's settings, for statistics runs."""
         return {f"{self.name} {name} {value}" for name, value in vars(self.settings(scenario)).items()}
+
+    def wraps_by_class(self, scenario: Scenario) -> bool:
+        """Whether the engine finds the units by their class (an auto-wrap policy), so a reproducer's model
+        gives units classes of their own."""
+        return False
+
+    @abstractmethod
+    def source(self, scenario: Scenario) -> EngineSource:
+        """The engine's calls for ``scenario`` as reproducer source: ``wrap``, the process groups, and the
+        per-step controls its schedule uses."""
 
     # On a rank (these import torch) -----------------------------------------
 

@@ -12,7 +12,16 @@ from typing import TYPE_CHECKING, Any
 
 from hypothesis import strategies as st
 
-from fsdp_fuzz.engines.base import Engine, Promise, Purpose, UnitHook, hybrid_allowed, norm_dtype_refusal, with_dtypes
+from fsdp_fuzz.engines.base import (
+    Engine,
+    EngineSource,
+    Promise,
+    Purpose,
+    UnitHook,
+    hybrid_allowed,
+    norm_dtype_refusal,
+    with_dtypes,
+)
 from fsdp_fuzz.generate.choices import LOW_PRECISION, chance
 from fsdp_fuzz.models.spec import Choice, Sequential, named_in
 
@@ -124,6 +133,8 @@ class Fsdp1(Engine):
     methods = ("forward",)
     step_controls = ()
     checkpoint_wrapper = "wrapper"
+    test_class = "TestFSDPRepro"
+    order_warnings = True
 
     unit_hooks = (
         UnitHook(_FLAT_PARAM, "FlatParamHandle", "_all_gather_flat_param", Purpose.UNSHARD, 0),
@@ -215,6 +226,79 @@ class Fsdp1(Engine):
             f"fsdp1 auto_wrap {fsdp.auto_wrap}",
             f"fsdp1 ignored {bool(fsdp.ignored)}",
         }
+
+    # Reproducer ---------------------------------------------------------------
+
+    def wraps_by_class(self, scenario: Scenario) -> bool:
+        return scenario.fsdp.auto_wrap
+
+    def source(self, scenario: Scenario) -> EngineSource:
+        """``FullyShardedDataParallel(...)`` on every unit (or ``ModuleWrapPolicy`` on the units' classes) with
+        the settings that differ from the defaults, and ``no_sync`` where a step turns gradient sync off."""
+        from fsdp_fuzz.repro.engines import (
+            block_paths,
+            call_lines,
+            hybrid_groups,
+            nested_units,
+            non_default,
+            parent_expression,
+            policy_lines,
+        )
+
+        settings = scenario.fsdp
+        spec = scenario.model
+        paths = block_paths(spec)
+        imports = ["from torch.distributed.fsdp import FullyShardedDataParallel as FSDP"]
+        names = []
+        keywords = ["process_group=group", "device_id=device"]
+        for name, value in non_default(settings, skip=("auto_wrap", "ignored")).items():
+            if name == "sharding_strategy":
+                names.append("ShardingStrategy")
+                keywords.append(f"sharding_strategy=ShardingStrategy.{value}")
+            elif name == "backward_prefetch":
+                names += ["BackwardPrefetch"] if value is not None else []
+                keywords.append(f"backward_prefetch={'None' if value is None else f'BackwardPrefetch.{value}'}")
+            elif name == "mixed_precision":
+                names.append("MixedPrecision")
+                keywords.append("mixed_precision=policy")
+            else:
+                keywords.append(f"{name}={value!r}")
+        if settings.ignored:
+            keywords.append("ignored_states=[" + ", ".join(f"model.{paths[name]}" for name in settings.ignored) + "]")
+        if names:
+            imports.append(f"from torch.distributed.fsdp import {', '.join(sorted(names))}")
+        lines = [
+            "def wrap(model, group, device):",
+            '    """FullyShardedDataParallel on every unit, innermost first, then the root."""',
+        ]
+        if settings.mixed_precision is not None:
+            lines += policy_lines("policy", "MixedPrecision", settings.mixed_precision)
+        lines += call_lines("    ", "dict", keywords, lead="fsdp = ")
+        if settings.auto_wrap:
+            imports.append("from torch.distributed.fsdp.wrap import ModuleWrapPolicy")
+            lines.append("    return FSDP(model, auto_wrap_policy=ModuleWrapPolicy({Unit, UnitBranch}), **fsdp)")
+        else:
+            for unit in nested_units(spec):
+                parent, attribute = parent_expression(spec, unit.name)
+                lines.append(f"    {parent}.{attribute} = FSDP(model.{paths[unit.name]}, **fsdp)")
+            lines.append("    return FSDP(model, **fsdp)")
+        uses_no_sync = any(not step.gradient_sync for steps in scenario.ranks for step in steps)
+        stepping = None
+        if uses_no_sync:
+            imports.append("from contextlib import nullcontext")
+            stepping = "\n".join(
+                [
+                    "def stepping(model, gradient_sync=True):",
+                    '    """gradient_sync off: the step runs in the root\'s no_sync(), gradients kept unreduced."""',
+                    "    return nullcontext() if gradient_sync else model.no_sync()",
+                ]
+            )
+        if scenario.hybrid:
+            groups, call = hybrid_groups(scenario), "    model = wrap(build(), (intra, inter), device)"
+        else:
+            groups, call = ["    group = new_group()"], "    model = wrap(build(), group, device)"
+        controls = ("gradient_sync",) if stepping is not None else ()
+        return EngineSource(tuple(imports), "\n".join(lines), stepping, "\n".join(groups), call, controls)
 
     # On a rank --------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from fsdp_fuzz.engines.base import (
     HYBRID_NODE_SIZE,
     Engine,
+    EngineSource,
     Promise,
     Purpose,
     UnitHook,
@@ -201,6 +202,9 @@ def _units_in_spec_order(node) -> Iterator[str]:
             yield from _units_in_spec_order(child)
 
 
+STEPPING_CONTROLS = ("gradient_sync", "all_reduce", "last_backward")
+"""Step fields a reproducer's ``stepping`` applies on every step once any step sets them (as ``stepping`` does)."""
+
 _PARAM_GROUP = "torch.distributed.fsdp._fully_shard._fsdp_param_group"
 
 
@@ -217,6 +221,8 @@ class Fsdp2(Engine):
     methods = ("forward", "encode")
     step_controls = ("unshard", "reshard", "all_reduce", "last_backward", "reshard_after_forward", "reset_iter_state")
     checkpoint_wrapper = "composable"
+    test_class = "TestFullyShardRepro"
+    local_tensors = True
 
     unit_hooks = (
         UnitHook(_PARAM_GROUP, "FSDPParamGroup", "unshard", Purpose.UNSHARD, 0),
@@ -324,6 +330,164 @@ class Fsdp2(Engine):
     def describe(self, scenario: Scenario) -> str:
         settings = ", ".join(f"{name}={value}" for name, value in vars(scenario.fsdp2).items())
         return f"FSDP2 (fully_shard): {settings}"
+
+    # Reproducer ---------------------------------------------------------------
+
+    def source(self, scenario: Scenario) -> EngineSource:
+        """``fully_shard(...)`` on every unit with the settings that differ from the defaults, then the setters,
+        the mesh, and a ``stepping`` context around a step for the per-step controls the schedule uses."""
+        from fsdp_fuzz.repro.engines import (
+            block_paths,
+            call_lines,
+            hybrid_groups,
+            nested_units,
+            policy_lines,
+            spec_order,
+        )
+
+        settings = scenario.fsdp2
+        spec = scenario.model
+        paths = block_paths(spec)
+        names = ["fully_shard"]
+        common = ["mesh=mesh"]
+        inner, root = list(common), list(common)
+        reshard = settings.reshard_after_forward
+        if reshard is not None:
+            inner.append(f"reshard_after_forward={reshard!r}")
+            if isinstance(reshard, bool):  # an int is for the non-root units; the root keeps the default
+                root.append(f"reshard_after_forward={reshard!r}")
+        if settings.mp_policy is not None:
+            names.append("MixedPrecisionPolicy")
+            inner.append("mp_policy=policy")
+            root.append("mp_policy=root_policy" if settings.mp_policy.output_dtype is not None else "mp_policy=policy")
+        extra_imports = []
+        lines = [
+            "def wrap(model, mesh):",
+            '    """fully_shard on every unit, innermost first, then the root; then the setters."""',
+        ]
+        if settings.shard_dim:
+            extra_imports.append("from torch.distributed.tensor import Shard")
+            lines.append(
+                "    def on_dim1(parameter):  # Shard(1) where dim 1 splits evenly (FSDP2 pads dim 0 only)\n"
+                "        return Shard(1) if parameter.ndim == 2 and parameter.shape[1] % mesh.size(-1) == 0 else None\n"
+            )
+            inner.append("shard_placement_fn=on_dim1")
+            root.append("shard_placement_fn=on_dim1")
+        if settings.ignored:
+            ignored = ", ".join(f"*model.{paths[name]}.parameters()" for name in settings.ignored)
+            lines.append(f"    ignored = {{{ignored}}}")
+            inner.append("ignored_params=ignored")
+            root.append("ignored_params=ignored")
+        if settings.mp_policy is not None:
+            lines += policy_lines("policy", "MixedPrecisionPolicy", settings.mp_policy, drop=("output_dtype",))
+            if settings.mp_policy.output_dtype is not None:  # the model's output dtype: the root's alone
+                lines += policy_lines("root_policy", "MixedPrecisionPolicy", settings.mp_policy)
+        lines += call_lines("    ", "dict", inner, lead="units = ")
+        if root != inner:
+            keys = {item.split("=", 1)[0] for item in root}
+            extra = [item for item in root if item not in inner]
+            extra += [f"{item.split('=', 1)[0]}=None" for item in inner if item.split("=", 1)[0] not in keys]
+            lines += call_lines("    ", "dict", ["units", *extra], lead="root = ")
+        root_arguments = "**root" if root != inner else "**units"
+        together = {name: group for group in settings.sharded_together for name in group}
+        done: set[tuple[str, ...]] = set()
+        order = nested_units(spec)
+        for unit in order:
+            group = together.get(unit.name)
+            if group is None:
+                lines.append(f"    fully_shard(model.{paths[unit.name]}, **units)")
+            elif group not in done and all(any(u.name == m for u in order[: order.index(unit) + 1]) for m in group):
+                done.add(group)
+                ordered = sorted(group, key=lambda name: [u.name for u in order].index(name))
+                members = ", ".join(f"model.{paths[name]}" for name in ordered)
+                lines.append(f"    fully_shard([{members}], **units)  # one parameter group")
+        lines.append(f"    fully_shard(model, {root_arguments})")
+        if settings.register_encode:
+            names.append("register_fsdp_forward_method")
+            lines.append('    register_fsdp_forward_method(model, "encode")')
+        if settings.reduce_scatter_unused_params:
+            lines.append("    model.set_reduce_scatter_unused_params(True)")
+        if not settings.reshard_after_backward:
+            lines.append("    model.set_reshard_after_backward(False)")
+        units = ["model", *(f"model.{paths[u.name]}" for u in order)]
+        per_unit = []
+        if settings.force_sum_reduction:
+            per_unit.append("unit.set_force_sum_reduction_for_comms(True)")
+        if settings.gradient_divide_factor is not None:
+            per_unit.append(f"unit.set_gradient_divide_factor({settings.gradient_divide_factor!r})")
+        if per_unit:
+            lines.append(f"    for unit in [{', '.join(units)}]:  # these setters do not recurse")
+            lines += [f"        {line}" for line in per_unit]
+        spec_order = spec_order(spec)
+        for earlier, later in zip(spec_order, spec_order[1:], strict=False):
+            if settings.forward_prefetch:
+                lines.append(f"    model.{paths[earlier]}.set_modules_to_forward_prefetch([model.{paths[later]}])")
+            if settings.backward_prefetch:
+                lines.append(f"    model.{paths[later]}.set_modules_to_backward_prefetch([model.{paths[earlier]}])")
+        lines.append("    return model")
+        imports = [f"from torch.distributed.fsdp import {', '.join(sorted(names))}", *extra_imports]
+        stepping = self._stepping_source(scenario)
+        if stepping is not None:
+            imports.append("from contextlib import contextmanager")
+        if scenario.hybrid:
+            imports.append("from torch.distributed.device_mesh import DeviceMesh")
+            layout = f"torch.arange({scenario.world_size}).reshape(-1, {HYBRID_NODE_SIZE})"
+            groups = hybrid_groups(scenario) + [
+                "    mesh = DeviceMesh.from_group(",
+                f'        [inter, intra], device.type, mesh={layout}, mesh_dim_names=("replicate", "shard")',
+                "    )",
+            ]
+        else:
+            imports.append("from torch.distributed.device_mesh import DeviceMesh")
+            groups = ["    group = new_group()", "    mesh = DeviceMesh.from_group(group, device.type)"]
+        call = "    model = wrap(build().to(device), mesh)"
+        controls = ()
+        if stepping is not None:
+            head = stepping.split("def stepping(model, ", 1)[1].split("):", 1)[0]
+            controls = tuple(parameter.split("=")[0] for parameter in head.split(", "))
+        return EngineSource(tuple(imports), "\n".join(lines), stepping, "\n".join(groups), call, controls)
+
+    @staticmethod
+    def _stepping_source(scenario: Scenario) -> str | None:
+        steps = [step for steps in scenario.ranks for step in steps]
+        from fsdp_fuzz.data import Step
+
+        default = Step()
+        used = [name for name in STEPPING_CONTROLS if any(getattr(s, name) != getattr(default, name) for s in steps)]
+        resets = any(s.reset_iter_state for s in steps)
+        reshards = any(s.reshard_after_forward is not None for s in steps)
+        unshard = any(s.unshard for s in steps)
+        reshard = any(s.reshard for s in steps)
+        if not (used or resets or reshards or unshard or reshard):
+            return None
+        parameters = [f"{name}=True" for name in used]
+        parameters += ["reset_iter_state=False"] * resets + ["reshard_after_forward=None"] * reshards
+        parameters += ["unshard=False"] * unshard + ["reshard=False"] * reshard
+        lines = [
+            "@contextmanager",
+            f"def stepping(model, {', '.join(parameters)}):",
+            '    """FSDP2\'s per-step controls, as a training loop calls them around one step."""',
+        ]
+        if resets:
+            lines += ["    if reset_iter_state:", "        model.reset_iter_state()"]
+        if reshards:
+            lines += [
+                "    if reshard_after_forward is not None:",
+                "        model.set_reshard_after_forward(reshard_after_forward)",
+            ]
+        setters = {
+            "gradient_sync": "set_requires_gradient_sync",
+            "all_reduce": "set_requires_all_reduce",
+            "last_backward": "set_is_last_backward",
+        }
+        lines += [f"    model.{setters[name]}({name})" for name in used]
+        units = "[m for m in model.modules() if hasattr(m, 'unshard')]"
+        if unshard:
+            lines += ["    if unshard:", f"        for unit in {units}:", "            unit.unshard()"]
+        lines.append("    yield")
+        if reshard:
+            lines += ["    if reshard:", f"        for unit in {units}:", "            unit.reshard()"]
+        return "\n".join(lines)
 
     # On a rank --------------------------------------------------------------
 

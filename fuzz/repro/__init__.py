@@ -58,7 +58,7 @@ def reproducer_script(
     numbers = numbers_matter(entry)
     contract = contract_for(scenario, numbers)
     needs = harness.Needs.of(scenario, contract)
-    fsdp2 = scenario.engine == "fsdp2"
+    local = scenario.runs_on.local_tensors
     imports = _imports(style, model.imports, engine.imports, needs)
     constants = [
         f"WORLD_SIZE, STEPS, SEED, BATCH, IN_FEATURES = {scenario.world_size}, {scenario.num_steps}, "
@@ -84,7 +84,7 @@ def reproducer_script(
         harness.STEP_INPUT.strip("\n"),
         *([harness.forwards_source(scenario, needs)] if needs.numbers else []),
         harness.rank_source(scenario, engine, contract, needs),
-        *([harness.LOCAL.strip("\n")] if fsdp2 and (needs.numbers or contract.digest) else []),
+        *([harness.LOCAL.strip("\n")] if local and (needs.numbers or contract.digest) else []),
         *([_digest(scenario)] if contract.digest else []),
         *([harness.reference_source(scenario, needs)] if contract.reference else []),
         *(helper.strip("\n") for helper in contract.helpers),
@@ -127,7 +127,9 @@ def _sorted(lines: set[str]) -> list[str]:
 
 
 def _digest(scenario: Scenario) -> str:
-    source = harness.DIGEST.strip("\n").format(local="local(parameter)" if scenario.engine == "fsdp2" else "parameter")
+    source = harness.DIGEST.strip("\n").format(
+        local="local(parameter)" if scenario.runs_on.local_tensors else "parameter"
+    )
     if not scenario.ignored_blocks:
         return source
     paths = [block_paths(scenario.model)[name] for name in scenario.ignored_blocks]
@@ -145,8 +147,7 @@ def _kept(numbers: bool) -> str:
 
 def _docstring(entry: CorpusEntry | None, scenario: Scenario, style: str) -> str:
     """The issue (or the scenario) in a paragraph, its upstream threads, and how to run the script."""
-    engine = "fully_shard" if scenario.engine == "fsdp2" else "FullyShardedDataParallel"
-    setting = f"{scenario.world_size} ranks, {engine}, debug level {scenario.debug_level}"
+    setting = f"{scenario.world_size} ranks, {scenario.runs_on.api}, debug level {scenario.debug_level}"
     if entry is not None and entry.known_issue:
         issue = issue_named(entry.known_issue)
         paragraphs = [f"FSDP known issue {entry.known_issue} ({setting}): {issue.description}"]
@@ -174,7 +175,7 @@ def _docstring(entry: CorpusEntry | None, scenario: Scenario, style: str) -> str
 
 
 def _class_name(entry: CorpusEntry | None, scenario: Scenario) -> str:
-    return "TestFullyShardRepro" if scenario.engine == "fsdp2" else "TestFSDPRepro"
+    return scenario.runs_on.test_class
 
 
 def _test_name(stem: str) -> str:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from fsdp_fuzz.corpus import CorpusEntry
 from fsdp_fuzz.data import UNIT_ROUNDOFF, Clause, Scenario
+from fsdp_fuzz.engines import Promise
 from fsdp_fuzz.execute.reference import aligned
 from fsdp_fuzz.judge.oracles import (
     FIRST_ITERATION_ERROR,
@@ -233,7 +234,7 @@ class Contract:
         """``expect_clean``, tailored to what the scenario's steps can see."""
         refusals = any(_unregistered_steps(scenario, rank) for rank in range(scenario.world_size))
         evals = any(step.mode == "eval" for steps in scenario.ranks for step in steps)
-        self.need(expect_clean_source(scenario.engine == "fsdp1", refusals, evals))
+        self.need(expect_clean_source(scenario.runs_on.order_warnings, refusals, evals))
 
     def source(self) -> str:
         lines = [
@@ -299,16 +300,15 @@ def contract_for(scenario: Scenario, numbers: bool = True) -> Contract:
 
 def _unregistered_steps(scenario: Scenario, rank: int) -> list[int]:
     """Steps where FSDP2 may refuse an unregistered method on sharded parameters, as it documents."""
-    if scenario.engine != "fsdp2" or scenario.fsdp2.register_encode:
-        return []
-    return [index for index, step in enumerate(scenario.ranks[rank]) if step.method != "forward"]
+    engine = scenario.runs_on
+    return [index for index, step in enumerate(scenario.ranks[rank]) if not engine.registers(scenario, step.method)]
 
 
 def _numbers(scenario: Scenario, contract: Contract) -> None:
     """Clause 4 where its premises hold; clause 5's symptom where FSDP1's ranks diverge."""
     compare = aligned(scenario) and consistent(scenario) and not unregistered_calls(scenario)
     steps = _promised_steps(scenario)
-    silent = scenario.engine == "fsdp1" and not consistent(scenario)
+    silent = scenario.runs_on.promise is Promise.ONE_ORDER and not consistent(scenario)
     if compare and steps:
         grad_steps = [
             index

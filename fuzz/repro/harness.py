@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from fsdp_fuzz.data import Scenario, Step
+from fsdp_fuzz.engines.base import EngineSource
 from fsdp_fuzz.execute.reference import LEARNING_RATE
 from fsdp_fuzz.repro.contract import Contract
-from fsdp_fuzz.repro.engines import EngineSource
 from fsdp_fuzz.repro.model import block_paths
 from fsdp_fuzz.repro.text import call_lines, literal
 
@@ -55,7 +55,7 @@ class Needs:
         )
         cast = scenario.param_dtype != "float32" or getattr(scenario.mixed_precision, "output_dtype", None) is not None
         return cls(
-            used, cast, contract.reference, scenario.engine == "fsdp1", any(step.forwards == 0 for step in steps)
+            used, cast, contract.reference, scenario.runs_on.order_warnings, any(step.forwards == 0 for step in steps)
         )
 
 
@@ -141,7 +141,7 @@ def rank_source(scenario: Scenario, engine: EngineSource, contract: Contract, ne
         body = _forward_lines(scenario, needs, magnitude=False)
     backward = ["total.backward()"]
     if needs.numbers:
-        grad = "local(g)" if scenario.engine == "fsdp2" else "g"
+        grad = "local(g)" if scenario.runs_on.local_tensors else "g"
         backward += [
             "grads = [p.grad for p in model.parameters() if p.grad is not None]",
             f'outcome["grad"] = float(sum({grad}.float().sum() for g in grads))',
@@ -238,9 +238,7 @@ def reference_source(scenario: Scenario, needs: Needs) -> str:
     param = scenario.param_dtype
     output = getattr(policy, "output_dtype", None)
     buffer = getattr(policy, "buffer_dtype", None)
-    divisor = scenario.world_size
-    if scenario.engine == "fsdp2" and scenario.fsdp2.gradient_divide_factor is not None:
-        divisor = scenario.fsdp2.gradient_divide_factor
+    divisor = scenario.runs_on.gradient_divisor(scenario)
     ignored = scenario.ignored_blocks
     lines = [
         "def reference():",

@@ -82,7 +82,7 @@ def model_source(scenario: Scenario) -> ModelSource:
     spec = scenario.model
     named = list(spec.named())
     checkpointed = {node.checkpoint for node in named if isinstance(node, Sequential) and node.checkpoint}
-    auto_wrap = scenario.engine == "fsdp1" and scenario.fsdp.auto_wrap
+    auto_wrap = scenario.runs_on.wraps_by_class(scenario)
     encode = any(step.method == "encode" for steps in scenario.ranks for step in steps)
     imports = ["from collections import OrderedDict"]
     inline = bool(checkpointed & {"reentrant", "non_reentrant"})
