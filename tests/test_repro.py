@@ -20,7 +20,7 @@ from fsdp_fuzz.repro import reproducer_script
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "corpus"
 FILES = corpus_files(CORPUS)
-MEDIAN_LINES_AT_MOST = 250
+MEDIAN_LINES_AT_MOST = 195
 """The median length over ``corpus/known/`` (see the README's "Reproducers"); a guard against growth."""
 
 
@@ -88,17 +88,13 @@ def test_ranks_with_different_programs_get_their_own_block():
 
 
 def asserted_order_errors(script: str) -> dict[int, list[int]]:
-    """Rank -> the steps ``check`` demands the first-iteration error in, read from the script's syntax
-    (a call per rank, or one in a loop over ranks)."""
+    """Rank -> the steps ``check`` demands the first-iteration error in, read from the script's syntax: the
+    loop ``for rank, steps in {rank: steps, ...}.items()`` whose body tests for ``FIRST_ITERATION_ERROR``."""
     tree = next(node for node in ast.parse(script).body if isinstance(node, ast.FunctionDef) and node.name == "check")
     found: dict[int, list[int]] = {}
-    for statement in tree.body:
-        loop = statement if isinstance(statement, ast.For) else None
-        for node in ast.walk(statement):
-            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "expect_order_error":
-                rank, steps = node.args[2], ast.literal_eval(node.args[3])
-                ranks = ast.literal_eval(loop.iter) if loop is not None else [ast.literal_eval(rank)]
-                found.update(dict.fromkeys(ranks, steps))
+    for loop in (statement for statement in tree.body if isinstance(statement, ast.For)):
+        if "FIRST_ITERATION_ERROR" in ast.unparse(loop) and isinstance(loop.iter, ast.Call):
+            found.update(ast.literal_eval(loop.iter.func.value))
     return found
 
 
@@ -119,7 +115,8 @@ def test_numbers_are_checked_against_an_unsharded_reference_only_where_the_contr
 
 def test_device_and_style_options():
     cuda = script_for("later-check-ignores-repeats", device="cuda")
-    assert 'DEVICE, TIMEOUT_S = "cuda"' in cuda and '"nccl" if gpus >= WORLD_SIZE else "gloo"' in cuda
+    assert "torch.cuda.set_device(device)" in cuda and '"nccl" if gpus >= WORLD_SIZE else "gloo"' in cuda
+    assert "cuda" not in script_for("later-check-ignores-repeats").split('"""', 2)[2]  # CPU: gloo only
     test = script_for("later-check-ignores-repeats", style="unittest")
     assert "class TestFSDPRepro(MultiProcessTestCase):" in test and "def test_later_check_ignores_repeats" in test
     assert "run_tests()" in test and "argparse" not in test

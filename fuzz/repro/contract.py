@@ -2,9 +2,12 @@
 
 Nothing here decides what FSDP promises: ``fsdp_fuzz.judge.oracles`` does
 (``expectations``, ``refusal``, ``consistent``, the reference and replica
-clauses and their premises). This module writes those decisions down as
-calls of a few small checks, each emitted only where a call needs it, so
-the script states the promise for its own schedule and nothing else.
+clauses and their premises). This module writes those decisions down in
+``check``: each group of ranks with one expectation as a loop over what
+those ranks saw (an error, a warning, a refusal, the first-iteration
+error), and the numbers' clauses as calls of small helpers emitted only
+where needed, so the script states the promise for its own schedule and
+nothing else.
 
 One clause is checked by its symptom rather than its cause: *no silent
 mismatch* (clause 5) is judged by the fuzzer on a trace of FSDP's
@@ -16,6 +19,7 @@ or warns about the order: units paired silently give other parameters.
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 
 from fsdp_fuzz.corpus import CorpusEntry
@@ -39,82 +43,7 @@ from fsdp_fuzz.judge.oracles import (
     unregistered_calls,
 )
 from fsdp_fuzz.judge.orders import iterations
-from fsdp_fuzz.repro.text import call_lines, literal
-
-
-def expect_clean_source(warned: bool, refusals: bool, evals: bool) -> str:
-    """``expect_clean``, with the order warning's rules where the engine warns (FSDP1), eval steps' silence
-    where a step evaluates, and FSDP2's refusal of an unregistered method on sharded parameters where a step
-    calls one."""
-    keywords = ', warned_in=(), why=""' * warned + ", until=STEPS" + ", may_refuse=()" * refusals
-    doc = "Every step succeeds"
-    if warned:
-        doc += "; FSDP warns this rank in `warned_in` (its first deviating iteration) only" + ", never in eval" * evals
-    lines = [f"def expect_clean(broken, seen, rank{keywords}):", f'    """{doc}."""']
-    lines += ["    warned = []"] * warned + [
-        "    for index in range(-1, until):",
-        "        outcome = seen[rank].get(index, {})",
-    ]
-    if warned:
-        lines.append('        for text in outcome.get("warnings", ()):')
-        if evals:
-            lines += [
-                '            if outcome["mode"] == "eval":',
-                '                broken.append((index, f"rank {rank} was warned in eval step {index}: {text}"))',
-            ]
-        lines += [
-            f"            {'el' if evals else ''}if index not in warned_in or not text.startswith(LATER_WARNING.format(rank=rank)):",  # noqa: E501
-            '                why_not = why or "every iteration runs the first iteration\'s order"',
-            '                broken.append((index, f"rank {rank} was warned in step {index} ({why_not}): {text}"))',
-            "            warned.append(index)",
-        ]
-    lines.append('        error = outcome.get("error")')
-    if refusals:
-        lines.append(
-            "        if error and not (index in may_refuse and any(error.startswith(k) and w in error for k, w in DOCUMENTED)):"  # noqa: E501
-        )
-    else:
-        lines.append("        if error:")
-    lines += [
-        '            where = f"in step {index}" if index >= 0 else "to build or wrap the model"',
-        '            return broken.append((index, f"rank {rank} failed {where}: {error}"))',
-    ]
-    if warned:
-        lines += [
-            "    ran = [step for step in warned_in if step in seen[rank]]",
-            "    if ran and not warned:",
-            '        broken.append((ran[0], f"rank {rank} was never warned in steps {ran} though {why}"))',
-        ]
-    return "\n".join(lines)
-
-
-EXPECT_ORDER_ERROR = '''
-def expect_order_error(broken, seen, rank, steps, why):
-    """FSDP raises the first-iteration error on this rank in one of `steps`, and nothing else before."""
-    for index in range(-1, STEPS):
-        error = seen[rank].get(index, {"error": "(not run)"}).get("error")
-        if error is None and index > max(steps):
-            break
-        if error is None:
-            continue
-        if index in steps and error.startswith("RuntimeError: " + FIRST_ITERATION_ERROR):
-            return
-        said = f"expected RuntimeError '{FIRST_ITERATION_ERROR}' in step(s) {steps} because {why}"
-        return broken.append((index, f"rank {rank}, step {index}: {said}, got {error}"))
-    broken.append((min(steps), f"rank {rank} never raised '{FIRST_ITERATION_ERROR}' in {steps} though {why}"))
-'''
-
-EXPECT_REFUSAL = '''
-def expect_refusal(broken, seen, rank, step, error, why):
-    """FSDP documents an error here: the steps before it succeed, and this step raises it."""
-    outcome = seen[rank].get(-1) if "error" in seen[rank].get(-1, {}) else None
-    if outcome is None:
-        expect_clean(broken, seen, rank, until=step)
-        outcome = seen[rank].get(step, {"error": "(not run)"})
-    if not (outcome.get("error") or "").startswith(error[0]) or error[1] not in outcome["error"]:
-        broken.append((step, f"rank {rank}, step {step}: expected {error[0]} ('...{error[1]}...') because {why}, "
-                       f"got {outcome.get('error', 'success')}"))
-'''
+from fsdp_fuzz.repro.text import literal
 
 EXPECT_REFERENCE = '''
 def close(observed, expected, magnitude, operations):
@@ -230,16 +159,10 @@ class Contract:
         if helper not in self.helpers:
             self.helpers.append(helper)
 
-    def need_clean(self, scenario: Scenario) -> None:
-        """``expect_clean``, tailored to what the scenario's steps can see."""
-        refusals = any(_unregistered_steps(scenario, rank) for rank in range(scenario.world_size))
-        evals = any(step.mode == "eval" for steps in scenario.ranks for step in steps)
-        self.need(expect_clean_source(scenario.runs_on.order_warnings, refusals, evals))
-
     def source(self) -> str:
         lines = [
             "def check(seen):",
-            '    """FSDP\'s promise, on what each rank saw (seen[rank][step]; -1: wrapping): the first broken part, or None."""',  # noqa: E501
+            '    """FSDP\'s promise on what each rank saw (seen[rank][step], -1: wrapping): the first broken part, or None."""',  # noqa: E501
             "    broken = []",
             *self.body,
             "    return min(broken)[1] if broken else None",
@@ -251,39 +174,31 @@ def contract_for(scenario: Scenario, numbers: bool = True) -> Contract:
     """The calls that state the oracles' expectations for ``scenario``; the numbers' (the reference,
     clause 5's symptom, the replicas) only where ``numbers``."""
     contract = Contract()
-    promised = expectations(scenario)
-    grouped: dict[tuple[str, tuple[str, ...]], list[int]] = {}
-    for rank, expectation in enumerate(promised):
+    engine = scenario.runs_on
+    evals = any(step.mode == "eval" for steps in scenario.ranks for step in steps)
+    grouped: dict[tuple, dict[int, tuple[int, ...]]] = {}
+    for rank, expectation in enumerate(expectations(scenario)):
         if expectation.refusal is not None:
             refused = expectation.refusal
-            contract.need_clean(scenario)
-            contract.need(EXPECT_REFUSAL)
-            error = literal([refused.error_type, refused.words])
-            call = ("expect_refusal", (str(refused.step), error, literal(refused.reason)))
+            key: tuple = ("refusal", refused.step, refused.error_type, refused.words, refused.reason)
+            steps: tuple[int, ...] = ()
         elif expectation.error_steps:
-            contract.need(EXPECT_ORDER_ERROR)
-            call = ("expect_order_error", (literal(sorted(expectation.error_steps)), literal(expectation.reason)))
+            key, steps = ("order", expectation.reason), tuple(sorted(expectation.error_steps))
         else:
-            contract.need_clean(scenario)
-            keywords: list[str] = []
-            if expectation.warning_steps:
-                keywords.append(f"warned_in={literal(sorted(expectation.warning_steps))}")
-                keywords.append(f"why={literal(expectation.reason)}")
-            refusable = _unregistered_steps(scenario, rank)
-            if refusable:
-                keywords.append(f"may_refuse={literal(refusable)}")
-            call = ("expect_clean", tuple(keywords))
-        grouped.setdefault(call, []).append(rank)
-    for (function, arguments), ranks in grouped.items():
-        if len(ranks) == 1:
-            contract.body += call_lines("    ", function, ["broken", "seen", str(ranks[0]), *arguments])
+            key = ("clean", tuple(sorted(expectation.warning_steps)), expectation.reason)
+            steps = tuple(_unregistered_steps(scenario, rank))
+        grouped.setdefault(key, {})[rank] = steps
+    for key, ranks in grouped.items():
+        if key[0] == "refusal":
+            contract.body += _refusal_block(list(ranks), *key[1:], warnings=engine.order_warnings)
+        elif key[0] == "order":
+            contract.body += _order_block(ranks, key[1])
         else:
-            contract.body.append(f"    for rank in {literal(tuple(ranks))}:")
-            contract.body += call_lines("        ", function, ["broken", "seen", "rank", *arguments])
+            contract.body += _clean_block(ranks, *key[1:], warnings=engine.order_warnings, evals=evals)
     if numbers:
         _numbers(scenario, contract)
         _replicas(scenario, contract)
-    needs = " ".join(contract.helpers)
+    needs = " ".join([*contract.helpers, *contract.body])
     if "FIRST_ITERATION_ERROR" in needs:
         contract.constants.append(f"FIRST_ITERATION_ERROR = {literal(FIRST_ITERATION_ERROR)}")
     if "LATER_WARNING" in needs:
@@ -296,6 +211,99 @@ def contract_for(scenario: Scenario, numbers: bool = True) -> Contract:
             f"DOCUMENTED = {literal(documented)}",
         ]
     return contract
+
+
+def _clean_block(
+    ranks: dict[int, tuple[int, ...]], warned_in: tuple[int, ...], why: str, *, warnings: bool, evals: bool
+) -> list[str]:
+    """Every step succeeds (or, in ``ranks[rank]``, FSDP2 refuses an unregistered method as it documents); an
+    engine that warns of orders warns in ``warned_in`` (the rank's first deviating iteration) only, and there."""
+    refusable = any(ranks.values())
+    lines = _why(why) if warned_in else []
+    if refusable:
+        lines.append(f"    for rank, may_refuse in {literal(ranks)}.items():  # every step succeeds, or is refused")
+    else:
+        comment = f"FSDP warns in step(s) {list(warned_in)} only" if warned_in else "every step succeeds, unwarned"
+        lines.append(f"    for rank in {literal(list(ranks))}:  # {comment if warnings else 'every step succeeds'}")
+    lines += ["        warned = []"] * bool(warned_in) + ["        for index, outcome in sorted(seen[rank].items()):"]
+    if refusable:
+        lines += [
+            '            error = outcome.get("error", "")',
+            "            if error and not (index in may_refuse and any(error.startswith(k) and w in error for k, w in DOCUMENTED)):",  # noqa: E501
+            '                broken.append((index, f"rank {rank} failed in step {index}: {error}"))',
+        ]
+    else:
+        lines += [
+            '            if "error" in outcome:',
+            """                broken.append((index, f"rank {rank} failed in step {index}: {outcome['error']}"))""",
+        ]
+    if warnings:
+        lines.append('            for text in outcome.get("warnings", ()):')
+        if warned_in:
+            due = f"index in {literal(list(warned_in))} and text.startswith(LATER_WARNING.format(rank=rank))"
+            due += ' and outcome["mode"] != "eval"' * evals  # never in eval
+            test = f"                if not ({due}):"
+            lines.append("                warned.append(index)")
+            lines += [test] if len(test) <= 120 else [f"                due = {due}", "                if not due:"]
+            lines += [
+                '                    broken.append((index, f"rank {rank} was warned in step {index}: {text}"))',
+                f"        if not warned and any(step in seen[rank] for step in {literal(list(warned_in))}):",
+                f'            broken.append(({warned_in[0]}, f"rank {{rank}} was never warned in step(s) {list(warned_in)} though {{why}}"))',  # noqa: E501
+            ]
+        else:
+            lines.append('                broken.append((index, f"rank {rank} was warned in step {index}: {text}"))')
+    return lines
+
+
+def _order_block(ranks: dict[int, tuple[int, ...]], why: str) -> list[str]:
+    """FSDP raises its first-iteration error on each rank in one of its steps, and nothing else before."""
+    return [
+        *_why(why),
+        f"    for rank, steps in {literal({rank: list(steps) for rank, steps in ranks.items()})}.items():",
+        "        for index, outcome in sorted(seen[rank].items()):",
+        '            error = outcome.get("error", "")',
+        '            if error and not (index in steps and error.startswith("RuntimeError: " + FIRST_ITERATION_ERROR)):',
+        "                due = f\"'{FIRST_ITERATION_ERROR}' due in step(s) {steps}\"",
+        '                broken.append((index, f"rank {rank} failed in step {index} ({due}): {error}"))',
+        '        if not any("error" in outcome for outcome in seen[rank].values()):',
+        "            broken.append((steps[0], f\"rank {rank} never raised '{FIRST_ITERATION_ERROR}' in step(s) {steps}: {why}\"))",  # noqa: E501
+    ]
+
+
+def _refusal_block(ranks: list[int], step: int, error_type: str, words: str, why: str, *, warnings: bool) -> list[str]:
+    """FSDP documents an error here: the steps before it succeed (unwarned), and this step (or the wrapping)
+    raises it."""
+    lines = [
+        *_why(why),
+        *_assign("words", words),
+        f"    for rank in {literal(ranks)}:  # FSDP refuses step {step} (or the wrapping): {error_type}, ...words...",  # noqa: E501
+        "        for index, outcome in sorted(seen[rank].items()):",
+        '            error = outcome.get("error", "")',
+        f"            if error and not (index in (-1, {step}) and error.startswith({literal(error_type)}) and words in error):",  # noqa: E501
+        '                broken.append((index, f"rank {rank} failed in step {index} (expected the refusal): {error}"))',
+    ]
+    if warnings:
+        lines += [
+            '            for text in outcome.get("warnings", ()):',
+            '                broken.append((index, f"rank {rank} was warned in step {index}: {text}"))',
+        ]
+    return lines + [
+        f'        if "error" not in seen[rank].get({step}, {{"error": ""}}):',
+        f'            broken.append(({step}, f"rank {{rank}} ran step {step} without the refusal due: {{why}}"))',
+    ]
+
+
+def _why(why: str) -> list[str]:
+    """``why = "..."``: the oracle's reason, which the messages quote."""
+    return _assign("why", why)
+
+
+def _assign(name: str, text: str) -> list[str]:
+    """``name = "text"`` in ``check``, split into adjacent literals where long."""
+    if len(text) <= 100:
+        return [f"    {name} = {literal(text)}"]
+    pieces = textwrap.wrap(text, 100, drop_whitespace=False, break_on_hyphens=False)
+    return [f"    {name} = (", *(f"        {literal(piece)}" for piece in pieces), "    )"]
 
 
 def _unregistered_steps(scenario: Scenario, rank: int) -> list[int]:

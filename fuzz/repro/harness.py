@@ -23,12 +23,11 @@ DEFAULT_TIMEOUT_S = 10.0
 FORWARD_FIELDS = ("mode", "forwards", "grad_enabled", "method", "frozen")
 """The step fields the forwards read; the rest are the step's backward, optimizer and the engine's controls."""
 
-STEP_INPUT = '''
-def step_input(rank, step, forward):
-    """A batch that depends only on where it is used (the fuzzer's inputs)."""
+STEP_INPUT = """
+def step_input(rank, step, forward):  # the fuzzer's inputs: a batch that depends only on where it is used
     generator = torch.Generator().manual_seed(((SEED * 1009 + rank) * 1009 + step) * 1009 + forward)
     return torch.randn((BATCH, IN_FEATURES), generator=generator)
-'''
+"""
 
 
 @dataclass(frozen=True)
@@ -127,9 +126,12 @@ def forwards_source(scenario: Scenario, needs: Needs) -> str:
     )
 
 
-def rank_source(scenario: Scenario, engine: EngineSource, contract: Contract, needs: Needs) -> str:
-    """``run_rank``: one rank's setup and steps, each reported as it ends; after a failed step the
-    rank runs nothing more (FSDP's state is undefined then), as the executor does."""
+def rank_source(
+    scenario: Scenario, engine: EngineSource, contract: Contract, needs: Needs, program: str, style: str, device: str
+) -> str:
+    """``run_rank``: one rank's setup and steps, each reported as it ends; after a failed step (or wrapping)
+    the rank runs nothing more (FSDP's state is undefined then), as the executor does. In a script, the rank
+    is a process of its own that writes each outcome as a JSON line; in a test, it calls ``report``."""
     used = set(needs.fields)
     optimizer = "optimizer_step" in used
     parameters = [f"{name}={_default(name)}" for name in needs.fields]
@@ -174,10 +176,35 @@ def rank_source(scenario: Scenario, engine: EngineSource, contract: Contract, ne
         ]
     signature = call_lines("    ", "def step", ["index", "path", *parameters])
     signature[-1] += ":"
-    lines = [
-        "def run_rank(rank, device, report):",
-        '    """Build, wrap and run this rank\'s program; report(step, outcome) as each step ends (-1: wrapping)."""',
-    ]
+    if style == "script":
+        report = "print(json.dumps([{}, {}]), file=log)".format
+        lines = [
+            "def run_rank(rank, tmp):",
+            '    """One rank, in a process of its own: build, wrap and run its program, each step\'s outcome a JSON',
+            '    line in tmp/rank (-1: wrapping), kept if the rank hangs or dies."""',
+            "    for fd in (1, 2):  # FSDP's own prints (an assert prints the module) stay out of the verdict",
+            "        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)",
+            '    log = open(f"{tmp}/{rank}", "a", buffering=1)',
+        ]
+        store = 'f"file://{tmp}/store"'
+    else:
+        report = "report({}, {})".format
+        lines = [
+            "def run_rank(rank, store, report):",
+            '    """Join the ranks at store, build, wrap and run this rank\'s program; report(step, outcome) as each',
+            '    step ends (-1: wrapping)."""',
+        ]
+        store = "store"
+    if device == "cuda":
+        lines += [
+            "    gpus = torch.cuda.device_count()",
+            '    device = torch.device("cuda", rank % gpus)',
+            "    torch.cuda.set_device(device)",
+            '    backend = "nccl" if gpus >= WORLD_SIZE else "gloo"  # NCCL where every rank has a GPU of its own',
+        ]
+    else:
+        lines.append('    device, backend = torch.device("cpu"), "gloo"')
+    lines.append(f"    dist.init_process_group(backend, init_method={store}, rank=rank, world_size=WORLD_SIZE)")
     if scenario.hybrid:
         lines += [
             "    def new_group(ranks=None):  # FSDP's own: a collective waiting past TIMEOUT_S fails, so hangs end",
@@ -195,23 +222,28 @@ def rank_source(scenario: Scenario, engine: EngineSource, contract: Contract, ne
     lines += [
         groups,
         f"    dist.set_debug_level(dist.DebugLevel.{scenario.debug_level})",
+        "    failed = []",
         "    try:",
         "    " + engine.wrap_call,
         *([f"        optimizer = torch.optim.SGD(model.parameters(), lr={LEARNING_RATE})"] if optimizer else []),
         "    except Exception as exc:",
-        '        return report(-1, {"error": f"{type(exc).__name__}: {exc}"})',
-        "    report(-1, {})",
-        "    failed = []",
+        '        failed.append(f"{type(exc).__name__}: {exc}")',
+        "    " + report("-1", '{"error": failed[0]} if failed else {}'),
         "",
         *signature,
         "        if failed:  # after a failed step a rank runs nothing more: FSDP's state is undefined",
         "            return",
         f"        outcome = {outcome}",
         *(f"        {line}" for line in guarded),
-        "        report(index, outcome)",
+        "        " + report("index", "outcome"),
         "",
-        "    schedule(rank, step)",
+        program,
     ]
+    if style == "script":
+        lines += [
+            "    dist.barrier()  # done: wait for peers still in a collective, which end by their own timeout",
+            "    os._exit(0)",
+        ]
     return "\n".join(lines)
 
 
@@ -321,32 +353,13 @@ def reference_source(scenario: Scenario, needs: Needs) -> str:
 
 
 SCRIPT_MAIN = """
-def rank_process(rank, tmp):
-    \"\"\"One rank in a process of its own, each step's outcome written to tmp/rank as the step ends.\"\"\"
-    for fd in (1, 2):  # FSDP's own prints (an assert prints the module) stay out of the verdict
-        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
-    gpus = torch.cuda.device_count() if DEVICE == "cuda" else 0
-    device = torch.device("cuda", rank % gpus) if gpus else torch.device("cpu")
-    if gpus:
-        torch.cuda.set_device(device)
-    backend = "nccl" if gpus >= WORLD_SIZE else "gloo"  # NCCL where every rank has a GPU of its own
-    dist.init_process_group(backend, init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD_SIZE)
-    with open(f"{tmp}/{rank}", "a", buffering=1) as log:  # a line a step: kept if the rank hangs or dies
-        run_rank(rank, device, lambda index, outcome: print(json.dumps([index, outcome]), file=log))
-    dist.barrier()  # done: wait for peers still in a collective, which end by their own timeout
-    os._exit(0)
-
-
 def main():
-    if DEVICE == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError('DEVICE = "cuda", but torch sees no GPU here: set DEVICE = "cpu"')
-    context, seen = mp.get_context("spawn"), []
     with tempfile.TemporaryDirectory() as tmp:
-        ranks = [context.Process(target=rank_process, args=(rank, tmp)) for rank in range(WORLD_SIZE)]
+        ranks = [mp.get_context("spawn").Process(target=run_rank, args=(rank, tmp)) for rank in range(WORLD_SIZE)]
         for rank, process in enumerate(ranks):
             open(f"{tmp}/{rank}", "w").close()
             process.start()
-        deadline = time.monotonic() + 120 + 3 * TIMEOUT_S  # the script ends, whatever FSDP does
+        deadline, seen = time.monotonic() + 120 + 3 * TIMEOUT_S, []  # the script ends, whatever FSDP does
         for rank, process in enumerate(ranks):
             process.join(max(0.0, deadline - time.monotonic()))
             process.kill()
@@ -370,6 +383,11 @@ if __name__ == "__main__":
         sys.exit(3)
 """
 
+CUDA_CHECK = """
+    if not torch.cuda.is_available():
+        raise RuntimeError("the script was written for CUDA, but torch sees no GPU here: write it with --device cpu")
+"""
+
 UNITTEST_MAIN = """
 class {cls}(MultiProcessTestCase):
     @property
@@ -381,13 +399,8 @@ class {cls}(MultiProcessTestCase):
         self._spawn_processes()
 
     def {test}(self):
-        gpus = torch.cuda.device_count() if DEVICE == "cuda" else 0
-        device = torch.device("cuda", self.rank % gpus) if gpus else torch.device("cpu")
-        backend = "nccl" if gpus >= WORLD_SIZE else "gloo"  # gloo on CPU
-        store = f"file://{{self.file_name}}"
-        dist.init_process_group(backend, init_method=store, rank=self.rank, world_size=WORLD_SIZE)
         seen = {{}}
-        run_rank(self.rank, device, seen.__setitem__)
+        run_rank(self.rank, f"file://{{self.file_name}}", seen.__setitem__)
         everything = [None] * WORLD_SIZE
         dist.all_gather_object(everything, seen)
         broken = check(everything)

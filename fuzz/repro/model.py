@@ -101,7 +101,8 @@ def model_source(scenario: Scenario) -> ModelSource:
         imports.append("from torch.distributed._composable import checkpoint as composable_checkpoint")
     if scenario.freeze_untaken:
         classes.append(FREEZE_UNTAKEN)
-    root = _Renderer(auto_wrap, "Model" if encode else "nn.Sequential").node(spec.root, root=True, depth=1)
+    renderer = _Renderer(auto_wrap, "Model" if encode else "nn.Sequential")
+    root = renderer.node(spec.root, root=True, depth=1, lead=len("model = "))
     lines = [
         "def build():",
         '    """The model, its parameters drawn from SEED alone: every rank builds the same one."""',
@@ -170,7 +171,9 @@ class _Renderer:
         self.auto_wrap = auto_wrap
         self.root_class = root_class
 
-    def node(self, node: Node, root: bool = False, depth: int = 0) -> str:
+    def node(self, node: Node, root: bool = False, depth: int = 0, lead: int = 0) -> str:
+        """``node``'s constructor, on one line where its line (``depth`` levels in, after ``lead`` characters)
+        stays within the line length, else one child a line."""
         if isinstance(node, Linear):
             return f"nn.Linear({node.in_features}, {node.out_features}{'' if node.bias else ', bias=False'})"
         if isinstance(node, ReLU):
@@ -180,29 +183,39 @@ class _Renderer:
         pad = "    " * (depth + 1)
         if isinstance(node, Choice):
             cls = "UnitBranch" if self.auto_wrap and node.fsdp_unit else "Branch"
-            items = [f"{alt.name}={self.node(alt, depth=depth + 1)}" for alt in node.alternatives]
-            return self._call(cls, [f'"{node.name}"', *items], pad, depth)
+            items = [f"{a.name}={self.node(a, depth=depth + 1, lead=len(a.name) + 1)}" for a in node.alternatives]
+            return self._call(cls, [f'"{node.name}"', *items], pad, depth, lead)
         cls = self.root_class if root else ("Unit" if self.auto_wrap and node.fsdp_unit else "nn.Sequential")
-        items = [f"{layer_name(node, i)}={self.node(child, depth=depth + 1)}" for i, child in enumerate(node.children)]
+        items = []
+        for index, child in enumerate(node.children):
+            name = layer_name(node, index)
+            items.append(f"{name}={self.node(child, depth=depth + 1, lead=len(name) + 1)}")
         inline = node.checkpoint in ("reentrant", "non_reentrant")
         if inline and cls == "nn.Sequential":
             cls = "Checkpointed"
         suffix = f', checkpoint="{node.checkpoint}")' if inline else ")"
         built = f"{cls}(OrderedDict({', '.join(items)}){suffix}"
-        if len(built) + len(pad) > 100 or "\n" in built:
+        if not _fits(built, depth, lead):
             built = (
                 f"{cls}(OrderedDict(\n" + "".join(f"{pad}{item},\n" for item in items) + f"{'    ' * depth}){suffix}"
             )
         if node.checkpoint == "wrapper":
-            return self._call("checkpoint_wrapper", [built, "checkpoint_impl=CheckpointImpl.NO_REENTRANT"], pad, depth)
+            return self._call(
+                "checkpoint_wrapper", [built, "checkpoint_impl=CheckpointImpl.NO_REENTRANT"], pad, depth, lead
+            )
         if node.checkpoint == "composable":
-            return self._call("composable_checkpoint", [built], pad, depth)
+            return self._call("composable_checkpoint", [built], pad, depth, lead)
         return built
 
     @staticmethod
-    def _call(cls: str, items: list[str], pad: str, depth: int) -> str:
+    def _call(cls: str, items: list[str], pad: str, depth: int, lead: int) -> str:
         inline = f"{cls}({', '.join(items)})"
-        if len(inline) + len(pad) <= 100 and "\n" not in inline:
+        if _fits(inline, depth, lead):
             return inline
         closing = "    " * depth
         return f"{cls}(\n" + "".join(f"{pad}{item},\n" for item in items) + f"{closing})"
+
+
+def _fits(source: str, depth: int, lead: int) -> bool:
+    """Whether ``source`` fits on its line: ``depth`` indents, ``lead`` characters before it, a comma after."""
+    return "\n" not in source and 4 * depth + lead + len(source) + 1 <= 120

@@ -18,11 +18,11 @@ def step_arguments(scenario: Scenario, index: int, step: Step) -> list[str]:
     return [str(index), literal(path), *keywords]
 
 
-def schedule_source(scenario: Scenario) -> str:
-    lines = [
-        "def schedule(rank, step):",
-        '    """Each rank\'s program: a step runs its forwards on the path, then a backward of their outputs\' sum."""',
-    ]
+def schedule_source(scenario: Scenario, inline: bool = False) -> str:
+    """``def schedule(rank, step)`` (which the reference runs too), or, ``inline``, the same calls as the end of
+    ``run_rank``."""
+    doc = "Each rank's program: a step runs its forwards on the path, then a backward of their outputs' sum."
+    lines = [f"    # {doc}"] if inline else ["def schedule(rank, step):", f'    """{doc}"""']
     programs: dict[tuple[tuple[str, ...], ...], list[int]] = {}
     for rank, steps in enumerate(scenario.ranks):
         calls = tuple(tuple(step_arguments(scenario, index, step)) for index, step in enumerate(steps))
