@@ -86,3 +86,19 @@ def test_the_readme_table_of_known_issues_is_generated_from_the_records():
         "README.md's known-issue table differs from the records; regenerate it with "
         'python -c "from fsdp_fuzz.judge.known_issues import markdown_table; print(markdown_table())"'
     )
+
+
+def test_the_readme_tree_names_every_module_and_only_modules_that_exist():
+    """"How it works" is the map a contributor reads first: every module
+    of ``fuzz/`` appears in its tree, and every file it names exists."""
+    readme = (ROOT / "README.md").read_text()
+    tree = readme.split("## How it works", 1)[1].split("```", 2)[1]
+    named = set(re.findall(r"[\w*]+\.py", tree))
+    modules = {
+        path.name
+        for path in (ROOT / "fuzz").rglob("*.py")
+        if path.name not in ("__init__.py", "__main__.py") and not path.name.startswith("test_")
+    }
+    assert modules <= named, f"the README's tree does not name {sorted(modules - named)}"
+    existing = {path.name for package in ("fuzz", "models") for path in (ROOT / package).rglob("*.py")}
+    assert {name for name in named if "*" not in name} <= existing, sorted(named - existing)
