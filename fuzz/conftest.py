@@ -141,8 +141,10 @@ def pytest_runtest_call(item: pytest.Item):
     if "contract" not in getattr(item, "fixturenames", ()):
         return (yield)
     check = _contract_check(item.config)
-    check.target = item.nodeid
-    tally = check.report.tally(item.nodeid)
+    # The registry's name (``seed[fsdp1]``), as ``run`` reports the same target.
+    entry = getattr(getattr(item, "function", None), "fuzz_target", None)
+    check.target = entry.name if entry is not None else item.nodeid
+    tally = check.report.tally(check.target)
     started = time.monotonic()
     terminal = _Terminal(item.config)
     terminal.write("\n")
@@ -157,7 +159,7 @@ def pytest_runtest_call(item: pytest.Item):
     except BaseException as exc:
         if not item.config.getoption("--no-save-findings"):
             for failure in failures_in(exc):
-                saved = keep_finding(corpus_root(item.config), failure, item.nodeid, check.report, item.nodeid)
+                saved = keep_finding(corpus_root(item.config), failure, item.nodeid, check.report, check.target)
                 item.config.stash.setdefault(_SAVED, []).append(saved)
                 terminal.write(saved.headline() + "\n")
         raise

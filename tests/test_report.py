@@ -78,6 +78,7 @@ def test_fuzz_report_is_written(tmp_path):
     assert "fsdp fuzz summary" in result.stdout
     report = json.loads(path.read_text())
     assert report["profile"] == "ci" and report["backend"] == "gloo"
+    assert list(report["targets"]) == ["seed[fsdp1]"], "named as `run --target seed --engine fsdp1` names it"
     (tally,) = report["targets"].values()
     assert tally["examples"] >= 30 and tally["wall_s"] > 0
 
