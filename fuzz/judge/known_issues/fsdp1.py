@@ -1234,7 +1234,7 @@ def _unit_left_out_of_the_synced_backward(scenario: Scenario, rank: int, step: i
 @known_issue(
     "no-sync-unit-unused-by-the-synced-backward",
     priority=320,
-    seen_on=("2.13.0",),
+    seen_on=("2.13.0", "2.14.1"),
     description="""
         Gradient accumulation with no_sync(): a backward inside no_sync() runs through a unit (its gradient is
         kept unsharded), and the synced backward that ends the accumulation does not use that unit (the
@@ -1267,7 +1267,7 @@ def _no_sync_unit_unused_by_the_synced_backward(
 @known_issue(
     "checkpoint-recompute-recorded-in-first-iteration-order",
     priority=340,
-    seen_on=("2.13.0",),
+    seen_on=("2.13.0", "2.14.1"),
     description="""
         A checkpointed block (torch.utils.checkpoint, reentrant or not, or checkpoint_wrapper) that holds a
         nested FSDP1 unit: the recompute in the first backward runs the unit's

@@ -518,7 +518,7 @@ def _partial_reduction_pending(scenario: Scenario, rank: int, step: int) -> bool
 @known_issue(
     "fsdp2-hsdp-partial-reduction-split-by-reentrant-checkpoint",
     priority=330,
-    seen_on=("2.13.0",),
+    seen_on=("2.13.0", "2.14.1"),
     engines=("fsdp2",),
     description="""
         HSDP with set_requires_all_reduce(False), a unit holding a block checkpointed with
