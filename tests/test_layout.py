@@ -89,7 +89,7 @@ def test_the_readme_table_of_known_issues_is_generated_from_the_records():
 
 
 def test_the_readme_tree_names_every_module_and_only_modules_that_exist():
-    """"How it works" is the map a contributor reads first: every module
+    """The README's "How it works" is the map a contributor reads first: every module
     of ``fuzz/`` appears in its tree, and every file it names exists."""
     readme = (ROOT / "README.md").read_text()
     tree = readme.split("## How it works", 1)[1].split("```", 2)[1]
