@@ -2,8 +2,10 @@
 through JSON: the scenario (generate -> execute, judge), the observations
 (execute -> judge) and the verdict's vocabulary (judge -> corpus, campaign).
 
-A scenario is a model spec, FSDP settings, the debug level, and for every
-rank the steps it runs; observations are what each rank did in each step.
+A scenario is a model spec, the engine and its settings (each engine's
+settings class lives with the engine, in ``fsdp_fuzz.engines``), the debug
+level, and for every rank the steps it runs; observations are what each
+rank did in each step.
 Nothing here imports torch, so a scenario can be saved, shrunk, diffed and
 judged months later, and the judge never needs a process group. Statuses,
 collective purposes, clauses and violation kinds are enums: triage and replay
