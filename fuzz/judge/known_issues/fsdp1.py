@@ -1106,6 +1106,52 @@ def _reentrant_checkpoint_recompute_after_reshard(
 
 
 @known_issue(
+    "mixed-precision-reentrant-checkpoint-around-a-unit-loses-gradients",
+    priority=235,
+    seen_on=("2.13.0",),
+    description="""
+        With a MixedPrecision policy (float16 or bfloat16 parameters, whatever the reduce dtype), a sharding
+        strategy that shards (FULL_SHARD, SHARD_GRAD_OP, hybrid; use_orig_params either way), and a block
+        checkpointed with torch.utils.checkpoint(use_reentrant=True) that holds a nested FSDP1 unit, run two or
+        more times before one backward: the gradients come out silently wrong on every rank (from a tenth to over half
+        of the sum lost), with no error or warning. The first region's backward runs the nested unit's post-backward
+        hook (reduce-scatter, reshard, handle in BACKWARD_POST), so each later recompute runs the unit's full
+        pre-forward instead of the recompute shortcut. The same schedule in float32, one forward per backward,
+        NO_SHARD, non-reentrant checkpointing, or no unit inside the region match the reference. FSDP2's
+        counterpart is fsdp2-reentrant-checkpoint-around-a-unit-loses-gradients (silent in float32 too).
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#153354",
+            "FSDP2 'got mixed torch.Tensor and DTensor' with activation checkpointing and two forwards before the "
+            "backward: 'when trying to recompute activations the second time, the weights are not correctly "
+            "allgathered': the same trigger in FSDP2, another symptom",
+            Relation.RELATED,
+        ),
+        Upstream(
+            "facebookresearch/fairscale#617",
+            "FSDP and checkpoint_wrapper with multiple forward passes through sub-modules: the same trigger in "
+            "fairscale's FSDP, asserting on training states",
+            Relation.RELATED,
+        ),
+    ),
+)
+def _mixed_precision_reentrant_checkpoint_around_a_unit(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    mixed = scenario.fsdp.mixed_precision is not None and scenario.fsdp.mixed_precision.param_dtype is not None
+    if not mixed or scenario.fsdp.sharding_strategy == "NO_SHARD":
+        return False
+    if not checkpointed_region_holds_a_unit(scenario.model, ("reentrant",)):
+        return False
+    numbers = (Kind.GRADIENT_MISMATCH, Kind.OUTPUT_MISMATCH)
+    return all(
+        v.step is not None and v.kind in numbers and reentrant_runs_since_backward(scenario, v.rank, v.step) >= 2
+        for v in violations
+    )
+
+
+@known_issue(
     "fsdp1-tie-across-units",
     priority=240,
     seen_on=("2.13.0", "2.14.1"),
