@@ -398,6 +398,20 @@ def block_runs_once(scenario, observations):
     return rejudged(with_steps(scenario, [0], path={"branch0": (2,)}), observations)
 
 
+def region_is_its_own_unit(scenario, observations):
+    """block1, the reentrant region, is its own unit: its backward reshards
+    only itself, so an error is a new bug (on live ranks this runs)."""
+    from fsdp_fuzz.models.spec import Sequential
+
+    def unit(node):
+        if isinstance(node, Sequential):
+            own = node.fsdp_unit or node.checkpoint == "reentrant"
+            return replace(node, fsdp_unit=own, children=tuple(unit(child) for child in node.children))
+        return node
+
+    return rejudged(replace(scenario, model=replace(scenario.model, root=unit(scenario.model.root))), observations)
+
+
 def in_float32(scenario, observations):
     """The same schedule without a MixedPrecision policy: wrong gradients are
     a new bug (on live ranks float32 matches the reference)."""
@@ -418,6 +432,10 @@ VARIANT_NEAR_MISSES = {
     "mixed-precision-eval-forward-first-skips-gradient-reduction-no-shard": (
         "mixed-precision-eval-forward-first-skips-gradient-reduction",
         without_mixed_precision,
+    ),
+    "reentrant-checkpoint-recompute-after-reshard-one-forward": (
+        "reentrant-checkpoint-recompute-after-reshard",
+        region_is_its_own_unit,
     ),
     "reentrant-checkpoint-recompute-after-reshard-twice-in-one-forward": (
         "reentrant-checkpoint-recompute-after-reshard",

@@ -1064,8 +1064,11 @@ the wrong length)."""
         the unit, and the reentrant recompute of the second re-runs the block's forward on the freed flat
         parameter (RuntimeError 'setStorage: ... out of
         bounds for storage of size 0', or with use_orig_params 'mat2 must be a matrix, got 1-D tensor' on the
-        sharded views) on every rank. One forward per backward, non-reentrant checkpointing, or NO_SHARD run
-        cleanly. Found by the first campaign over the training features.
+        sharded views) on every rank. One run is enough where the unit's parameters also run before the region
+        on an input that requires grad: the region's backward comes first and reshards the unit, and the outer
+        backward then meets the freed parameters of the layers before it (setStorage). One forward through a
+        region whose unit runs nothing before it on such an input, non-reentrant checkpointing, the region as
+        its own unit, or NO_SHARD run cleanly. Found by the first campaign over the training features.
     """,
     upstream=(
         Upstream(
@@ -1100,9 +1103,49 @@ def _reentrant_checkpoint_recompute_after_reshard(
             return False
         outcome = observations.ranks[violation.rank].steps[violation.step]
         said = any(outcome.failed_with("RuntimeError", words) for words in RECOMPUTE_ON_FREED_PARAMETERS)
-        return said and reentrant_runs_since_backward(scenario, violation.rank, violation.step) >= 2
+        runs = reentrant_runs_since_backward(scenario, violation.rank, violation.step)
+        return said and (runs >= 2 or _unit_needed_before_its_region(scenario, violation.rank, violation.step))
 
     return all(explained(violation) for violation in violations)
+
+
+def _unit_needed_before_its_region(scenario: Scenario, rank: int, step: int) -> bool:
+    """In the step's forward (with grad), a unit's linear runs on an input
+    that requires grad (a layer ran before it that is trainable or, with
+    use_orig_params, computes with a differentiable view of a flat
+    parameter, frozen or not), so the outer backward needs that weight, and
+    then a reentrant region runs trainable parameters of the same unit: the
+    region's own backward, which comes first, fires the unit's post-backward
+    hook and reshards it."""
+    current = scenario.ranks[rank][step]
+    if not current.grad_enabled:
+        return False
+    owners = scenario.model.owning_units()
+    frozen_blocks = set(current.frozen)
+    needed: set[str] = set()
+    grad_flows = False
+    found = False
+
+    def visit(node, unit: str, frozen: bool, in_region: bool) -> None:
+        nonlocal grad_flows, found
+        if isinstance(node, Linear):
+            if in_region and not frozen and unit in needed:
+                found = True
+            if grad_flows and not in_region:
+                needed.add(unit)
+            grad_flows = grad_flows or not frozen or scenario.fsdp.use_orig_params
+        elif isinstance(node, Sequential):
+            frozen = frozen or node.frozen or node.name in frozen_blocks
+            region = in_region or node.checkpoint == "reentrant"
+            for child in node.children:
+                visit(child, owners[node.name], frozen, region)
+        elif isinstance(node, Choice):
+            for index in taken(current.path, node.name):
+                visit(node.alternatives[index], owners[node.name], frozen, in_region)
+
+    for _ in range(current.forwards):
+        visit(scenario.model.root, scenario.model.root.name, False, False)
+    return found
 
 
 @known_issue(
