@@ -412,6 +412,12 @@ def region_is_its_own_unit(scenario, observations):
     return rejudged(replace(scenario, model=replace(scenario.model, root=unit(scenario.model.root))), observations)
 
 
+def every_rank_runs_the_forward(scenario, observations):
+    """Rank 1 runs step 1's forward too: every all-gather has its partner,
+    so a hang is a new bug (on live ranks this schedule runs cleanly)."""
+    return rejudged(with_steps(scenario, [1], ranks=[1], forwards=1), observations)
+
+
 def in_float32(scenario, observations):
     """The same schedule without a MixedPrecision policy: wrong gradients are
     a new bug (on live ranks float32 matches the reference)."""
@@ -560,6 +566,7 @@ NEAR_MISSES = {
     "order-error-key-error-with-orig-params": ("order-error-key-error-with-orig-params", hang_instead_of_key_error),
     "hybrid-warning-names-intra-node-rank": ("hybrid-warning-names-intra-node-rank", one_process_group),
     "backward-on-some-ranks-only": ("backward-on-some-ranks-only", every_rank_runs_the_backward),
+    "forward-on-some-ranks-only": ("forward-on-some-ranks-only", every_rank_runs_the_forward),
     "refreeze-drops-accumulated-grads-with-orig-params": (
         "refreeze-drops-accumulated-grads-with-orig-params",
         optimizer_step_before_the_freeze,

@@ -585,6 +585,55 @@ def _backward_on_some_ranks_only(
     return first_iteration_divergence(scenario) is None and failures_from(backward_steps_differ(scenario), violations)
 
 
+def forward_steps_differ(scenario: Scenario) -> int | None:
+    """First step, every rank in training mode, where some ranks run
+    forwards and others none: the others issue no all-gather at all."""
+    for index in range(scenario.num_steps):
+        steps = [steps[index] for steps in scenario.ranks]
+        if all(step.training for step in steps) and len({step.forwards > 0 for step in steps}) > 1:
+            return index
+    return None
+
+
+@known_issue(
+    "forward-on-some-ranks-only",
+    priority=125,
+    seen_on=("2.13.0",),
+    description="""
+        After the first iteration FSDP checks each rank's order against its own first one, on that rank alone. A
+        rank that runs no forward in a step where the others run one (it skips a batch, without a backward in
+        that step) has no order to check, and the others keep theirs, so no rank is warned, at any debug level:
+        the all-gathers of the ranks that run the forward hang for a partner that never comes. With a backward on
+        the running ranks, backward-on-some-ranks-only names the same case; in the first iteration,
+        first-iteration-order-ends-early; a rank that runs fewer forwards, not none, deviates and is warned
+        (unchecked-after-deviation).
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#152964",
+            "FSDP2: ranks that skip forward and backward (fully masked batches, empty inputs on some ranks) hang; "
+            "the maintainer: 'I would recommend requiring users to make their programs SPMD', by design there",
+            Relation.SAME_SYMPTOM,
+        ),
+        Upstream(
+            "lightseekorg/TorchSpec#126",
+            "a data fetcher that skips a sample on one rank: 'the skipping rank runs one fewer micro-batch, then one "
+            "fewer FSDP all-gather', and the next all-gather hangs until the watchdog",
+            Relation.SAME_SYMPTOM,
+        ),
+    ),
+)
+def _forward_on_some_ranks_only(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    if first_iteration_divergence(scenario) is not None or any(e.warning_steps for e in expectations(scenario)):
+        return False
+    running = all(
+        v.kind != Kind.STEP_FAILED or v.step is None or scenario.ranks[v.rank][v.step].forwards > 0 for v in violations
+    )
+    return running and failures_from(forward_steps_differ(scenario), violations)
+
+
 def _thawed_or_frozen_since_accumulating(scenario: Scenario, step: int) -> bool:
     """A path change (eval steps included) while gradients from an earlier
     backward were waiting for an optimizer step."""
