@@ -418,6 +418,22 @@ def every_rank_runs_the_forward(scenario, observations):
     return rejudged(with_steps(scenario, [1], ranks=[1], forwards=1), observations)
 
 
+def alternatives_trainable(scenario, observations):
+    """The model freezes nothing: the unit's flat parameter requires grad, so
+    the training-state error is a new bug (on live ranks leaving trainable
+    alternatives untaken runs cleanly)."""
+    from fsdp_fuzz.models.spec import Choice, Sequential
+
+    def thawed(node):
+        if isinstance(node, Sequential):
+            return replace(node, frozen=False, children=tuple(thawed(child) for child in node.children))
+        if isinstance(node, Choice):
+            return replace(node, alternatives=tuple(thawed(alternative) for alternative in node.alternatives))
+        return node
+
+    return rejudged(replace(scenario, model=replace(scenario.model, root=thawed(scenario.model.root))), observations)
+
+
 def in_float32(scenario, observations):
     """The same schedule without a MixedPrecision policy: wrong gradients are
     a new bug (on live ranks float32 matches the reference)."""
@@ -438,6 +454,10 @@ VARIANT_NEAR_MISSES = {
     "mixed-precision-eval-forward-first-skips-gradient-reduction-no-shard": (
         "mixed-precision-eval-forward-first-skips-gradient-reduction",
         without_mixed_precision,
+    ),
+    "frozen-unit-backward-state-error-with-orig-params-frozen-by-the-model": (
+        "frozen-unit-backward-state-error-with-orig-params",
+        alternatives_trainable,
     ),
     "reentrant-checkpoint-recompute-after-reshard-one-forward": (
         "reentrant-checkpoint-recompute-after-reshard",

@@ -29,7 +29,7 @@ from fsdp_fuzz.judge.orders import (
     forward_units,
     iterations,
 )
-from fsdp_fuzz.models.spec import CHECKPOINT_MODES, Choice, Linear, ModelSpec, Path, Sequential, taken
+from fsdp_fuzz.models.spec import CHECKPOINT_MODES, Choice, Linear, ModelSpec, Norm, Path, Sequential, taken, unit_numel
 
 
 @known_issue(
@@ -695,7 +695,9 @@ TRAINING_STATE_ERROR = "expected to be in states [<TrainingState.IDLE"
         backward through the unit fails at the end of the backward on every rank with ValueError 'expected to be
         in states [<TrainingState.IDLE: 1>] but current state is TrainingState.FORWARD_BACKWARD': the unit was
         unsharded in the forward, but with no parameter requiring grad its post-backward never runs. Unfrozen
-        but unused parameters are fine. Every sharding strategy.
+        but unused parameters are fine. Every sharding strategy. The same when the model froze the unit's
+        parameters before wrapping (its flat parameter never requires grad), with use_orig_params either way,
+        and the path runs none of its alternatives; a frozen alternative that runs is fine.
     """,
     upstream=(
         Upstream(
@@ -726,9 +728,44 @@ TRAINING_STATE_ERROR = "expected to be in states [<TrainingState.IDLE"
 def _whole_unit_frozen_with_orig_params(
     scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
 ) -> bool:
-    if not (freezes_after_wrapping(scenario) and scenario.fsdp.use_orig_params):
+    frozen_later = freezes_after_wrapping(scenario) and scenario.fsdp.use_orig_params
+    if not (frozen_later or _unit_frozen_by_the_model(scenario.model)):
         return False
     return all_failed_with(observations, violations, (Kind.STEP_FAILED,), "ValueError", TRAINING_STATE_ERROR)
+
+
+def _unit_frozen_by_the_model(spec: ModelSpec) -> bool:
+    """Some unit flattens parameters and every one of them is frozen by the
+    model before wrapping (a frozen block around it, or around each of its
+    own parameters outside nested units): its flat parameter never requires
+    grad, whatever use_orig_params."""
+
+    def trainable(node, frozen: bool, unit_root: bool) -> bool:
+        if isinstance(node, (Sequential, Choice)) and node.fsdp_unit and not unit_root:
+            return False
+        if isinstance(node, Sequential):
+            if node.tied_to:
+                return False
+            frozen = frozen or node.frozen
+            return any(trainable(child, frozen, False) for child in node.children)
+        if isinstance(node, Choice):
+            return any(trainable(alternative, frozen, False) for alternative in node.alternatives)
+        return isinstance(node, (Linear, Norm)) and not frozen
+
+    frozen_above: dict[str, bool] = {}
+
+    def visit(node, frozen: bool) -> None:
+        if isinstance(node, (Sequential, Choice)):
+            frozen = frozen or (isinstance(node, Sequential) and node.frozen)
+            frozen_above[node.name] = frozen
+            for child in node.children if isinstance(node, Sequential) else node.alternatives:
+                visit(child, frozen)
+
+    visit(spec.root, False)
+    return any(
+        size > 0 and not trainable(spec.block(name), frozen_above[name], True)
+        for name, size in unit_numel(spec).items()
+    )
 
 
 def _stepped_while_unsharded(scenario: Scenario, step: int) -> bool:
