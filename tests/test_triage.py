@@ -434,6 +434,19 @@ def alternatives_trainable(scenario, observations):
     return rejudged(replace(scenario, model=replace(scenario.model, root=thawed(scenario.model.root))), observations)
 
 
+def sharded_strategy(scenario, observations):
+    """FULL_SHARD instead of NO_SHARD: the catch-all reshard restores the
+    parameters, so wrong gradients are a new bug (on live ranks this
+    schedule matches the reference)."""
+    return rejudged(with_fsdp(scenario, sharding_strategy="FULL_SHARD"), observations)
+
+
+def idle_step_takes_an_alternative(scenario, observations):
+    """Step 0 takes branch0_0 too: the unit's post-backward runs, so the
+    KeyError is a new bug (on live ranks this schedule runs cleanly)."""
+    return rejudged(with_steps(scenario, [0], path={"branch0": (0,)}), observations)
+
+
 def in_float32(scenario, observations):
     """The same schedule without a MixedPrecision policy: wrong gradients are
     a new bug (on live ranks float32 matches the reference)."""
@@ -458,6 +471,10 @@ VARIANT_NEAR_MISSES = {
     "frozen-unit-backward-state-error-with-orig-params-frozen-by-the-model": (
         "frozen-unit-backward-state-error-with-orig-params",
         alternatives_trainable,
+    ),
+    "no-shard-unit-without-gradient-keeps-tensor-views-with-orig-params-info-key-error": (
+        "no-shard-unit-without-gradient-keeps-tensor-views-with-orig-params",
+        idle_step_takes_an_alternative,
     ),
     "reentrant-checkpoint-recompute-after-reshard-one-forward": (
         "reentrant-checkpoint-recompute-after-reshard",
@@ -545,6 +562,10 @@ NEAR_MISSES = {
         in_float32,
     ),
     "fsdp1-tie-across-units": ("fsdp1-tie-across-units", tie_inside_one_unit),
+    "no-shard-unit-without-gradient-keeps-tensor-views-with-orig-params": (
+        "no-shard-unit-without-gradient-keeps-tensor-views-with-orig-params",
+        sharded_strategy,
+    ),
     "eval-forwards-recorded-in-first-iteration-order": (
         "eval-forwards-recorded-in-first-iteration-order",
         eval_forward_on_the_training_path,

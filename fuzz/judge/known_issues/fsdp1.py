@@ -1468,3 +1468,77 @@ def _checkpoint_recompute_recorded_in_first_iteration_order(
     if scenario.debug_level != "DETAIL" or not checkpointed_region_holds_a_unit(scenario.model, CHECKPOINT_MODES):
         return False
     return all(v.kind == Kind.WARNING_UNEXPECTED for v in violations)
+
+
+def _unit_ran_without_its_parameters(scenario: Scenario, before: int) -> bool:
+    """Before step ``before``, some rank ran a backward after forwards (with
+    grad) that entered a unit without using any parameter of its own (a
+    branch point that is a unit, none of whose own alternatives the path
+    takes): the unit's post-backward hook never runs."""
+    sizes = unit_numel(scenario.model)
+
+    def idle_units(path: Path) -> bool:
+        used: dict[str, bool] = {}
+
+        def visit(node, unit: str) -> None:
+            if isinstance(node, (Linear, Norm)):
+                used[unit] = True
+            elif isinstance(node, Sequential):
+                unit = node.name if node.fsdp_unit or node is scenario.model.root else unit
+                used.setdefault(unit, False)
+                for child in node.children:
+                    visit(child, unit)
+            elif isinstance(node, Choice):
+                unit = node.name if node.fsdp_unit else unit
+                used.setdefault(unit, False)
+                for index in taken(path, node.name):
+                    visit(node.alternatives[index], unit)
+
+        visit(scenario.model.root, scenario.model.root.name)
+        return any(not use and sizes.get(unit, 0) > 0 for unit, use in used.items())
+
+    return any(
+        step.training and step.forwards and step.grad_enabled and step.backward and idle_units(step.path)
+        for steps in scenario.ranks
+        for step in steps[:before]
+    )
+
+
+@known_issue(
+    "no-shard-unit-without-gradient-keeps-tensor-views-with-orig-params",
+    priority=350,
+    seen_on=("2.13.0",),
+    description="""
+        With NO_SHARD and use_orig_params=True, a backward after a forward that enters a unit without using
+        any of its own parameters (a branch point that is its own unit, the path taking none of its
+        alternatives) leaves that unit's original parameters swapped out for the plain tensor views the forward
+        computes with: its post-backward hook never runs, and the post-backward callback's catch-all reshard
+        returns early for NO_SHARD, whose flat parameter is its own shard. The next forward's writeback then
+        takes the plain views for user-replaced parameters (flat_param._params). When a later step uses the
+        unit's parameters, the gradients are silently wrong; at debug level INFO the post-backward hook's log
+        line instead fails on every rank with KeyError(<the tensor>) looking it up in param_to_fqn. Other
+        sharding strategies, use_orig_params=False, or no backward after the idle forward match the reference.
+    """,
+    upstream=(
+        Upstream(
+            "pytorch/pytorch#85831",
+            "use_orig_params follow-ups: between pre-forward and post-forward 'the original parameters are switched "
+            "to being plain Tensor views into the underlying FlatParameter': the state this case is left in",
+            Relation.RELATED,
+        ),
+    ),
+)
+def _no_shard_unit_without_gradient_keeps_tensor_views(
+    scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]
+) -> bool:
+    if scenario.fsdp.sharding_strategy != "NO_SHARD" or not scenario.fsdp.use_orig_params:
+        return False
+
+    def explained(violation: Violation) -> bool:
+        if violation.step is None or not _unit_ran_without_its_parameters(scenario, violation.step):
+            return False
+        if violation.kind in (Kind.GRADIENT_MISMATCH, Kind.OUTPUT_MISMATCH):
+            return True
+        return all_failed_with(observations, (violation,), (Kind.STEP_FAILED,), "KeyError", "tensor(")
+
+    return all(explained(violation) for violation in violations)
