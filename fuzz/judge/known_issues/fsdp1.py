@@ -598,7 +598,7 @@ def forward_steps_differ(scenario: Scenario) -> int | None:
 @known_issue(
     "forward-on-some-ranks-only",
     priority=125,
-    seen_on=("2.13.0",),
+    seen_on=("2.13.0", "2.14.1"),
     description="""
         After the first iteration FSDP checks each rank's order against its own first one, on that rank alone. A
         rank that runs no forward in a step where the others run one (it skips a batch, without a backward in
@@ -1237,7 +1237,7 @@ def _unit_needed_before_its_region(scenario: Scenario, rank: int, step: int) -> 
 @known_issue(
     "mixed-precision-reentrant-checkpoint-around-a-unit-loses-gradients",
     priority=235,
-    seen_on=("2.13.0",),
+    seen_on=("2.13.0", "2.14.1"),
     description="""
         With a MixedPrecision policy (float16 or bfloat16 parameters, whatever the reduce dtype), a sharding
         strategy that shards (FULL_SHARD, SHARD_GRAD_OP, hybrid; use_orig_params either way), and a block
@@ -1507,7 +1507,7 @@ def _unit_ran_without_its_parameters(scenario: Scenario, before: int) -> bool:
 @known_issue(
     "no-shard-unit-without-gradient-keeps-tensor-views-with-orig-params",
     priority=350,
-    seen_on=("2.13.0",),
+    seen_on=("2.13.0", "2.14.1"),
     description="""
         With NO_SHARD and use_orig_params=True, a backward after a forward that enters a unit without using
         any of its own parameters (a branch point that is its own unit, the path taking none of its
