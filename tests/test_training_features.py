@@ -118,11 +118,25 @@ def test_mixed_precision_belongs_to_its_engine(recorded):
         "fsdp1-mixed-precision-fp16-no-shard",
         "fsdp2-tied-across-units-refused",
         "fsdp2-encode-unregistered-refused",
+        "fsdp2-encode-unregistered-after-unshard-uncast-inputs",
+        "fsdp2-encode-unregistered-after-unshard-uncast-inputs-with-bias",
     ],
 )
 def test_recorded_feature_runs_keep_the_contract(recorded, stem):
     scenario, observations = recorded(stem)
     assert judge(scenario, observations) == ()
+
+
+def test_uncast_inputs_are_documented_in_both_of_torchs_wordings(recorded):
+    """A linear without a bias refuses mixed dtypes in other words than one
+    with a bias: both are the documented failure of an unregistered method
+    under a param dtype (a campaign flagged the second, 2026-11-30)."""
+    wordings = set()
+    for suffix in ("", "-with-bias"):
+        scenario, observations = recorded(f"fsdp2-encode-unregistered-after-unshard-uncast-inputs{suffix}")
+        wordings |= {rank.steps[0].error_message.split(",")[0] for rank in observations.ranks}
+        assert judge(scenario, observations) == ()
+    assert wordings == {"expected m1 and m2 to have the same dtype", "mat1 and mat2 must have the same dtype"}
 
 
 def test_a_refusal_that_does_not_come_is_a_finding(recorded):

@@ -503,8 +503,17 @@ def _judge_rank(
     return found
 
 
-UNCAST_INPUTS = ("RuntimeError", "to have the same dtype")
-"""How torch refuses float32 inputs meeting low-precision parameters."""
+UNCAST_INPUTS = (("RuntimeError", "to have the same dtype"), ("RuntimeError", "must have the same dtype"))
+"""How torch refuses float32 inputs meeting low-precision parameters: a
+linear without a bias ("expected m1 and m2 to have the same dtype") and
+one with a bias ("mat1 and mat2 must have the same dtype")."""
+
+
+def documented_unregistered_failures(scenario: Scenario) -> tuple[tuple[str, str], ...]:
+    """The errors, as (type, phrase), FSDP2 documents for a method it was
+    not told of: its parameters met sharded, its inputs met uncast under a
+    param dtype."""
+    return (SHARDED_CALL, *(UNCAST_INPUTS if scenario.param_dtype != "float32" else ()))
 
 
 def _meets_sharded_parameters(scenario: Scenario, step: Step, outcome: StepOutcome) -> bool:
@@ -515,9 +524,10 @@ def _meets_sharded_parameters(scenario: Scenario, step: Step, outcome: StepOutco
     dtypes); all of it is what FSDP2 documents. ``refusal`` demands the
     refusal where the parameters are certainly sharded."""
     unregistered = not scenario.runs_on.registers(scenario, step.method)
-    documented = [SHARDED_CALL] + ([UNCAST_INPUTS] if scenario.param_dtype != "float32" else [])
     message = outcome.error_message or ""
-    return unregistered and any(outcome.error_type == kind and words in message for kind, words in documented)
+    return unregistered and any(
+        outcome.error_type == kind and words in message for kind, words in documented_unregistered_failures(scenario)
+    )
 
 
 def _judge_refusal(outcome: StepOutcome, rank: int, refused: Refusal) -> list[Violation]:

@@ -31,11 +31,10 @@ from fsdp_fuzz.judge.oracles import (
     LATER_WARNING,
     RELATIVE_TOLERANCE,
     ROUNDOFF_FACTOR,
-    SHARDED_CALL,
-    UNCAST_INPUTS,
     _promised_steps,
     accumulated_operations,
     consistent,
+    documented_unregistered_failures,
     expectations,
     gradient_replicas,
     keeps_replicas,
@@ -205,10 +204,11 @@ def contract_for(scenario: Scenario, numbers: bool = True) -> Contract:
         head, tail = LATER_WARNING.split(". ", 1)
         contract.constants.append(f"LATER_WARNING = (\n    {literal(head + '. ')}\n    {literal(tail)}\n)")
     if "DOCUMENTED" in needs:
-        documented = [SHARDED_CALL] + ([UNCAST_INPUTS] if scenario.param_dtype != "float32" else [])
         contract.constants += [
             "# How FSDP2 documents refusing an unregistered method on sharded or low-precision parameters:",
-            f"DOCUMENTED = {literal(documented)}",
+            "DOCUMENTED = [",
+            *(f"    {literal(pair)}," for pair in documented_unregistered_failures(scenario)),
+            "]",
         ]
     return contract
 
