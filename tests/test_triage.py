@@ -363,20 +363,24 @@ def all_reduce_every_backward(scenario, observations):
     return rejudged(with_steps(scenario, range(scenario.num_steps), all_reduce=True), observations)
 
 
+def every_sequential(scenario, **changes):
+    """The scenario with ``changes`` made to every Sequential of its model."""
+    from fsdp_fuzz.models.spec import Choice, Sequential
+
+    def changed(node):
+        if isinstance(node, Sequential):
+            return replace(node, **changes, children=tuple(changed(child) for child in node.children))
+        if isinstance(node, Choice):
+            return replace(node, alternatives=tuple(changed(alternative) for alternative in node.alternatives))
+        return node
+
+    return replace(scenario, model=replace(scenario.model, root=changed(scenario.model.root)))
+
+
 def unit_outside_the_checkpoint(scenario, observations):
     """Without the checkpoint around block0's region nothing recomputes: a
     warning is a new bug (on live ranks this schedule runs silently)."""
-    from fsdp_fuzz.models.spec import Choice, Sequential
-
-    def plain(node):
-        if isinstance(node, Sequential):
-            return replace(node, checkpoint=None, children=tuple(plain(child) for child in node.children))
-        if isinstance(node, Choice):
-            return replace(node, alternatives=tuple(plain(alternative) for alternative in node.alternatives))
-        return node
-
-    model = replace(scenario.model, root=plain(scenario.model.root))
-    return rejudged(replace(scenario, model=model), observations)
+    return rejudged(every_sequential(scenario, checkpoint=None), observations)
 
 
 def eval_forward_without_grad_first(scenario, observations):
@@ -422,16 +426,7 @@ def alternatives_trainable(scenario, observations):
     """The model freezes nothing: the unit's flat parameter requires grad, so
     the training-state error is a new bug (on live ranks leaving trainable
     alternatives untaken runs cleanly)."""
-    from fsdp_fuzz.models.spec import Choice, Sequential
-
-    def thawed(node):
-        if isinstance(node, Sequential):
-            return replace(node, frozen=False, children=tuple(thawed(child) for child in node.children))
-        if isinstance(node, Choice):
-            return replace(node, alternatives=tuple(thawed(alternative) for alternative in node.alternatives))
-        return node
-
-    return rejudged(replace(scenario, model=replace(scenario.model, root=thawed(scenario.model.root))), observations)
+    return rejudged(every_sequential(scenario, frozen=False), observations)
 
 
 def sharded_strategy(scenario, observations):
