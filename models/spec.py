@@ -136,7 +136,7 @@ class ModelSpec:
             if isinstance(node, (Sequential, Choice)):
                 unit = node.name if node.fsdp_unit or node is self.root else unit
                 owners[node.name] = unit
-                for child in node.children if isinstance(node, Sequential) else node.alternatives:
+                for child in blocks_below(node):
                     visit(child, unit)
 
         visit(self.root, self.root.name)
@@ -152,7 +152,7 @@ class ModelSpec:
         Choice it sits directly in: blocks with one parent are siblings."""
         found: dict[str, str] = {}
         for node in named_in(self.root):
-            for child in node.children if isinstance(node, Sequential) else node.alternatives:
+            for child in blocks_below(node):
                 if isinstance(child, (Sequential, Choice)):
                     found[child.name] = node.name
         return found
@@ -263,6 +263,11 @@ def _validate_blocks(spec: ModelSpec) -> None:
                 if source.frozen != node.frozen:
                     raise SpecError(f"{where}: tied blocks share parameters, so both are frozen or neither")
             earlier[node.name] = node
+
+
+def blocks_below(node: Sequential | Choice) -> tuple[Node, ...]:
+    """A block's children: a sequential's layers and blocks, a branch point's alternatives."""
+    return node.children if isinstance(node, Sequential) else node.alternatives
 
 
 def named_in(node: Node) -> Iterator[Sequential | Choice]:

@@ -23,7 +23,7 @@ from fsdp_fuzz.engines.base import (
     with_dtypes,
 )
 from fsdp_fuzz.generate.choices import LOW_PRECISION, chance
-from fsdp_fuzz.models.spec import Choice, Sequential, named_in
+from fsdp_fuzz.models.spec import Choice, Sequential, blocks_below, named_in
 
 if TYPE_CHECKING:
     import torch
@@ -307,7 +307,7 @@ class Fsdp1(Engine):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp import MixedPrecision as TorchMixedPrecision
 
-        from fsdp_fuzz.execute.model import UNIT_CLASSES, blocks_below, unwrapped
+        from fsdp_fuzz.execute.model import UNIT_CLASSES, unwrapped
 
         settings = scenario.fsdp
         prefetch = settings.backward_prefetch

@@ -24,7 +24,7 @@ from fsdp_fuzz.engines.base import (
     with_dtypes,
 )
 from fsdp_fuzz.generate.choices import LOW_PRECISION, chance, sometimes
-from fsdp_fuzz.models.spec import Choice, Linear, ModelSpec, Norm, Sequential
+from fsdp_fuzz.models.spec import Choice, Linear, ModelSpec, Norm, Sequential, blocks_below, named_in
 
 if TYPE_CHECKING:
     import torch
@@ -191,15 +191,6 @@ def sharded_together(draw: DrawFn, model: ModelSpec) -> tuple[tuple[str, ...], .
     enabled = draw(chance(1, 3))
     pair = draw(st.sampled_from(pairs or [()]))
     return (pair,) if enabled and pairs else ()
-
-
-def _units_in_spec_order(node) -> Iterator[str]:
-    """The non-root units below ``node``, outer before inner, as the spec lists them."""
-    for child in node.children if isinstance(node, Sequential) else node.alternatives:
-        if isinstance(child, (Sequential, Choice)):
-            if child.fsdp_unit:
-                yield child.name
-            yield from _units_in_spec_order(child)
 
 
 STEPPING_CONTROLS = ("gradient_sync", "all_reduce", "last_backward")
@@ -520,7 +511,7 @@ class Fsdp2(Engine):
         waiting: dict[tuple[str, ...], list] = {}
 
         def shard_below(node, module) -> None:
-            for child in node.children if isinstance(node, Sequential) else node.alternatives:
+            for child in blocks_below(node):
                 if not isinstance(child, (Sequential, Choice)):
                     continue
                 name = child.name
@@ -553,7 +544,7 @@ class Fsdp2(Engine):
             unit.set_force_sum_reduction_for_comms(settings.force_sum_reduction)
             if settings.gradient_divide_factor is not None:
                 unit.set_gradient_divide_factor(settings.gradient_divide_factor)
-        order = [built.units[name] for name in _units_in_spec_order(root)]
+        order = [built.units[node.name] for node in named_in(root) if node.fsdp_unit and node is not root]
         for earlier, later in zip(order, order[1:], strict=False):
             if settings.forward_prefetch:
                 earlier.set_modules_to_forward_prefetch([later])

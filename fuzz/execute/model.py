@@ -20,7 +20,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from fsdp_fuzz.data import Scenario
-from fsdp_fuzz.models.spec import Choice, Linear, ModelSpec, Node, Norm, ReLU, Sequential, taken
+from fsdp_fuzz.models.spec import Choice, Linear, ModelSpec, Node, Norm, ReLU, Sequential, blocks_below, taken
 
 LEARNING_RATE = 0.01
 """The user's optimizer: SGD at this rate, on the ranks and in the reference."""
@@ -32,11 +32,6 @@ LEARNING_RATE = 0.01
 # signature a user's model has.
 
 Block = Sequential | Choice
-
-
-def blocks_below(node: Block) -> tuple[Node, ...]:
-    """A block's children: a sequential's layers and blocks, a branch point's alternatives."""
-    return node.children if isinstance(node, Sequential) else node.alternatives
 
 
 def unwrapped(module: nn.Module) -> nn.Module:

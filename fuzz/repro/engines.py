@@ -9,7 +9,7 @@ from dataclasses import fields
 
 from fsdp_fuzz.data import HYBRID_NODE_SIZE, Scenario
 from fsdp_fuzz.engines.base import EngineSource
-from fsdp_fuzz.models.spec import Choice, ModelSpec, Sequential
+from fsdp_fuzz.models.spec import Choice, ModelSpec, Sequential, blocks_below
 from fsdp_fuzz.repro.model import block_paths
 from fsdp_fuzz.repro.text import call_lines, literal
 
@@ -24,7 +24,7 @@ def nested_units(spec: ModelSpec) -> list[Sequential | Choice]:
     found: list[Sequential | Choice] = []
 
     def visit(node: Sequential | Choice) -> None:
-        for child in node.children if isinstance(node, Sequential) else node.alternatives:
+        for child in blocks_below(node):
             if isinstance(child, (Sequential, Choice)):
                 visit(child)
                 if child.fsdp_unit:
@@ -85,7 +85,7 @@ def spec_order(spec: ModelSpec) -> list[str]:
     found: list[str] = []
 
     def visit(node: Sequential | Choice) -> None:
-        for child in node.children if isinstance(node, Sequential) else node.alternatives:
+        for child in blocks_below(node):
             if isinstance(child, (Sequential, Choice)):
                 if child.fsdp_unit:
                     found.append(child.name)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fsdp_fuzz.data import Scenario
-from fsdp_fuzz.models.spec import Choice, Linear, ModelSpec, Node, Norm, ReLU, Sequential
+from fsdp_fuzz.models.spec import Choice, Linear, ModelSpec, Node, Norm, ReLU, Sequential, blocks_below
 
 CHECKPOINTED = '''
 class Checkpointed(nn.Sequential):
@@ -156,7 +156,7 @@ def block_paths(spec: ModelSpec) -> dict[str, str]:
     found = {spec.root.name: ""}
 
     def visit(node: Sequential | Choice, prefix: str) -> None:
-        children = node.children if isinstance(node, Sequential) else node.alternatives
+        children = blocks_below(node)
         for child in children:
             if isinstance(child, (Sequential, Choice)):
                 found[child.name] = f"{prefix}{child.name}"

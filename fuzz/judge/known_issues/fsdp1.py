@@ -29,7 +29,18 @@ from fsdp_fuzz.judge.orders import (
     forward_units,
     iterations,
 )
-from fsdp_fuzz.models.spec import CHECKPOINT_MODES, Choice, Linear, ModelSpec, Norm, Path, Sequential, taken, unit_numel
+from fsdp_fuzz.models.spec import (
+    CHECKPOINT_MODES,
+    Choice,
+    Linear,
+    ModelSpec,
+    Norm,
+    Path,
+    Sequential,
+    blocks_below,
+    taken,
+    unit_numel,
+)
 
 
 @known_issue(
@@ -758,7 +769,7 @@ def _unit_frozen_by_the_model(spec: ModelSpec) -> bool:
         if isinstance(node, (Sequential, Choice)):
             frozen = frozen or (isinstance(node, Sequential) and node.frozen)
             frozen_above[node.name] = frozen
-            for child in node.children if isinstance(node, Sequential) else node.alternatives:
+            for child in blocks_below(node):
                 visit(child, frozen)
 
     visit(spec.root, False)
