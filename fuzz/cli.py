@@ -256,7 +256,7 @@ def _run(args: argparse.Namespace) -> int:
         backend=args.backend,
     )
     limits = [f"{examples} scenarios"] if examples is not None else []
-    limits += [f"{args.time:.0f} s"] if args.time is not None else []
+    limits += [f"{args.time:g} s"] if args.time is not None else []
     print(
         f"fuzzing target {args.target!r} with {' and '.join(engines)} for {' or '.join(limits)} on "
         f"{_request(args).describe()} "

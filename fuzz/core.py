@@ -241,6 +241,11 @@ def _campaign_lines(end: CampaignEnd, report: CampaignReport) -> list[str]:
         + (f", {end.flaky} dropped as flaky" if end.flaky else "")
         + f", on {end.request.describe()}, profile {end.profile}"
     ]
+    if examples == 0 and end.seconds is not None and end.stopped_by is None and not end.failed_itself:
+        lines.append(
+            f"  no scenario ran: the --time budget of {end.seconds:g} s was spent starting the workers and their "
+            f"ranks ({end.wall_s:.1f} s in all); give --time 30s or more"
+        )
     if end.workers is not None:
         spent = time_spent(report, end.workers)
         within = (

@@ -50,7 +50,7 @@ def test_a_step_past_its_timeout_is_ended_with_its_children(tmp_path):
     )
     started = time.monotonic()
     result = check.run([sys.executable, "-c", stubborn], 3.0, tmp_path / "log")
-    assert result["timed_out"] and time.monotonic() - started < 5
+    assert result["timed_out"] and time.monotonic() - started < 30, "ended long before the 60 s sleeps"
     grandchild = int(marker.read_text())
     deadline = time.monotonic() + 5
     while Path(f"/proc/{grandchild}").exists() and time.monotonic() < deadline:

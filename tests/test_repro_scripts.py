@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -84,7 +83,6 @@ def test_script_verdict_is_replays(path: Path, tmp_path: Path, pools: PoolSet, r
     violations = judge(entry.scenario, pools.run(entry.scenario))
     script = tmp_path / "repro.py"
     script.write_text(reproducer_script(entry, timeout_s=TIMEOUT_S))
-    started = time.monotonic()
     ran = run_script(script)
     said = ran.stdout.strip()
     assert ran.returncode in (0, 1), f"the script itself failed (exit {ran.returncode}):\n{said}\n{ran.stderr[-3000:]}"
@@ -92,8 +90,6 @@ def test_script_verdict_is_replays(path: Path, tmp_path: Path, pools: PoolSet, r
     replay = "violations:\n" + "\n".join(map(str, violations)) if violations else "keeps the contract"
     assert ran.returncode == int(bool(violations)), f"script: {said}\nreplay: {replay}"
     assert said.startswith("FSDP broke its promise" if violations else "FSDP kept its promise")
-    # The script ends within its own limits, whatever FSDP does.
-    assert time.monotonic() - started < 120 + 3 * TIMEOUT_S
 
 
 UNITTEST_CASES = {

@@ -44,12 +44,11 @@ def test_raising_scenario_records_type_and_message():
 
 def test_hanging_rank_is_recorded_at_its_step_before_the_group_timeout():
     """Fresh ranks, as a reproducer runs them, recognise the deadlock too:
-    a 30 s group timeout is never waited out."""
-    started = time.monotonic()
-    observations = run_scenario(order_ends_early(), group_timeout_s=30)
+    a 10-minute group timeout is never waited out (the message says how the
+    hang was recognised: one waited out would not be called a deadlock)."""
+    observations = run_scenario(order_ends_early(), group_timeout_s=600)
     assert statuses(observations) == [[Status.HANG], [Status.OK]]
     assert observations.ranks[0].steps[0].error_message.startswith("deadlock")
-    assert time.monotonic() - started < 25
 
 
 def test_killed_ranks_are_crashes():
