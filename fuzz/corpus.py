@@ -36,6 +36,7 @@ from fsdp_fuzz.data import (
 from fsdp_fuzz.execute.devices import Placement, visible_gpus
 from fsdp_fuzz.jsonfmt import format_json
 from fsdp_fuzz.judge.known_issues import KnownIssue, issue_named
+from fsdp_fuzz.reduce.record import Reduction
 
 if TYPE_CHECKING:
     import pytest
@@ -75,6 +76,8 @@ class CorpusEntry:
     scenario: Scenario
     known_issue: str | None = None
     finding: RecordedFinding | None = None
+    reduction: Reduction | None = None
+    """What the reducer kept and measured (``fsdp_fuzz.reduce``), where it ran."""
 
     @property
     def keeps_contract(self) -> bool:
@@ -116,7 +119,8 @@ def load_entry(path: Path) -> CorpusEntry:
             if name is not None:
                 issue_named(name)
             finding = _finding_from_json(document) if "finding" in document else None
-            return CorpusEntry(path, scenario_from_json(document["scenario"]), name, finding)
+            reduction = Reduction.from_json(document["reduction"]) if document.get("reduction") else None
+            return CorpusEntry(path, scenario_from_json(document["scenario"]), name, finding, reduction)
         return CorpusEntry(path, scenario_from_json(document))
     except (ScenarioError, KeyError) as exc:
         raise ScenarioError(f"{path}: {exc.args[0]}") from None

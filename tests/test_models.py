@@ -59,10 +59,14 @@ def test_freezing_follows_the_path_like_the_seed_flip():
     assert trainable == {"layer0.0.weight", "layer0.0.bias", "branch.layer2.0.weight", "branch.layer2.2.weight"}
 
 
-def test_validation_rejects_unequal_alternatives_and_duplicate_names():
+def test_validation_accepts_what_the_reducer_leaves_and_rejects_duplicate_names():
+    # Alternatives of unequal numel, and a branch point of one alternative,
+    # are what a reduction may keep (the generator draws neither).
     unequal = Choice("c", (Sequential("a", (Linear(4, 4),)), Sequential("b", (Linear(4, 4, bias=False),))))
-    with pytest.raises(SpecError, match="differ in numel"):
-        validate(ModelSpec(4, Sequential("root", (unequal,))))
+    validate(ModelSpec(4, Sequential("root", (unequal,))))
+    validate(ModelSpec(4, Sequential("root", (Choice("c", (Sequential("a", (Linear(4, 4),)),)),))))
+    with pytest.raises(SpecError, match="1 to 4 alternatives"):
+        validate(ModelSpec(4, Sequential("root", (Choice("c", ()),))))
     twice = Sequential("root", (Sequential("x", (Linear(4, 4),)), Sequential("x", (Linear(4, 4),))))
     with pytest.raises(SpecError, match="unique"):
         validate(ModelSpec(4, twice))

@@ -88,10 +88,7 @@ def _seed_json():
             lambda d: (d.update(engine="fsdp2", fsdp2={"reshard_after_forward": 2}), d.pop("fsdp")),
             "must be a divisor of the shard group's size",
         ),
-        (
-            lambda d: d["model"]["root"]["children"][1]["alternatives"][0]["children"][0].update(bias=True),
-            "differ in numel",
-        ),
+        (lambda d: d["model"]["root"]["children"][1].update(alternatives=[]), "1 to 4 alternatives"),
         (
             lambda d: d["model"]["root"]["children"][1]["alternatives"][0]["children"][0].update(linear=[6, 7]),
             "maps 6 features to 7",

@@ -1,0 +1,151 @@
+"""The reducer: after Hypothesis has shrunk a failure's choice sequence, make
+the scenario itself small, on live ranks, keeping the failure's class.
+
+Hypothesis shrinks what it drew, not the model: a shrunk case may keep
+steps after the one that fails, ranks and alternatives nothing needs, marks
+and settings that change nothing. The reducer applies the simplifications of
+``fsdp_fuzz.reduce.passes`` one at a time, runs each candidate on the pool
+and keeps it when the run's ``FailureClass`` (the known issue, or for an
+unknown class its clauses and violation kinds) is the one it reduces;
+a candidate it keeps is run twice, and dropped if the two verdicts differ.
+Each pass is repeated until it keeps nothing, the passes until a round keeps
+nothing: that last round, every one-step simplification of the result run
+live, is what the finding needs (``Reduction.flips``). Deterministic for a
+deterministic executor, and bounded by a deadline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from fsdp_fuzz.corpus import scenario_id
+from fsdp_fuzz.data import Observations, Scenario, Violation
+from fsdp_fuzz.judge.known_issues import KnownIssue, triage
+from fsdp_fuzz.judge.oracles import judge
+from fsdp_fuzz.reduce.passes import PASSES, Hint, size, valid
+from fsdp_fuzz.reduce.record import CLEAN, Flip, Reduction
+from fsdp_fuzz.verdict import FailureClass
+
+NOT_REPEATABLE = "not repeatable"
+"""A flip's outcome when its class came once and not on the run that checked it."""
+
+
+class ReductionError(ValueError):
+    """A scenario the reducer cannot reduce: it does not fail, or not as asked."""
+
+
+class Runner(Protocol):
+    """What runs a scenario on live ranks: ``PoolSet`` or ``RankPool``."""
+
+    def run(self, scenario: Scenario) -> Observations: ...
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One run, judged."""
+
+    observations: Observations
+    violations: tuple[Violation, ...]
+    known: KnownIssue | None
+
+    @property
+    def failure_class(self) -> FailureClass | None:
+        return FailureClass.of(self.violations, self.known) if self.violations else None
+
+    @property
+    def outcome(self) -> str:
+        """The class's name, or ``clean``."""
+        return CLEAN if self.failure_class is None else self.failure_class.name
+
+    def first_failing_step(self) -> int | None:
+        steps = [violation.step for violation in self.violations if violation.step is not None]
+        return min(steps) if steps else None
+
+
+def verdict_of(scenario: Scenario, observations: Observations) -> Verdict:
+    violations = judge(scenario, observations)
+    return Verdict(observations, violations, triage(scenario, observations, violations) if violations else None)
+
+
+@dataclass(frozen=True)
+class Reduced:
+    """The reduced scenario, its run, and the record of the reduction."""
+
+    scenario: Scenario
+    verdict: Verdict
+    reduction: Reduction
+
+
+def reduce(
+    scenario: Scenario,
+    runner: Runner,
+    *,
+    failure_class: str | None = None,
+    observations: Observations | None = None,
+    deadline: float | None = None,
+    progress: Callable[[str], None] = lambda line: None,
+) -> Reduced:
+    """Reduce ``scenario`` while its runs keep ``failure_class`` (by default,
+    the class of its own run). ``observations``: a run of ``scenario``
+    already made, to save the first run. ``deadline`` (``time.monotonic``)
+    ends the reduction where it stands; the record then says it is not
+    complete. ``progress`` gets a line per kept simplification."""
+    started = time.monotonic()
+    runs = 0
+    seen: dict[str, Verdict] = {}
+
+    def run(candidate: Scenario, fresh: bool = False) -> Verdict:
+        nonlocal runs
+        key = scenario_id(candidate)
+        if fresh or key not in seen:
+            runs += 1
+            seen[key] = verdict_of(candidate, runner.run(candidate))
+        return seen[key]
+
+    if observations is not None:
+        current = verdict_of(scenario, observations)
+        seen[scenario_id(scenario)] = current
+    else:
+        current = run(scenario)
+    target = current.outcome if failure_class is None else failure_class
+    if current.outcome != target or target == CLEAN:
+        said = "keeps the contract" if current.outcome == CLEAN else f"fails as {current.outcome}"
+        raise ReductionError(f"the scenario {said} on this run, not as {target}: nothing to reduce")
+
+    removed: list[str] = []
+    flips: list[Flip] = []
+    complete = True
+    kept_in_round = True
+    while kept_in_round and complete:
+        kept_in_round = False
+        flips = []
+        for reduction_pass in PASSES:
+            kept_in_pass = True
+            while kept_in_pass and complete:
+                kept_in_pass = False
+                bound = size(scenario)
+                for candidate in reduction_pass(scenario, Hint(current.first_failing_step())):
+                    if size(candidate.scenario) >= bound or not valid(candidate.scenario):
+                        continue
+                    if deadline is not None and time.monotonic() >= deadline:
+                        complete = False
+                        break
+                    verdict = run(candidate.scenario)
+                    outcome = verdict.outcome
+                    if outcome == target:
+                        again = run(candidate.scenario, fresh=True)
+                        if again.outcome == target:
+                            scenario, current = candidate.scenario, again
+                            removed.append(candidate.change)
+                            progress(f"kept: {candidate.change}")
+                            kept_in_pass = kept_in_round = True
+                            break
+                        outcome = NOT_REPEATABLE
+                    flips.append(Flip(candidate.change, outcome))
+            if not complete:
+                break
+    reduction = Reduction(target, tuple(removed), tuple(flips), complete, runs, time.monotonic() - started)
+    return Reduced(scenario, current, reduction)
