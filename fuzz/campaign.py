@@ -88,9 +88,20 @@ def deadline(started: float, seconds: float) -> float:
     return started + seconds + allowance - min(allowance, max(allowance / 2, TEARDOWN_S))
 
 
+SHRINK_S = 20.0
+"""The most a Hypothesis run may spend shrinking what it found before the
+campaign takes each class's best case as it stands and hands it to the
+reducer (``fsdp_fuzz.reduce``), which knows scenarios and makes them smaller
+for fewer runs; Hypothesis's own shrink spent most of a campaign before."""
+
+
 class Stop(BaseException):
     """Ends a Hypothesis run at once: not an ``Exception``, so Hypothesis
     neither catches nor shrinks it."""
+
+
+class ShrinkDone(Stop):
+    """Ends a run whose shrink has had its ``SHRINK_S``: the campaign goes on."""
 
 
 @dataclass
@@ -179,11 +190,16 @@ def run_campaign(
     mark = time.monotonic()
     typical_s = 0.0
     """Recent scenarios' mean duration: one that would end past the deadline does not start."""
+    failed_at: list[float] = []
+    """When the run under way first failed: its shrink's clock."""
 
     def one_scenario(scenario) -> None:
         nonlocal mark, typical_s
         data = current_build_context().data
         encoded = choices_to_bytes(data.choices)
+        if check.failed and failed_at and time.monotonic() - failed_at[0] >= SHRINK_S:
+            stopped_on.append(encoded)
+            raise ShrinkDone
         if (
             stop_requested()
             or budget.overdue(ahead_s=typical_s)
@@ -205,6 +221,7 @@ def run_campaign(
         try:
             check(scenario, pools.run(scenario))
         except ContractViolation as violation:
+            failed_at[:] = failed_at or [time.monotonic()]
             order = sort_key(data.nodes)
             kept = best.get(violation.failure.failure_class)
             if kept is None or order <= kept.order:
@@ -220,8 +237,21 @@ def run_campaign(
             mark = now
             after_each()
 
-    def save(failure: Failure, fully_shrunk: bool) -> None:
-        saved = keep_finding(corpus, failure, found_by, check.report, name, fully_shrunk)
+    def save(failure: Failure, fully_shrunk: bool, classes: int) -> None:
+        """Reduce and save one of the run's ``classes`` findings, unless the deadline has come."""
+        shrink_s = (time.monotonic() - failed_at[0]) / classes if failed_at else 0.0
+        runner = None if budget.overdue() else pools
+        saved = keep_finding(
+            corpus,
+            failure,
+            found_by,
+            check.report,
+            name,
+            fully_shrunk,
+            runner=runner,
+            reduce_by=budget.deadline,
+            shrink_s=shrink_s,
+        )
         result.findings.append(saved)
         note(saved.headline())
 
@@ -234,6 +264,7 @@ def run_campaign(
         check.failed = False
         best.clear()
         stopped_on.clear()
+        failed_at.clear()
         claims = ledger.claims()
         saved_scenarios = frozenset(claims.values())
         check.settled = claims.__contains__
@@ -251,6 +282,15 @@ def run_campaign(
         mark = time.monotonic()
         try:
             hypothesis_run()
+        except ShrinkDone:
+            # Each class's best case goes to the reducer; the class is settled.
+            _forget(database, key, [case for case in stopped_on if case not in stored])
+            found = sorted(best.items(), key=lambda item: item[0].name)
+            for failure_class, kept in found:
+                if not ledger.claim(failure_class, scenario_id(kept.failure.scenario)):
+                    note(f"{failure_class.name}: saved already by another worker")
+                    continue
+                save(kept.failure, fully_shrunk=True, classes=len(found))
         except Stop:
             _forget(database, key, [case for case in stopped_on if case not in stored])
             if check.failed:
@@ -261,7 +301,7 @@ def run_campaign(
                     if not ledger.claim(failure_class, scenario_id(kept.failure.scenario), finished=False):
                         note(f"{failure_class.name}: saved already, unfinished, by another worker")
                         continue
-                    save(kept.failure, fully_shrunk=False)
+                    save(kept.failure, fully_shrunk=False, classes=len(best))
                     _resume_later(database, key, kept.choices)
             break
         except Flaky as exc:
@@ -279,11 +319,12 @@ def run_campaign(
             if not only_contract_violations(exc):
                 note("the fuzzer itself failed (a harness bug, not an FSDP finding); its traceback follows")
                 raise
-            for failure in failures_in(exc):
+            found = list(failures_in(exc))
+            for failure in found:
                 if not ledger.claim(failure.failure_class, scenario_id(failure.scenario)):
                     note(f"{failure.failure_class.name}: saved already by another worker")
                     continue
-                save(failure, fully_shrunk=True)
+                save(failure, fully_shrunk=True, classes=len(found))
     result.examples = tally.examples - started_examples
     result.wall_s = budget.elapsed()
     tally.wall_s += result.wall_s

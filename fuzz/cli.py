@@ -1,4 +1,4 @@
-"""``python -m fsdp_fuzz`` (console script ``fsdp-fuzz``): run, replay, show, repro.
+"""``python -m fsdp_fuzz`` (console script ``fsdp-fuzz``): run, replay, show, reduce, repro.
 
 Exit codes: 0 all good, 1 a finding or a replay that did not pass,
 2 bad input (the message names it and the fix), 3 the fuzzer cannot observe
@@ -32,7 +32,7 @@ from fsdp_fuzz.core import (
     refusal_exit_code,
     summary_lines,
 )
-from fsdp_fuzz.corpus import CorpusEntry, corpus_files, load_entry
+from fsdp_fuzz.corpus import CorpusEntry, corpus_files, load_entry, reduced_document, write_document
 from fsdp_fuzz.data import ENGINES, ScenarioError
 from fsdp_fuzz.execute.devices import BACKENDS, DEVICES, WORLD_SIZES, DeviceRequest
 from fsdp_fuzz.execute.pool import DEFAULT_GROUP_TIMEOUT_S, PoolSet
@@ -48,6 +48,7 @@ DEFAULT_EXAMPLES = 100
 DEFAULT_WORKERS = os.cpu_count() or 1
 DEFAULT_DATABASE = Path(".hypothesis") / "examples"
 DEFAULT_LOG_DIR = Path(".fsdp-fuzz")
+REDUCE_TIME_S = 300.0
 
 
 class UsageProblem(Exception):
@@ -141,6 +142,23 @@ def _parser() -> argparse.ArgumentParser:
     show = commands.add_parser("show", help="print a corpus file readably: model, units, steps, expectations")
     show.add_argument("path", type=Path)
     show.set_defaults(command=_show, name="show")
+
+    reduce = commands.add_parser(
+        "reduce",
+        help="make a finding or known-issue file small on live ranks, keeping its class; measure what it needs",
+    )
+    reduce.add_argument("path", type=Path)
+    reduce.add_argument(
+        "-o", "--output", type=Path, help="file to write (default: next to PATH, its name ending in -reduced.json)"
+    )
+    reduce.add_argument(
+        "--time", type=_duration, default=REDUCE_TIME_S, help="stop reducing after this long (%(default)s s)"
+    )
+    reduce.add_argument(
+        "--log-dir", type=Path, default=DEFAULT_LOG_DIR, help="each reduction's directory: ranks' output (%(default)s)"
+    )
+    _add_device_options(reduce)
+    reduce.set_defaults(command=_reduce, name="reduce")
 
     repro = commands.add_parser(
         "repro", help="write a one-screen reproducer (needs only torch): exits 1 when the finding reproduces"
@@ -389,6 +407,46 @@ def _show(args: argparse.Namespace) -> int:
                 "  not fully shrunk: the campaign's deadline cut its shrink short; a later run with the same "
                 "Hypothesis database shrinks it further"
             )
+    if entry.reduction is not None:
+        reduction = entry.reduction
+        print(f"\nreduced ({reduction.runs} live runs, {reduction.seconds:.1f} s):")
+        print("\n".join(f"  {line}" for line in reduction.summary()))
+    return 0
+
+
+def _reduce(args: argparse.Namespace) -> int:
+    from fsdp_fuzz.reduce.passes import size
+    from fsdp_fuzz.reduce.reducer import ReductionError, reduce
+
+    entry = _load(args.path)
+    if entry.keeps_contract:
+        raise UsageProblem(f"{args.path} promises a clean run: reduce a finding or a known-issue file")
+    output = args.output or args.path.with_name(f"{args.path.stem}-reduced.json")
+    log = ranks_log(args.log_dir)
+    wanted = entry.known_issue or "its class on this run"
+    print(f"reducing {args.path} (keeping {wanted}) for {args.time:g} s at most; ranks' output: {log}", flush=True)
+    with _pools(args, log, tuple(sorted({2, entry.scenario.world_size}))) as pools:
+        try:
+            reduced = reduce(
+                entry.scenario,
+                pools,
+                failure_class=entry.known_issue,
+                deadline=time.monotonic() + args.time,
+                progress=lambda line: print(f"  {line}", flush=True),
+            )
+        except ReductionError as exc:
+            print(f"fsdp-fuzz reduce: {args.path}: {exc}", file=sys.stderr)
+            return 1
+    write_document(output, reduced_document(entry, reduced))
+    reduction = reduced.reduction
+    print(
+        f"\nreduced {args.path} to {output}: size {size(entry.scenario)} -> {size(reduced.scenario)}, "
+        f"{reduced.scenario.world_size} ranks, {reduced.scenario.num_steps} step(s); "
+        f"{reduction.runs} runs in {reduction.seconds:.1f} s"
+        + ("" if reduction.complete else " (the time ran out first: --time longer reduces further)")
+    )
+    print("\n".join(reduction.summary()))
+    print(f"show: python -m fsdp_fuzz show {output}; reproducer: python -m fsdp_fuzz repro {output}")
     return 0
 
 

@@ -159,7 +159,14 @@ def pytest_runtest_call(item: pytest.Item):
     except BaseException as exc:
         if not item.config.getoption("--no-save-findings"):
             for failure in failures_in(exc):
-                saved = keep_finding(corpus_root(item.config), failure, item.nodeid, check.report, check.target)
+                saved = keep_finding(
+                    corpus_root(item.config),
+                    failure,
+                    item.nodeid,
+                    check.report,
+                    check.target,
+                    runner=item.funcargs.get("pools"),
+                )
                 item.config.stash.setdefault(_SAVED, []).append(saved)
                 terminal.write(saved.headline() + "\n")
         raise

@@ -9,7 +9,8 @@ and ``python -m fsdp_fuzz run`` (``fsdp_fuzz.cli``, ``fsdp_fuzz.workers``,
 - The checks before any rank starts (``check_before_ranks``) and the exit
   code of each refusal (``refusal_exit_code``): 3 for a torch that lacks a
   hook the trace relies on, 4 for a device that cannot run.
-- Saving a finding (``keep_finding``): the corpus file, the report's
+- Saving a finding (``keep_finding``): reduced first on the front end's
+  own ranks (``fsdp_fuzz.reduce``), then the corpus file, the report's
   record of it, and the lines that name it and say how to replay it.
 - The summary (``summary_lines``), which writes the JSON report too: each
   front end prints its lines, pytest in its terminal summary, the command
@@ -19,6 +20,7 @@ and ``python -m fsdp_fuzz run`` (``fsdp_fuzz.cli``, ``fsdp_fuzz.workers``,
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ from fsdp_fuzz.execute.trace import check_trace
 from fsdp_fuzz.generate.seed_family import seed_family_scenarios
 from fsdp_fuzz.generate.strategies import scenarios
 from fsdp_fuzz.judge.known_issues import issue_named
+from fsdp_fuzz.reduce.reducer import Runner, reduce, verdict_of
 from fsdp_fuzz.report import Activity, CampaignReport, counts, time_spent
 from fsdp_fuzz.verdict import Failure
 
@@ -132,6 +135,11 @@ def refusal_exit_code(exc: BaseException) -> int | None:
 # Saving a finding ---------------------------------------------------------------------------------
 
 
+REDUCE_S = 30.0
+"""The most one finding's reduction may take in a campaign (and never past
+its deadline): the reducer's share, beside Hypothesis's shrink."""
+
+
 @dataclass(frozen=True)
 class SavedFinding:
     """A finding a campaign saved (or found already saved) in the corpus."""
@@ -141,12 +149,23 @@ class SavedFinding:
     failure_class: str
     """``FailureClass.name``: the known issue, or ``unknown: ...``."""
     fully_shrunk: bool = True
+    shrink_s: float = 0.0
+    """Hypothesis's shrink, this finding's share of it."""
+    reduce_s: float | None = None
+    """The reduction's seconds; None where it was not reduced (the deadline had come)."""
+    reduced: bool = False
+    """Whether the reducer reached a fixpoint (``Reduction.complete``)."""
 
     def headline(self) -> str:
         """The line that names it, when it is saved and in the summary."""
         where = "saved to" if self.new else "already in the corpus:"
         cut = "" if self.fully_shrunk else " (not fully shrunk: the deadline cut its shrink short)"
-        return f"finding [{self.failure_class}] {where} {self.path}{cut}"
+        if self.reduce_s is None:
+            spent = f" (shrink {self.shrink_s:.1f} s, not reduced: the deadline had come)"
+        else:
+            cut = "" if self.reduced else ", cut short by its budget"
+            spent = f" (shrink {self.shrink_s:.1f} s, reduce {self.reduce_s:.1f} s{cut})"
+        return f"finding [{self.failure_class}] {where} {self.path}{cut}{spent}"
 
     def hints(self) -> list[str]:
         """How to replay, read and reproduce it."""
@@ -159,15 +178,39 @@ class SavedFinding:
 
 
 def keep_finding(
-    corpus: Path, failure: Failure, found_by: str, report: CampaignReport, target: str, fully_shrunk: bool = True
+    corpus: Path,
+    failure: Failure,
+    found_by: str,
+    report: CampaignReport,
+    target: str,
+    fully_shrunk: bool = True,
+    *,
+    runner: Runner | None = None,
+    reduce_by: float | None = None,
+    shrink_s: float = 0.0,
 ) -> SavedFinding:
     """Save a shrunk failure under ``corpus/found/`` (once: a file already
-    there is kept) and record it in the report under ``target``."""
+    there is kept) and record it in the report under ``target``. With a
+    ``runner`` (the front end's ranks) it is reduced first, for
+    ``REDUCE_S`` at most and never past ``reduce_by`` (``time.monotonic``)."""
+    scenario, verdict, reduction = failure.scenario, verdict_of(failure.scenario, failure.observations), None
+    if runner is not None:
+        deadline = time.monotonic() + REDUCE_S
+        reduced = reduce(
+            failure.scenario,
+            runner,
+            failure_class=failure.failure_class.name,
+            observations=failure.observations,
+            deadline=deadline if reduce_by is None else min(deadline, reduce_by),
+        )
+        scenario, verdict, reduction = reduced.scenario, reduced.verdict, reduced.reduction
     path, new = save_finding(
-        corpus, failure.scenario, failure.observations, failure.violations, failure.known, found_by, fully_shrunk
+        corpus, scenario, verdict.observations, verdict.violations, verdict.known, found_by, fully_shrunk, reduction
     )
-    report.record_saved(target, failure.failure_class, str(path), new, fully_shrunk)
-    return SavedFinding(path, new, failure.failure_class.name, fully_shrunk)
+    reduce_s = None if reduction is None else reduction.seconds
+    report.record_saved(target, failure.failure_class, str(path), new, fully_shrunk, shrink_s, reduce_s or 0.0)
+    reduced_fully = reduction is not None and reduction.complete
+    return SavedFinding(path, new, failure.failure_class.name, fully_shrunk, shrink_s, reduce_s, reduced_fully)
 
 
 # The summary --------------------------------------------------------------------------------------

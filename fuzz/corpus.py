@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,8 @@ from fsdp_fuzz.reduce.record import Reduction
 
 if TYPE_CHECKING:
     import pytest
+
+    from fsdp_fuzz.reduce.reducer import Reduced
 
 FOUND_DIR = "found"
 Signature = tuple[tuple[Clause, int, "int | None"], ...]
@@ -133,8 +135,9 @@ def finding_document(
     known: KnownIssue | None,
     found_by: str,
     fully_shrunk: bool = True,
+    reduction: Reduction | None = None,
 ) -> dict[str, Any]:
-    return {
+    document = {
         "id": scenario_id(scenario),
         "known_issue": known.name if known else None,
         "finding": {
@@ -149,6 +152,37 @@ def finding_document(
         "scenario": scenario_to_json(scenario),
         "observations": observations_to_json(observations),
     }
+    if reduction is not None:
+        document["reduction"] = reduction.to_json()
+    return document
+
+
+def reduced_document(entry: CorpusEntry, reduced: Reduced) -> dict[str, Any]:
+    """``entry`` as a file of the same kind holding ``reduced``'s scenario,
+    its run and the reduction's record."""
+    scenario = replace(reduced.scenario, description=_reduced_description(entry, reduced.reduction))
+    verdict = reduced.verdict
+    if entry.finding is not None:
+        found_by = read_json(entry.path).get("finding", {}).get("found_by", "")
+        return finding_document(
+            scenario, verdict.observations, verdict.violations, verdict.known, found_by, True, reduced.reduction
+        )
+    return {
+        "known_issue": entry.known_issue,
+        "scenario": scenario_to_json(scenario),
+        "reduction": reduced.reduction.to_json(),
+    }
+
+
+def _reduced_description(entry: CorpusEntry, reduction: Reduction) -> str:
+    said = entry.scenario.description
+    return f"reduced from {entry.path.name} in {reduction.runs} live runs" + (f"; before: {said}" if said else "")
+
+
+def write_document(path: Path, document: dict[str, Any]) -> None:
+    """Write a corpus document whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write(path, document)
 
 
 def recorded_placement(observations: Observations) -> Placement:
@@ -166,6 +200,7 @@ def save_finding(
     known: KnownIssue | None = None,
     found_by: str = "",
     fully_shrunk: bool = True,
+    reduction: Reduction | None = None,
 ) -> tuple[Path, bool]:
     """Write the finding under ``root/found/``; returns its path and whether
     it is new. An existing file is kept as first recorded, except that a
@@ -179,7 +214,7 @@ def save_finding(
                 _write(path, document)
         return path, False
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write(path, finding_document(scenario, observations, violations, known, found_by, fully_shrunk))
+    _write(path, finding_document(scenario, observations, violations, known, found_by, fully_shrunk, reduction))
     return path, True
 
 

@@ -31,6 +31,8 @@ class Activity(str, Enum):
     """From a run's first failure on: the scenarios Hypothesis runs to shrink it."""
     REPLAYING = "replaying"
     """A scenario saved as a finding, or reused from the database."""
+    REDUCING = "reducing"
+    """The reducer's live runs on a saved finding (``fsdp_fuzz.reduce``)."""
     OTHER = "other"
     """Starting pools, saving findings, Hypothesis between runs; in the
     summary also starting workers and ending them."""
@@ -90,10 +92,19 @@ class CampaignReport:
         return time.monotonic() - self.started
 
     def record_saved(
-        self, target: str, failure_class: FailureClass, path: str, new: bool, fully_shrunk: bool = True
+        self,
+        target: str,
+        failure_class: FailureClass,
+        path: str,
+        new: bool,
+        fully_shrunk: bool = True,
+        shrink_s: float = 0.0,
+        reduce_s: float = 0.0,
     ) -> None:
         tally = self.tally(target)
         saved = {"seconds": round(self.elapsed(), 1), "scenarios": tally.examples, "path": path, "new": new}
+        saved |= {"shrink_s": round(shrink_s, 1), "reduce_s": round(reduce_s, 1)}
+        tally.seconds[Activity.REDUCING.value] += reduce_s
         tally.saved.setdefault(failure_class.name, saved if fully_shrunk else {**saved, "fully_shrunk": False})
 
     def record(

@@ -229,6 +229,8 @@ def validate(spec: ModelSpec) -> None:
     if spec.in_features < 1:
         raise SpecError("in_features must be positive")
     features(spec.root, spec.in_features)
+    if numel(spec.root) == 0:
+        raise SpecError("the model has no parameters: FSDP has nothing to shard; give it a linear or a norm")
     names = [node.name for node in named_in(spec.root)]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:

@@ -68,9 +68,11 @@ def size(scenario: Scenario) -> int:
     """A well-founded measure every pass lowers: ranks, steps, forwards, path
     entries, nodes, marks and non-default values, widths and batch."""
     steps = [step for steps in scenario.ranks for step in steps]
+    choices = [choice.name for choice in scenario.model.choices()]
     measure = scenario.world_size + len(steps) + scenario.batch_size
     for step in steps:
-        measure += step.forwards + step.backward + sum(len(runs) for runs in step.path.values()) + len(step.frozen)
+        measure += step.forwards + step.backward + len(step.frozen)
+        measure += sum(len(taken(step.path, name)) for name in choices)
         measure += sum(getattr(step, name) != getattr(_DEFAULT_STEP, name) for name in _STEP_DEFAULTS)
     measure += sum(getattr(scenario, name) != default for name, default in _DEFAULT_SCENARIO.items())
     measure += _settings_size(scenario.runs_on.settings(scenario))
@@ -144,30 +146,31 @@ def drop_ranks(scenario: Scenario, hint: Hint) -> Iterator[Candidate]:
 def simplify_steps(scenario: Scenario, hint: Hint) -> Iterator[Candidate]:
     """Per step: fewer forwards, shorter paths, no backward, fewer frozen
     blocks, and each other field back to ``Step()``'s value."""
+    choices = [choice.name for choice in scenario.model.choices()]
     for rank, steps in enumerate(scenario.ranks):
         for index, step in enumerate(steps):
-            where = f"rank {rank}, step {index}"
-
-            def edited(change: str, new: Step) -> Candidate:
+            for change, new in _step_edits(step, choices):
                 schedule = steps[:index] + (new,) + steps[index + 1 :]
                 ranks = scenario.ranks[:rank] + (schedule,) + scenario.ranks[rank + 1 :]
-                return Candidate(f"{where}: {change}", replace(scenario, ranks=ranks))
+                yield Candidate(f"rank {rank}, step {index}: {change}", replace(scenario, ranks=ranks))
 
-            if step.forwards > 1:
-                yield edited("one forward", replace(step, forwards=1))
-            if step.backward:
-                yield edited("no backward", replace(step, backward=False))
-            for name, runs in sorted(step.path.items()):
-                for position in range(len(runs)):
-                    shorter = runs[:position] + runs[position + 1 :]
-                    path = {**step.path, name: shorter}
-                    yield edited(f"{name} runs {list(shorter)} (not {list(runs)})", replace(step, path=path))
-            for name in step.frozen:
-                yield edited(f"{name} not frozen", replace(step, frozen=tuple(n for n in step.frozen if n != name)))
-            for name in _STEP_DEFAULTS:
-                value, default = getattr(step, name), getattr(_DEFAULT_STEP, name)
-                if value != default:
-                    yield edited(f"{name} back to {default!r} (was {value!r})", replace(step, **{name: default}))
+
+def _step_edits(step: Step, choices: list[str]) -> Iterator[tuple[str, Step]]:
+    if step.forwards > 1:
+        yield "one forward", replace(step, forwards=1)
+    if step.backward:
+        yield "no backward", replace(step, backward=False)
+    for name in choices:
+        runs = tuple(taken(step.path, name))
+        for position in range(len(runs)):
+            shorter = runs[:position] + runs[position + 1 :]
+            yield f"{name} runs {list(shorter)} (not {list(runs)})", replace(step, path={**step.path, name: shorter})
+    for name in step.frozen:
+        yield f"{name} not frozen", replace(step, frozen=tuple(n for n in step.frozen if n != name))
+    for name in _STEP_DEFAULTS:
+        value, default = getattr(step, name), getattr(_DEFAULT_STEP, name)
+        if value != default:
+            yield f"{name} back to {default!r} (was {value!r})", replace(step, **{name: default})
 
 
 # The model -----------------------------------------------------------------------------------------
@@ -228,7 +231,9 @@ def drop_untaken_alternatives(scenario: Scenario, hint: Hint) -> Iterator[Candid
                 return node
 
             ranks = _with_paths(scenario, choice.name, lambda runs, position=position: tuple(position[i] for i in runs))
-            yield Candidate(f"drop {names} (no rank takes it) from {choice.name}", _with_root(scenario, edit, ranks=ranks))
+            yield Candidate(
+                f"drop {names} (no rank takes it) from {choice.name}", _with_root(scenario, edit, ranks=ranks)
+            )
 
 
 def collapse_branch_points(scenario: Scenario, hint: Hint) -> Iterator[Candidate]:
@@ -331,7 +336,9 @@ def drop_marks(scenario: Scenario, hint: Hint) -> Iterator[Candidate]:
                     return replace(node, **{field_name: cleared}) if _named(node, name) else node
 
                 was = getattr(block, field_name)
-                yield Candidate(f"{block.name} {said}" + ("" if was is True else f" (was {was})"), _with_root(scenario, edit))
+                yield Candidate(
+                    f"{block.name} {said}" + ("" if was is True else f" (was {was})"), _with_root(scenario, edit)
+                )
         if isinstance(block, Sequential):
             for position, child in enumerate(block.children):
                 if isinstance(child, Linear) and child.bias:
@@ -340,7 +347,9 @@ def drop_marks(scenario: Scenario, hint: Hint) -> Iterator[Candidate]:
                         if not _named(node, name):
                             return node
                         layer = replace(node.children[position], bias=False)
-                        return replace(node, children=node.children[:position] + (layer,) + node.children[position + 1 :])
+                        return replace(
+                            node, children=node.children[:position] + (layer,) + node.children[position + 1 :]
+                        )
 
                     yield Candidate(f"{block.name}'s layer {position} without bias", _with_root(scenario, edit))
 
@@ -374,8 +383,11 @@ def _widths(node: Node) -> set[int]:
 def _narrowed(scenario: Scenario, rename: dict[int, int]) -> Scenario:
     def edit(node: Node) -> Node:
         if isinstance(node, Linear):
-            return replace(node, in_features=rename.get(node.in_features, node.in_features),
-                           out_features=rename.get(node.out_features, node.out_features))
+            return replace(
+                node,
+                in_features=rename.get(node.in_features, node.in_features),
+                out_features=rename.get(node.out_features, node.out_features),
+            )
         if isinstance(node, Norm):
             return replace(node, features=rename.get(node.features, node.features))
         return node
