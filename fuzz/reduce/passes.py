@@ -162,8 +162,7 @@ def _step_edits(step: Step, choices: list[str]) -> Iterator[tuple[str, Step]]:
         yield "no backward", replace(step, backward=False)
     for name in choices:
         runs = tuple(taken(step.path, name))
-        for position in range(len(runs)):
-            shorter = runs[:position] + runs[position + 1 :]
+        for shorter in dict.fromkeys(runs[:position] + runs[position + 1 :] for position in range(len(runs))):
             yield f"{name} runs {list(shorter)} (not {list(runs)})", replace(step, path={**step.path, name: shorter})
     for name in step.frozen:
         yield f"{name} not frozen", replace(step, frozen=tuple(n for n in step.frozen if n != name))
