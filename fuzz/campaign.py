@@ -88,7 +88,7 @@ def deadline(started: float, seconds: float) -> float:
     return started + seconds + allowance - min(allowance, max(allowance / 2, TEARDOWN_S))
 
 
-SHRINK_S = 20.0
+SHRINK_S = 10.0
 """The most a Hypothesis run may spend shrinking what it found before the
 campaign takes each class's best case as it stands and hands it to the
 reducer (``fsdp_fuzz.reduce``), which knows scenarios and makes them smaller
