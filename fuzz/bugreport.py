@@ -191,7 +191,7 @@ class Verdict:
     """The clauses the case breaks, and where that verdict comes from."""
 
     source: str
-    """``recorded when the campaign saved it ...``, ``the fuzzer's replay ...``."""
+    """``the verdict recorded with the finding ...``, ``the fuzzer's replay ...``."""
     violations: tuple[tuple[Clause, str], ...]
     """Each violation's clause and its words (``str(Violation)``)."""
 
@@ -329,7 +329,7 @@ def verdict_of(entry: CorpusEntry) -> Verdict:
         finding = entry.finding
         clauses = [clause for clause, _, _ in finding.signature]
         return Verdict(
-            f"recorded when the campaign saved the finding (torch {finding.torch_version}, {finding.where()})",
+            f"the verdict recorded with the finding (torch {finding.torch_version}, {finding.where()})",
             tuple(zip(clauses, finding.violations, strict=True)),
         )
     import torch
@@ -492,10 +492,7 @@ def upstream_section(entry: CorpusEntry) -> list[str]:
 
 
 def found_by_line(entry: CorpusEntry, runs: Sequence[ScriptRun]) -> str:
-    try:
-        where = entry.path.resolve().relative_to(Path.cwd())
-    except ValueError:
-        where = entry.path
+    where = _shown(entry.path)
     triaged = f", known issue `{entry.known_issue}`" if entry.known_issue else ""
     reproduced = list(dict.fromkeys(run.torch_version for run in runs if run.reproduced))
     tried = list(dict.fromkeys(run.torch_version for run in runs))
@@ -647,13 +644,20 @@ def write_findings(
         tried = tuple(run.torch_version for run in evidence.runs)
         written.append(Written(candidate, path, title(entry, evidence.verdict), reproduced, tried))
         print(f"  wrote {path}: reproduces on {', '.join(reproduced) or 'none'}", file=sys.stderr, flush=True)
-    (directory / "README.md").write_text(index(written, corpus))
+    command = " ".join(
+        [
+            f"python -m fsdp_fuzz.bugreport --all {_shown(directory)}",
+            *([f"--corpus {_shown(corpus)}"] if Path(corpus) != DEFAULT_CORPUS else []),
+            *(f"--python {_shown(Path(python))}" for python in pythons),
+            *(f"--record {name}" for name in records),
+        ]
+    )
+    (directory / "README.md").write_text(index(written, corpus, command))
     return written, problems
 
 
-def index(written: Sequence[Written], corpus: Path = DEFAULT_CORPUS) -> str:
-    """``docs/findings/README.md``: one row per report written."""
-    command = "python -m fsdp_fuzz.bugreport --all docs/findings --python .tox/py/bin/python --python PY"
+def index(written: Sequence[Written], corpus: Path = DEFAULT_CORPUS, command: str = "") -> str:
+    """``docs/findings/README.md``: one row per report written, and the ``command`` that wrote them."""
     lines = [
         "# Findings to file upstream",
         "",
@@ -662,10 +666,11 @@ def index(written: Sequence[Written], corpus: Path = DEFAULT_CORPUS) -> str:
         "the reproducer with its captured output, expected against actual, what avoids it, the related threads, "
         "and `collect_env`. Written by the fsdp-path-fuzzer:",
         "",
-        f"    {command}",
+        f"    {command or 'python -m fsdp_fuzz.bugreport --all docs/findings'}",
         "",
-        "(`--python` is repeatable: each interpreter runs every reproducer; see `fsdp_fuzz.bugreport`.) A thread "
-        "marked *by design* means maintainers decided the behaviour the record depends on: read it before filing.",
+        "(each `--python` runs every reproducer; see `fsdp_fuzz.bugreport`; `--record NAME` writes some only). "
+        "A thread marked *by design* means maintainers decided the behaviour the record depends on: "
+        "read it before filing.",
         "",
         "| report | engine | reproduces on | upstream threads | corpus file |",
         "| --- | --- | --- | --- | --- |",
@@ -674,11 +679,18 @@ def index(written: Sequence[Written], corpus: Path = DEFAULT_CORPUS) -> str:
         record = report.candidate.record
         threads = ", ".join(f"[{u.thread}]({u.url}) ({u.relation})" for u in record.upstream) or "none found"
         reproduced = ", ".join(report.reproduced_on) or f"none of {', '.join(report.tried)}"
-        link = f"[{prose(report.title).replace('|', '&#124;')}]({report.path.name})"
-        lines.append(
-            f"| {link} | {', '.join(record.engines)} | {reproduced} | {threads} | `{report.candidate.representative}` |"
-        )
+        text = prose(report.title).replace("|", "&#124;").replace("[", "\\[").replace("]", "\\]")
+        link, source = f"[{text}]({report.path.name})", _shown(report.candidate.representative)
+        lines.append(f"| {link} | {', '.join(record.engines)} | {reproduced} | {threads} | `{source}` |")
     return "\n".join(lines) + "\n"
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory where it lies below it (commands and file names in reports)."""
+    try:
+        return str(Path(os.path.abspath(path)).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _parser() -> argparse.ArgumentParser:

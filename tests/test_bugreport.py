@@ -18,7 +18,6 @@ from fsdp_fuzz.bugreport import (
     ScriptRun,
     Verdict,
     gather,
-    index,
     prose,
     records_without_same_bug_thread,
     render,
@@ -187,7 +186,7 @@ def test_an_unknown_finding_is_titled_and_told_from_its_violations():
     finding = RecordedFinding(tuple(words for _, words in verdict.violations), signature, "9.9.9", "gloo", None)
     entry = CorpusEntry(Path("corpus/found/0123456789abcdef.json"), known.scenario, None, finding)
     recorded = bugreport.verdict_of(entry)
-    assert recorded.source.startswith("recorded when the campaign saved the finding (torch 9.9.9, gloo)")
+    assert recorded.source == "the verdict recorded with the finding (torch 9.9.9, gloo)"
     assert recorded.violations == verdict.violations
     report = render(entry, Evidence(SCRIPT, (ScriptRun("9.9.9", 1, OUTPUT, 3.0),), recorded, ()))
     assert report.startswith("# [FSDP] expected RuntimeError 'Forward order differs across ranks'")
@@ -247,8 +246,8 @@ def test_the_driver_writes_a_report_per_record_and_an_index(tmp_path, monkeypatc
     )
     assert (tmp_path / f"{LIVE_FILE}.md").read_text().startswith(f"# [FSDP] {TITLES[LIVE_FILE]}")
     readme = (tmp_path / "README.md").read_text()
-    assert readme == index(written, ROOT / "corpus")
-    assert f"]({LIVE_FILE}.md) | fsdp1 | 9.9.9 | none found |" in readme
+    assert readme.startswith("# Findings to file upstream") and f"--record {FSDP1_FILE} --record {LIVE_FILE}" in readme
+    assert f"| [\\[FSDP\\] {TITLES[LIVE_FILE]}]({LIVE_FILE}.md) | fsdp1 | 9.9.9 | none found |" in readme
     assert "(same symptom)" in readme
 
 
