@@ -204,6 +204,10 @@ class UnknownRecords(ValueError):
     """Records named for ``write_findings`` that are not among those it writes."""
 
 
+class InterpreterProblem(RuntimeError):
+    """An interpreter given to run the reproducer that cannot import torch (or does not exist)."""
+
+
 @dataclass(frozen=True)
 class Candidate:
     """A record that no upstream thread reports as the same bug, with the corpus files that back it."""
@@ -249,16 +253,25 @@ def records_without_same_bug_thread(corpus: Path = DEFAULT_CORPUS) -> list[Candi
 # Running things in another interpreter --------------------------------------
 
 
+def absolute(python: str) -> str:
+    """An interpreter given by a path (``.tox/py/bin/python``) as an absolute one; a bare name stays a name."""
+    return os.path.abspath(python) if os.sep in python else python
+
+
 @functools.cache
 def torch_version_of(python: str) -> str:
-    done = subprocess.run(
-        [python, "-I", "-c", "import torch; print(torch.__version__)"],
-        capture_output=True,
-        text=True,
-        timeout=ENV_TIMEOUT_S,
-    )
+    try:
+        done = subprocess.run(
+            [python, "-I", "-c", "import torch; print(torch.__version__)"],
+            capture_output=True,
+            text=True,
+            timeout=ENV_TIMEOUT_S,
+        )
+    except OSError as exc:
+        raise InterpreterProblem(f"cannot run {python}: {exc.strerror}") from None
     if done.returncode != 0:
-        raise RuntimeError(f"{python} cannot import torch: {done.stderr.strip().splitlines()[-1:]}")
+        last = done.stderr.strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
+        raise InterpreterProblem(f"{python} cannot import torch: {last[0]}")
     return done.stdout.strip().splitlines()[-1]
 
 
@@ -276,7 +289,7 @@ def collect_env(python: str, timeout_s: float = ENV_TIMEOUT_S) -> str:
 def run_reproducer(script: str, python: str = sys.executable, timeout_s: float = RUN_TIMEOUT_S) -> ScriptRun:
     """Run ``script`` as ``python -I repro.py`` in a fresh temporary directory; capture stdout and stderr
     together. A run past ``timeout_s`` is killed with every process it started (its own session)."""
-    python = os.path.abspath(python) if os.sep in python else python  # the run's directory is another
+    python = absolute(python)  # the run's directory is another
     version = torch_version_of(python)
     with tempfile.TemporaryDirectory(prefix="fsdp-fuzz-report-") as directory:
         script_path = Path(directory) / "repro.py"
@@ -460,21 +473,24 @@ def avoids_section(reduction: Reduction | None) -> list[str]:
             "change avoids it, is not known beyond the description above."
         ]
     needs = [flip for flip in reduction.needs() if not flip.outcome.startswith("invalid")]
+    avoiding = [flip for flip in needs if flip.outcome == CLEAN]
+    changing = [flip for flip in needs if flip.outcome != CLEAN]
     lines = [
-        f"Measured by the fuzzer's reducer ({reduction.runs} live runs, {reduction.seconds:.0f} s): each change "
-        f"below, made alone to the script's case, loses the failure ({reduction.failure_class}).",
-        "",
+        f"Measured by the fuzzer's reducer on the case in the script ({reduction.runs} live runs, "
+        f"{reduction.seconds:.0f} s), each change made alone:",
     ]
-    lines += [f"- {prose(flip.change)}: keeps the contract" for flip in needs if flip.outcome == CLEAN]
-    lines += [
-        f"- {prose(flip.change)}: fails otherwise ({prose(flip.outcome)})" for flip in needs if flip.outcome != CLEAN
-    ]
+    if avoiding:
+        lines += ["", "Avoids it (the run then keeps FSDP's contract):", ""]
+        lines += [f"- {prose(flip.change)}" for flip in avoiding]
+    if changing:
+        lines += ["", f"Turns it into another failure (not {reduction.failure_class}):", ""]
+        lines += [f"- {prose(flip.change)}: {prose(flip.outcome)}" for flip in changing]
     if not needs:
-        lines.append("- (no one-step change loses it)")
+        lines += ["", "No one-step change loses it."]
     if not reduction.complete:
         lines += ["", "The reduction's budget ended before a fixpoint: the case may simplify further."]
     if reduction.removed:
-        lines += ["", "It does not need (removed while the failure stayed the same):", ""]
+        lines += ["", "Does not need (removed while the failure stayed the same):", ""]
         lines += [f"- {prose(change)}" for change in reduction.removed]
     return lines
 
@@ -586,10 +602,15 @@ def bug_report(
 def main_report(
     path: Path, out: Path | None, pythons: Sequence[str] = (sys.executable,), timeout_s: float = RUN_TIMEOUT_S
 ) -> int:
-    """``python -m fsdp_fuzz report FILE [-o OUT]``: the report on stdout, or in ``out``. 0 once written;
-    a file that does not load raises ``ScenarioError`` (the command's exit code 2)."""
+    """``python -m fsdp_fuzz report FILE [-o OUT]``: the report on stdout, or in ``out``. 0 once written, 2 when
+    an interpreter in ``pythons`` cannot run torch (said on stderr); a file that does not load raises
+    ``ScenarioError`` (the command's exit code 2)."""
     entry = load_entry(Path(path))
-    report = bug_report(entry, pythons=pythons, timeout_s=timeout_s)
+    try:
+        report = bug_report(entry, pythons=pythons, timeout_s=timeout_s)
+    except InterpreterProblem as exc:
+        print(f"fsdp-fuzz report: {exc}", file=sys.stderr)
+        return 2
     if out is None:
         sys.stdout.write(report)
     else:
@@ -619,6 +640,8 @@ def write_findings(
     """``directory/<record>.md`` for each record without a same-bug thread (or those named in ``records``),
     from its representative file, and ``directory/README.md`` indexing the reports written. Returns them and
     the problems of the records that could not be written."""
+    for python in pythons:  # an interpreter that cannot run torch stops the run before any report
+        torch_version_of(absolute(python))
     directory.mkdir(parents=True, exist_ok=True)
     candidates = records_without_same_bug_thread(corpus)
     unknown = set(records) - {candidate.record.name for candidate in candidates}
@@ -719,7 +742,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.path is not None:
             return main_report(args.path, args.output, pythons, args.timeout)
         written, problems = write_findings(args.all, args.corpus, pythons, args.record, args.timeout)
-    except (ScenarioError, UnknownRecords) as exc:
+    except (ScenarioError, UnknownRecords, InterpreterProblem) as exc:
         print(f"fsdp-fuzz report: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {len(written)} report(s) and {args.all / 'README.md'}", file=sys.stderr)

@@ -142,12 +142,18 @@ def test_what_avoids_it_comes_from_the_reduction_and_only_from_it():
     )
     entry = replace(entry_of(FSDP1_FILE), reduction=reduction)
     section = render(entry, evidence(FSDP1_FILE)).split("#### What avoids it")[1].split("####")[0]
-    assert "14 live runs, 41 s" in section
-    assert "- use_orig_params back to False: keeps the contract" in section
-    assert "- sharding_strategy SHARD_GRAD_OP: fails otherwise (unknown: clean-run (step-failed))" in section
+    assert "(14 live runs, 41 s)" in section
+    assert "Avoids it (the run then keeps FSDP's contract):\n\n- use_orig_params back to False\n" in section
+    assert (
+        f"Turns it into another failure (not {FSDP1_FILE}):\n\n"
+        "- sharding_strategy SHARD_GRAD_OP: unknown: clean-run (step-failed)\n" in section
+    )
     assert "rank 1's path takes layer2" not in section, "a flip that keeps the failure avoids nothing"
     assert "world size 1" not in section, "a flip that could not run avoids nothing"
-    assert "- the optimizer step\n- rank 1's eval step" in section
+    assert (
+        "Does not need (removed while the failure stayed the same):\n\n- the optimizer step\n- rank 1's eval step"
+        in section
+    )
     assert "budget ended before a fixpoint" in section
 
 
@@ -156,7 +162,7 @@ def test_without_a_reduction_nothing_is_said_to_avoid_it():
     assert entry.reduction is None
     section = render(entry, evidence(FSDP1_FILE)).split("#### What avoids it")[1].split("####")[0]
     assert section.strip().startswith("No reduction was measured for this case")
-    assert "keeps the contract" not in section and "does not need" not in section
+    assert "Avoids it" not in section and "Does not need" not in section
 
 
 def test_runs_on_two_torches_are_both_recorded():
@@ -256,6 +262,14 @@ def test_the_command_refuses_records_it_does_not_write(tmp_path, capsys):
     assert "not records without a same-bug thread" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bugreport.main([])
+
+
+def test_an_interpreter_that_cannot_run_is_refused_before_any_report(tmp_path, capsys):
+    missing = str(tmp_path / "no-python")
+    assert bugreport.main_report(KNOWN / f"{LIVE_FILE}.json", None, [missing]) == 2
+    assert f"cannot run {missing}" in capsys.readouterr().err
+    assert bugreport.main(["--all", str(tmp_path / "out"), "--python", missing, "--record", LIVE_FILE]) == 2
+    assert not (tmp_path / "out" / f"{LIVE_FILE}.md").exists()
 
 
 def test_a_live_report_shows_what_the_reproducer_printed():
