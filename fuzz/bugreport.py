@@ -554,6 +554,8 @@ def gather(
 ) -> Evidence:
     """Write the reproducer, run it with each of ``pythons``, collect each one's environment, and judge the
     case (``verdict_of``) unless ``verdict`` is given."""
+    for python in pythons:  # an interpreter that cannot run torch is refused before anything is written
+        torch_version_of(absolute(python))
     from fsdp_fuzz.repro import reproducer_script
 
     script = reproducer_script(entry)
