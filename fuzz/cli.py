@@ -1,4 +1,4 @@
-"""``python -m fsdp_fuzz`` (console script ``fsdp-fuzz``): run, replay, show, reduce, repro.
+"""``python -m fsdp_fuzz`` (console script ``fsdp-fuzz``): run, replay, show, reduce, repro, report.
 
 Exit codes: 0 all good, 1 a finding or a replay that did not pass,
 2 bad input (the message names it and the fix), 3 the fuzzer cannot observe
@@ -181,6 +181,19 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=10.0, help="the script's seconds before a collective is hung (%(default)s)"
     )
     repro.set_defaults(command=_repro, name="repro")
+
+    report = commands.add_parser(
+        "report", help="write the PyTorch bug report of a corpus file, its reproducer run and its output captured"
+    )
+    report.add_argument("path", type=Path)
+    report.add_argument("-o", "--output", type=Path, help="Markdown file to write (default: stdout)")
+    report.add_argument(
+        "--python",
+        action="append",
+        help="run the reproducer and collect_env with this interpreter too (repeatable; default: this one)",
+    )
+    report.add_argument("--timeout", type=float, default=300.0, help="seconds the reproducer may run (%(default)s)")
+    report.set_defaults(command=_report, name="report")
     return parser
 
 
@@ -462,6 +475,13 @@ def _repro(args: argparse.Namespace) -> int:
     runner = "pytest" if args.style == "unittest" else "python"
     print(f"wrote {output} ({len(output.read_text().splitlines())} lines); run it with: {runner} {output}")
     return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fsdp_fuzz.bugreport import main_report
+
+    _load(args.path)
+    return main_report(args.path, args.output, args.python or [sys.executable], args.timeout)
 
 
 def _load(path: Path) -> CorpusEntry:

@@ -117,3 +117,9 @@ def test_both_engines_split_the_budget_and_are_summarised_each(tmp_path, capsys,
     assert {name: tally["examples"] for name, tally in targets.items()} == {"seed[fsdp1]": 2, "seed[fsdp2]": 2}
     ((_, lines),) = calls
     assert shown.endswith("\n".join(["", *lines, ""])), "the summary is the core's, as pytest's is (test_report)"
+
+
+def test_reduce_and_report_of_a_missing_file_name_it(capsys):
+    for command in ("reduce", "report"):
+        assert main([command, "no-such-file.json"]) == 2
+        assert "no-such-file.json is not a file" in capsys.readouterr().err
