@@ -37,7 +37,7 @@ def test_show_names_the_known_issue_and_its_upstream_reference(capsys):
     assert "upstream https://github.com/pytorch/pytorch/issues/108331: " in shown
 
 
-@pytest.mark.parametrize("command", ["show", "repro", "replay"])
+@pytest.mark.parametrize("command", ["show", "repro", "replay", "reduce", "report"])
 def test_a_missing_file_is_named_with_the_fix(tmp_path, capsys, command):
     missing = tmp_path / "nope.json"
     assert main([command, str(missing)]) == 2
@@ -118,8 +118,3 @@ def test_both_engines_split_the_budget_and_are_summarised_each(tmp_path, capsys,
     ((_, lines),) = calls
     assert shown.endswith("\n".join(["", *lines, ""])), "the summary is the core's, as pytest's is (test_report)"
 
-
-def test_reduce_and_report_of_a_missing_file_name_it(capsys):
-    for command in ("reduce", "report"):
-        assert main([command, "no-such-file.json"]) == 2
-        assert "no-such-file.json is not a file" in capsys.readouterr().err
