@@ -108,8 +108,8 @@ def test_a_recorded_reduction_is_a_fixpoint_of_its_scenario(path):
     possible = {candidate.change for candidate in candidates(entry.scenario)}
     recorded = {flip.change: flip for flip in entry.reduction.flips}
     assert possible <= set(recorded), f"simplifications never run: {sorted(possible - set(recorded))}"
-    assert entry.reduction.failure_class == entry.known_issue
-    assert not [flip for flip in recorded.values() if flip.keeps(entry.known_issue)]
+    assert entry.reduction.failure_class.startswith(entry.known_issue)
+    assert not [flip for flip in recorded.values() if flip.keeps(entry.reduction.failure_class)]
 
 
 # Live ranks ----------------------------------------------------------------------------------------

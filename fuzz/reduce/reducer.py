@@ -43,10 +43,18 @@ class Runner(Protocol):
     def run(self, scenario: Scenario) -> Observations: ...
 
 
+BY_ELIMINATION = " (with another record's violations)"
+"""Said after a known issue that triage names because it explains the
+first violation while another record explains the rest: a reduction keeps
+such a case as it is, and does not turn a case one record explains whole
+into one of these."""
+
+
 @dataclass(frozen=True)
 class Verdict:
     """One run, judged."""
 
+    scenario: Scenario
     observations: Observations
     violations: tuple[Violation, ...]
     known: KnownIssue | None
@@ -57,8 +65,11 @@ class Verdict:
 
     @property
     def outcome(self) -> str:
-        """The class's name, or ``clean``."""
-        return CLEAN if self.failure_class is None else self.failure_class.name
+        """The class's name, or ``clean``; a known issue named by elimination says so."""
+        if self.failure_class is None:
+            return CLEAN
+        whole = self.known is None or self.known.matches(self.scenario, self.observations, self.violations)
+        return self.failure_class.name + ("" if whole else BY_ELIMINATION)
 
     def first_failing_step(self) -> int | None:
         steps = [violation.step for violation in self.violations if violation.step is not None]
@@ -67,7 +78,8 @@ class Verdict:
 
 def verdict_of(scenario: Scenario, observations: Observations) -> Verdict:
     violations = judge(scenario, observations)
-    return Verdict(observations, violations, triage(scenario, observations, violations) if violations else None)
+    known = triage(scenario, observations, violations) if violations else None
+    return Verdict(scenario, observations, violations, known)
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,8 @@ def reduce(
     else:
         current = run(scenario)
     target = current.outcome if failure_class is None else failure_class
+    if current.outcome == target + BY_ELIMINATION:
+        target = current.outcome
     if current.outcome != target or target == CLEAN:
         said = "keeps the contract" if current.outcome == CLEAN else f"fails as {current.outcome}"
         raise ReductionError(f"the scenario {said} on this run, not as {target}: nothing to reduce")
