@@ -37,9 +37,9 @@ from fsdp_fuzz.execute.trace import check_trace
 from fsdp_fuzz.generate.seed_family import seed_family_scenarios
 from fsdp_fuzz.generate.strategies import scenarios
 from fsdp_fuzz.judge.known_issues import issue_named
-from fsdp_fuzz.reduce.reducer import Runner, reduce, verdict_of
+from fsdp_fuzz.reduce.reducer import Runner, reduce
 from fsdp_fuzz.report import Activity, CampaignReport, counts, time_spent
-from fsdp_fuzz.verdict import Failure
+from fsdp_fuzz.verdict import Failure, judged_run
 
 # The targets --------------------------------------------------------------------------------------
 
@@ -193,7 +193,7 @@ def keep_finding(
     there is kept) and record it in the report under ``target``. With a
     ``runner`` (the front end's ranks) it is reduced first, for
     ``REDUCE_S`` at most and never past ``reduce_by`` (``time.monotonic``)."""
-    scenario, verdict, reduction = failure.scenario, verdict_of(failure.scenario, failure.observations), None
+    scenario, run, reduction = failure.scenario, judged_run(failure.scenario, failure.observations), None
     if runner is not None:
         deadline = time.monotonic() + REDUCE_S
         reduced = reduce(
@@ -203,9 +203,9 @@ def keep_finding(
             observations=failure.observations,
             deadline=deadline if reduce_by is None else min(deadline, reduce_by),
         )
-        scenario, verdict, reduction = reduced.scenario, reduced.verdict, reduced.reduction
+        scenario, run, reduction = reduced.scenario, reduced.run, reduced.reduction
     path, new = save_finding(
-        corpus, scenario, verdict.observations, verdict.violations, verdict.known, found_by, fully_shrunk, reduction
+        corpus, scenario, run.observations, run.violations, run.known, found_by, fully_shrunk, reduction
     )
     reduce_s = None if reduction is None else reduction.seconds
     report.record_saved(target, failure.failure_class, str(path), new, fully_shrunk, shrink_s, reduce_s or 0.0)

@@ -161,11 +161,11 @@ def reduced_document(entry: CorpusEntry, reduced: Reduced) -> dict[str, Any]:
     """``entry`` as a file of the same kind holding ``reduced``'s scenario,
     its run and the reduction's record."""
     scenario = replace(reduced.scenario, description=_reduced_description(entry, reduced.reduction))
-    verdict = reduced.verdict
+    run = reduced.run
     if entry.finding is not None:
         found_by = read_json(entry.path).get("finding", {}).get("found_by", "")
         return finding_document(
-            scenario, verdict.observations, verdict.violations, verdict.known, found_by, True, reduced.reduction
+            scenario, run.observations, run.violations, run.known, found_by, True, reduced.reduction
         )
     return {
         "known_issue": entry.known_issue,

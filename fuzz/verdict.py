@@ -20,6 +20,7 @@ import hypothesis
 from fsdp_fuzz.data import Observations, Scenario, Violation, dumps
 from fsdp_fuzz.judge.known_issues import KnownIssue, triage
 from fsdp_fuzz.judge.oracles import describe, judge, order_warnings
+from fsdp_fuzz.reduce.record import CLEAN
 from fsdp_fuzz.report import CampaignReport
 
 
@@ -57,6 +58,54 @@ class Failure:
     violations: tuple[Violation, ...]
     known: KnownIssue | None
     failure_class: FailureClass
+
+
+BY_ELIMINATION = " (with another record's violations)"
+"""Said after a known issue that triage names because it explains the
+first violation while another record explains the rest: a reduction keeps
+such a case as it is, and does not turn a case one record explains whole
+into one of these."""
+
+
+@dataclass(frozen=True)
+class JudgedRun:
+    """One run, judged: its violations, the known issue triage names, its class as a reduction compares it."""
+
+    scenario: Scenario
+    observations: Observations
+    violations: tuple[Violation, ...]
+    known: KnownIssue | None
+
+    @property
+    def failure_class(self) -> FailureClass | None:
+        return FailureClass.of(self.violations, self.known) if self.violations else None
+
+    @property
+    def outcome(self) -> str:
+        """What a reduction keeps: ``clean``, or the class's name, for a known
+        issue with its symptom (the violation kinds, as an unknown class's
+        name has them): a record's predicate covers more than one symptom,
+        and a reduced case that crashes where the finding computed silently
+        wrong numbers is another report. A known issue named by elimination
+        says so."""
+        failure_class = self.failure_class
+        if failure_class is None:
+            return CLEAN
+        if self.known is None:
+            return failure_class.name
+        kinds = ", ".join(sorted({violation.kind.value for violation in self.violations}))
+        whole = self.known.matches(self.scenario, self.observations, self.violations)
+        return f"{failure_class.name} ({kinds})" + ("" if whole else BY_ELIMINATION)
+
+    def first_failing_step(self) -> int | None:
+        steps = [violation.step for violation in self.violations if violation.step is not None]
+        return min(steps) if steps else None
+
+
+def judged_run(scenario: Scenario, observations: Observations) -> JudgedRun:
+    violations = judge(scenario, observations)
+    known = triage(scenario, observations, violations) if violations else None
+    return JudgedRun(scenario, observations, violations, known)
 
 
 class ContractViolation(AssertionError):
@@ -115,9 +164,8 @@ class ContractCheck:
     """Runs per class, clean runs under None: what ``target`` steers by."""
 
     def __call__(self, scenario: Scenario, observations: Observations) -> KnownIssue | None:
-        violations = judge(scenario, observations)
-        known = triage(scenario, observations, violations) if violations else None
-        failure_class = FailureClass.of(violations, known) if violations else None
+        run = judged_run(scenario, observations)
+        violations, known, failure_class = run.violations, run.known, run.failure_class
         self.seen[failure_class] += 1
         if hypothesis.currently_in_test_context():
             hypothesis.target(-math.log(self.seen[failure_class]), label="rarity of the run's class")

@@ -22,12 +22,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from fsdp_fuzz.corpus import scenario_id
-from fsdp_fuzz.data import Observations, Scenario, Violation
-from fsdp_fuzz.judge.known_issues import KnownIssue, triage
-from fsdp_fuzz.judge.oracles import judge
+from fsdp_fuzz.data import Observations, Scenario
 from fsdp_fuzz.reduce.passes import PASSES, Hint, size, valid
-from fsdp_fuzz.reduce.record import CLEAN, Flip, Reduction
-from fsdp_fuzz.verdict import FailureClass
+from fsdp_fuzz.reduce.record import Flip, Reduction
+from fsdp_fuzz.verdict import JudgedRun, judged_run
 
 NOT_REPEATABLE = "not repeatable"
 """A flip's outcome when its class came once and not on the run that checked it."""
@@ -43,51 +41,12 @@ class Runner(Protocol):
     def run(self, scenario: Scenario) -> Observations: ...
 
 
-BY_ELIMINATION = " (with another record's violations)"
-"""Said after a known issue that triage names because it explains the
-first violation while another record explains the rest: a reduction keeps
-such a case as it is, and does not turn a case one record explains whole
-into one of these."""
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """One run, judged."""
-
-    scenario: Scenario
-    observations: Observations
-    violations: tuple[Violation, ...]
-    known: KnownIssue | None
-
-    @property
-    def failure_class(self) -> FailureClass | None:
-        return FailureClass.of(self.violations, self.known) if self.violations else None
-
-    @property
-    def outcome(self) -> str:
-        """The class's name, or ``clean``; a known issue named by elimination says so."""
-        if self.failure_class is None:
-            return CLEAN
-        whole = self.known is None or self.known.matches(self.scenario, self.observations, self.violations)
-        return self.failure_class.name + ("" if whole else BY_ELIMINATION)
-
-    def first_failing_step(self) -> int | None:
-        steps = [violation.step for violation in self.violations if violation.step is not None]
-        return min(steps) if steps else None
-
-
-def verdict_of(scenario: Scenario, observations: Observations) -> Verdict:
-    violations = judge(scenario, observations)
-    known = triage(scenario, observations, violations) if violations else None
-    return Verdict(scenario, observations, violations, known)
-
-
 @dataclass(frozen=True)
 class Reduced:
     """The reduced scenario, its run, and the record of the reduction."""
 
     scenario: Scenario
-    verdict: Verdict
+    run: JudgedRun
     reduction: Reduction
 
 
@@ -100,34 +59,34 @@ def reduce(
     deadline: float | None = None,
     progress: Callable[[str], None] = lambda line: None,
 ) -> Reduced:
-    """Reduce ``scenario`` while its runs keep ``failure_class`` (by default,
-    the class of its own run). ``observations``: a run of ``scenario``
+    """Reduce ``scenario`` while its runs keep the outcome of its own run
+    (``JudgedRun.outcome``: the class and, for a known issue, its symptom),
+    which must be of ``failure_class`` where given. ``observations``: a run of ``scenario``
     already made, to save the first run. ``deadline`` (``time.monotonic``)
     ends the reduction where it stands; the record then says it is not
     complete. ``progress`` gets a line per kept simplification."""
     started = time.monotonic()
     runs = 0
-    seen: dict[str, Verdict] = {}
+    seen: dict[str, JudgedRun] = {}
 
-    def run(candidate: Scenario, fresh: bool = False) -> Verdict:
+    def run(candidate: Scenario, fresh: bool = False) -> JudgedRun:
         nonlocal runs
         key = scenario_id(candidate)
         if fresh or key not in seen:
             runs += 1
-            seen[key] = verdict_of(candidate, runner.run(candidate))
+            seen[key] = judged_run(candidate, runner.run(candidate))
         return seen[key]
 
     if observations is not None:
-        current = verdict_of(scenario, observations)
+        current = judged_run(scenario, observations)
         seen[scenario_id(scenario)] = current
     else:
         current = run(scenario)
-    target = current.outcome if failure_class is None else failure_class
-    if current.outcome == target + BY_ELIMINATION:
-        target = current.outcome
-    if current.outcome != target or target == CLEAN:
-        said = "keeps the contract" if current.outcome == CLEAN else f"fails as {current.outcome}"
-        raise ReductionError(f"the scenario {said} on this run, not as {target}: nothing to reduce")
+    shown = current.failure_class
+    if shown is None or (failure_class is not None and shown.name != failure_class):
+        said = "keeps the contract" if shown is None else f"fails as {shown.name}"
+        raise ReductionError(f"the scenario {said} on this run, not as {failure_class}: nothing to reduce")
+    target = current.outcome
 
     removed: list[str] = []
     flips: list[Flip] = []
@@ -147,8 +106,8 @@ def reduce(
                     if deadline is not None and time.monotonic() >= deadline:
                         complete = False
                         break
-                    verdict = run(candidate.scenario)
-                    outcome = verdict.outcome
+                    judged = run(candidate.scenario)
+                    outcome = judged.outcome
                     if outcome == target:
                         again = run(candidate.scenario, fresh=True)
                         if again.outcome == target:
