@@ -32,19 +32,32 @@ HYBRID_NODE_SIZE = 2
 
 @dataclass(frozen=True)
 class EngineSource:
-    """The engine's part of a reproducer script (``fsdp_fuzz.repro``): its calls written out."""
+    """The engine's part of a reproducer script (``fsdp_fuzz.repro``): its calls written out, as lines of
+    the rank's ``run(rank)`` (``rank`` and ``model`` in scope; ``step`` in a step's body)."""
 
     imports: tuple[str, ...]
-    wrap: str
-    """``def wrap(...)``: the engine's calls on every unit, innermost first, then the root."""
-    stepping: str | None
-    """``stepping(model, **controls)``: a context manager around one step, or None where no step needs one."""
-    groups: str
-    """Lines of the rank's function that create the engine's process groups (``new_group``)."""
-    wrap_call: str
-    """The line that builds and wraps the model, once the debug level is set."""
-    controls: tuple[str, ...] = ()
-    """``stepping``'s keywords: the step fields it applies."""
+    wrap: tuple[str, ...]
+    """Make the built ``model`` the engine's: every unit innermost first, then the root, then the setters."""
+    groups: tuple[str, ...] = ()
+    """Before building: the engine's process groups or mesh."""
+    helpers: tuple[str, ...] = ()
+    """Module-level functions the wrapping passes the engine."""
+    before_step: tuple[str, ...] = ()
+    """At the start of a step: the engine's per-step controls the schedule sets."""
+    step_context: str | None = None
+    """A context manager around a step's body (``no_sync``), or None."""
+    after_step: tuple[str, ...] = ()
+    gradients: str = ""
+    """``def gradients(model)``: every parameter's whole gradient, flattened, by its name in the model."""
+    gradients_call: str = "gradients(model)"
+    replicas: str | None = None
+    """This rank's replica group (``None``: the world) where ranks hold the same parameters."""
+    local: str = "{}"
+    """A parameter's part on this rank, ``{}`` the parameter."""
+    flat_gradients: bool = False
+    """``gradients`` gives each gradient flattened (the engine keeps no shapes at hand)."""
+    module: str = "model"
+    """The user's model inside the engine's wrapping (as an expression of ``model``), where its attributes are."""
 
 
 def hybrid_allowed(world_size: int) -> bool:
@@ -214,9 +227,10 @@ class Engine(ABC):
         return False
 
     @abstractmethod
-    def source(self, scenario: Scenario) -> EngineSource:
-        """The engine's calls for ``scenario`` as reproducer source: ``wrap``, the process groups, and the
-        per-step controls its schedule uses."""
+    def source(self, scenario: Scenario, model: Any, schedule: Any, cuda: bool) -> EngineSource:
+        """The engine's calls for ``scenario`` as reproducer source (``fsdp_fuzz.repro``: the script's
+        ``ModelSource`` and ``Schedule``): the wrapping, the process groups, the per-step controls its
+        schedule uses, and how a rank reads whole gradients."""
 
     # On a rank (these import torch) -----------------------------------------
 

@@ -232,25 +232,25 @@ class Fsdp1(Engine):
     def wraps_by_class(self, scenario: Scenario) -> bool:
         return scenario.fsdp.auto_wrap
 
-    def source(self, scenario: Scenario) -> EngineSource:
+    def source(self, scenario: Scenario, model: Any, schedule: Any, cuda: bool) -> EngineSource:
         """``FullyShardedDataParallel(...)`` on every unit (or ``ModuleWrapPolicy`` on the units' classes) with
         the settings that differ from the defaults, and ``no_sync`` where a step turns gradient sync off."""
         from fsdp_fuzz.repro.engines import (
-            block_paths,
-            call_lines,
+            INTER,
+            INTRA,
+            assigned,
+            assignment,
             hybrid_groups,
             nested_units,
             non_default,
-            parent_expression,
-            policy_lines,
+            policy,
         )
 
         settings = scenario.fsdp
         spec = scenario.model
-        paths = block_paths(spec)
         imports = ["from torch.distributed.fsdp import FullyShardedDataParallel as FSDP"]
         names = []
-        keywords = ["process_group=group", "device_id=device"]
+        keywords = ["device_id=device" if cuda else 'device_id=torch.device("cpu")']
         for name, value in non_default(settings, skip=("auto_wrap", "ignored")).items():
             if name == "sharding_strategy":
                 names.append("ShardingStrategy")
@@ -260,45 +260,64 @@ class Fsdp1(Engine):
                 keywords.append(f"backward_prefetch={'None' if value is None else f'BackwardPrefetch.{value}'}")
             elif name == "mixed_precision":
                 names.append("MixedPrecision")
-                keywords.append("mixed_precision=policy")
+                keywords.append("mixed_precision=precision")
+            elif name == "cpu_offload":
+                names.append("CPUOffload")
+                keywords.append("cpu_offload=CPUOffload(offload_params=True)")
             else:
                 keywords.append(f"{name}={value!r}")
         if settings.ignored:
-            keywords.append("ignored_states=[" + ", ".join(f"model.{paths[name]}" for name in settings.ignored) + "]")
+            keywords.append("ignored_states=[" + ", ".join(f"model.{model.paths[n]}" for n in settings.ignored) + "]")
+        groups = []
+        if scenario.hybrid:
+            groups = hybrid_groups(scenario)
+            keywords.append(f"process_group=({INTRA}, {INTER})")
         if names:
             imports.append(f"from torch.distributed.fsdp import {', '.join(sorted(names))}")
-        lines = [
-            "def wrap(model, group, device):",
-            '    """FullyShardedDataParallel on every unit, innermost first, then the root."""',
-        ]
+        wrap = []
         if settings.mixed_precision is not None:
-            lines += policy_lines("policy", "MixedPrecision", settings.mixed_precision)
-        lines += call_lines("    ", "dict", keywords, lead="fsdp = ")
+            wrap += assignment("precision", "MixedPrecision", policy(settings.mixed_precision))
+        units = [] if settings.auto_wrap else nested_units(spec)
+        inline = ", ".join(keywords)
+        longest = max(
+            (len(f"{assigned(spec, model, u.name)} = FSDP(model.{model.paths[u.name]}, ") for u in units),
+            default=len("model = FSDP(model, "),
+        )
+
+        if len(keywords) == 1 or (len(units) <= 1 and longest + len(inline) <= 110):  # written in each call
+            arguments = inline
+        else:
+            arguments = "**fsdp"
+            wrap += assignment("fsdp", "dict", keywords)
         if settings.auto_wrap:
             imports.append("from torch.distributed.fsdp.wrap import ModuleWrapPolicy")
-            lines.append("    return FSDP(model, auto_wrap_policy=ModuleWrapPolicy({Unit, UnitBranch}), **fsdp)")
+            classes = ", ".join(model.unit_classes) or "Unit"
+            wrap.append(f"model = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({{{classes}}}), {arguments})")
         else:
-            for unit in nested_units(spec):
-                parent, attribute = parent_expression(spec, unit.name)
-                lines.append(f"    {parent}.{attribute} = FSDP(model.{paths[unit.name]}, **fsdp)")
-            lines.append("    return FSDP(model, **fsdp)")
-        uses_no_sync = any(not step.gradient_sync for steps in scenario.ranks for step in steps)
-        stepping = None
-        if uses_no_sync:
+            for unit in units:
+                call = f"FSDP(model.{model.paths[unit.name]}, {arguments})"
+                wrap.append(f"{assigned(spec, model, unit.name)} = {call}")
+            wrap.append(f"model = FSDP(model, {arguments})")
+        context = None
+        if schedule.varies(lambda step: step.gradient_sync) or not schedule.constant(lambda step: step.gradient_sync):
             imports.append("from contextlib import nullcontext")
-            stepping = "\n".join(
-                [
-                    "def stepping(model, gradient_sync=True):",
-                    '    """gradient_sync off: the step runs in the root\'s no_sync(), gradients kept unreduced."""',
-                    "    return nullcontext() if gradient_sync else model.no_sync()",
-                ]
-            )
-        if scenario.hybrid:
-            groups, call = hybrid_groups(scenario), "    model = wrap(build(), (intra, inter), device)"
-        else:
-            groups, call = ["    group = new_group()"], "    model = wrap(build(), group, device)"
-        controls = ("gradient_sync",) if stepping is not None else ()
-        return EngineSource(tuple(imports), "\n".join(lines), stepping, "\n".join(groups), call, controls)
+            context = f"nullcontext() if {schedule.of(lambda step: step.gradient_sync)} else model.no_sync()"
+        replicas = None
+        if self.replicated(scenario):
+            replicas = "None"
+        elif scenario.hybrid:
+            replicas = INTER
+        return EngineSource(
+            tuple(imports),
+            tuple(wrap),
+            groups=tuple(groups),
+            step_context=context,
+            gradients=_gradients_source(settings.use_orig_params, self.replicated(scenario), scenario.hybrid),
+            gradients_call=f"gradients(model, {INTRA})" if scenario.hybrid else "gradients(model)",
+            replicas=replicas,
+            flat_gradients=True,
+            module='getattr(model, "module", model)',
+        )
 
     # On a rank --------------------------------------------------------------
 
@@ -356,3 +375,55 @@ class Fsdp1(Engine):
     def stepping(self, built: BuiltModel, step: Step) -> AbstractContextManager:
         """``gradient_sync`` off: the step runs inside the root's ``no_sync()``."""
         return nullcontext() if step.gradient_sync else built.module.no_sync()
+
+
+def _gradients_source(orig_params: bool, replicated: bool, hybrid: bool) -> str:
+    """``gradients(model)``: FSDP1 keeps no whole gradient outside ``summon_full_params`` (which would
+    re-register the parameters it reads), so the ranks gather the parts they hold: with
+    ``use_orig_params`` a piece of every parameter, in rank order; without it, each unit's flat
+    parameter, split as FSDP flattened it (``FlatParameter._fqns``, ``._numels``)."""
+    group = ", group=group" if hybrid else ""
+    name = 'name.replace("_fsdp_wrapped_module.", "")'
+    if orig_params:
+        local = [
+            f"    mine = {{}}  # {'the whole' if replicated else 'this rank' + chr(39) + 's piece'} of every gradient",
+            "    for name, p in model.named_parameters():",
+            "        grad = torch.zeros_like(p) if p.grad is None else p.grad",
+            f"        mine[{name}] = grad.reshape(-1).float()",
+        ]
+        if replicated:
+            doc = "def gradients(model):  # every parameter's gradient: NO_SHARD keeps them whole on every rank"
+            return "\n".join([doc, *local, "    return mine"])
+        return "\n".join(
+            [
+                f"def gradients(model{', group' if hybrid else ''}):",
+                '    """Every parameter\'s gradient: with use_orig_params each rank holds a piece of it, in rank'
+                ' order."""',
+                *local,
+                f"    pieces = [None] * {'2' if hybrid else 'WORLD_SIZE'}",
+                f"    dist.all_gather_object(pieces, mine{group})",
+                "    return {name: torch.cat([piece[name] for piece in pieces]) for name in mine}",
+            ]
+        )
+    if replicated:
+        whole = ["        whole = flat.grad if flat.grad is not None else torch.zeros_like(flat)"]
+    else:
+        whole = [
+            "        grad = flat.grad if flat.grad is not None else torch.zeros_like(flat)",
+            f"        shards = [torch.zeros_like(grad) for _ in range({'2' if hybrid else 'WORLD_SIZE'})]",
+            f"        dist.all_gather(shards, grad{group})",
+            "        whole = torch.cat(shards)",
+        ]
+    return "\n".join(
+        [
+            f"def gradients(model{', group' if hybrid and not replicated else ''}):",
+            '    """Every parameter\'s gradient: each unit\'s flat gradient whole, split as FSDP flattened it."""',
+            "    found = {}",
+            "    for name, flat in model.named_parameters():",
+            *whole,
+            f'        prefix = {name}.removesuffix("_flat_param")',
+            "        pieces = whole[: sum(flat._numels)].float().split(flat._numels)",
+            "        found.update({prefix + fqn: piece for fqn, piece in zip(flat._fqns, pieces, strict=True)})",
+            "    return found",
+        ]
+    )

@@ -193,9 +193,6 @@ def sharded_together(draw: DrawFn, model: ModelSpec) -> tuple[tuple[str, ...], .
     return (pair,) if enabled and pairs else ()
 
 
-STEPPING_CONTROLS = ("gradient_sync", "all_reduce", "last_backward")
-"""Step fields a reproducer's ``stepping`` applies on every step once any step sets them (as ``stepping`` does)."""
-
 _PARAM_GROUP = "torch.distributed.fsdp._fully_shard._fsdp_param_group"
 
 
@@ -324,161 +321,157 @@ class Fsdp2(Engine):
 
     # Reproducer ---------------------------------------------------------------
 
-    def source(self, scenario: Scenario) -> EngineSource:
-        """``fully_shard(...)`` on every unit with the settings that differ from the defaults, then the setters,
-        the mesh, and a ``stepping`` context around a step for the per-step controls the schedule uses."""
+    def source(self, scenario: Scenario, model: Any, schedule: Any, cuda: bool) -> EngineSource:
+        """``fully_shard(...)`` on every unit with the settings that differ from the defaults, then the
+        setters, on a mesh of the ranks (replicate x shard for HSDP); the per-step setters the schedule
+        uses; whole gradients by ``DTensor.full_tensor``."""
         from fsdp_fuzz.repro.engines import (
-            block_paths,
-            call_lines,
+            INTER,
+            INTRA,
+            controls,
+            guarded,
             hybrid_groups,
             nested_units,
-            policy_lines,
+            policy,
             spec_order,
         )
+        from fsdp_fuzz.repro.engines import assignment as assign
 
         settings = scenario.fsdp2
         spec = scenario.model
-        paths = block_paths(spec)
+        paths = model.paths
         names = ["fully_shard"]
-        common = ["mesh=mesh"]
-        inner, root = list(common), list(common)
+        device = "cuda" if cuda else "cpu"
+        imports = ["from torch.distributed.tensor import DTensor"]
+        inner, root = ["mesh=mesh"], ["mesh=mesh"]
         reshard = settings.reshard_after_forward
         if reshard is not None:
             inner.append(f"reshard_after_forward={reshard!r}")
             if isinstance(reshard, bool):  # an int is for the non-root units; the root keeps the default
                 root.append(f"reshard_after_forward={reshard!r}")
-        if settings.mp_policy is not None:
-            names.append("MixedPrecisionPolicy")
-            inner.append("mp_policy=policy")
-            root.append("mp_policy=root_policy" if settings.mp_policy.output_dtype is not None else "mp_policy=policy")
-        extra_imports = []
-        lines = [
-            "def wrap(model, mesh):",
-            '    """fully_shard on every unit, innermost first, then the root; then the setters."""',
-        ]
+        helpers = []
         if settings.shard_dim:
-            extra_imports.append("from torch.distributed.tensor import Shard")
-            lines.append(
-                "    def on_dim1(parameter):  # Shard(1) where dim 1 splits evenly (FSDP2 pads dim 0 only)\n"
-                "        return Shard(1) if parameter.ndim == 2 and parameter.shape[1] % mesh.size(-1) == 0 else None\n"
+            imports.append("from torch.distributed.tensor import Shard")
+            shards = HYBRID_NODE_SIZE if settings.hsdp else scenario.world_size
+            helpers.append(
+                "def on_dim1(parameter):  # Shard(1) where dim 1 splits evenly over the shards (FSDP2 pads dim 0)\n"
+                f"    return Shard(1) if parameter.ndim == 2 and parameter.shape[1] % {shards} == 0 else None"
             )
             inner.append("shard_placement_fn=on_dim1")
             root.append("shard_placement_fn=on_dim1")
+        if settings.cpu_offload:
+            names.append("CPUOffloadPolicy")
+            inner.append("offload_policy=CPUOffloadPolicy()")
+            root.append("offload_policy=CPUOffloadPolicy()")
         if settings.ignored:
             ignored = ", ".join(f"*model.{paths[name]}.parameters()" for name in settings.ignored)
-            lines.append(f"    ignored = {{{ignored}}}")
-            inner.append("ignored_params=ignored")
-            root.append("ignored_params=ignored")
+            inner.append(f"ignored_params={{{ignored}}}")
+            root.append(f"ignored_params={{{ignored}}}")
+        wrap = []
         if settings.mp_policy is not None:
-            lines += policy_lines("policy", "MixedPrecisionPolicy", settings.mp_policy, drop=("output_dtype",))
+            names.append("MixedPrecisionPolicy")
+            wrap += assign("precision", "MixedPrecisionPolicy", policy(settings.mp_policy, drop=("output_dtype",)))
+            inner.append("mp_policy=precision")
             if settings.mp_policy.output_dtype is not None:  # the model's output dtype: the root's alone
-                lines += policy_lines("root_policy", "MixedPrecisionPolicy", settings.mp_policy)
-        lines += call_lines("    ", "dict", inner, lead="units = ")
+                wrap += assign("at_root", "MixedPrecisionPolicy", policy(settings.mp_policy))
+                root.append("mp_policy=at_root")
+            else:
+                root.append("mp_policy=precision")
+        unit_arguments = root_arguments = "**units"
+        if inner == ["mesh=mesh"] and root == inner:  # the mesh alone: written in each call
+            unit_arguments = root_arguments = "mesh=mesh"
+        else:
+            wrap += assign("units", "dict", inner)
         if root != inner:
-            keys = {item.split("=", 1)[0] for item in root}
-            extra = [item for item in root if item not in inner]
-            extra += [f"{item.split('=', 1)[0]}=None" for item in inner if item.split("=", 1)[0] not in keys]
-            lines += call_lines("    ", "dict", ["units", *extra], lead="root = ")
-        root_arguments = "**root" if root != inner else "**units"
+            changed = [item for item in root if item not in inner]
+            changed += [f"{item.split('=')[0]}=None" for item in inner if item.split("=")[0] not in str(root)]
+            wrap += assign("root", "dict", ["units", *changed])
+            root_arguments = "**root"
         together = {name: group for group in settings.sharded_together for name in group}
         done: set[tuple[str, ...]] = set()
         order = nested_units(spec)
+        units: list[str] = []
         for unit in order:
             group = together.get(unit.name)
             if group is None:
-                lines.append(f"    fully_shard(model.{paths[unit.name]}, **units)")
+                wrap.append(f"fully_shard(model.{paths[unit.name]}, {unit_arguments})")
+                units.append(f"model.{paths[unit.name]}")
             elif group not in done and all(any(u.name == m for u in order[: order.index(unit) + 1]) for m in group):
                 done.add(group)
                 ordered = sorted(group, key=lambda name: [u.name for u in order].index(name))
                 members = ", ".join(f"model.{paths[name]}" for name in ordered)
-                lines.append(f"    fully_shard([{members}], **units)  # one parameter group")
-        lines.append(f"    fully_shard(model, {root_arguments})")
+                wrap.append(f"fully_shard([{members}], {unit_arguments})  # one parameter group")
+                units += [f"model.{paths[name]}" for name in group]
+        wrap.append(f"fully_shard(model, {root_arguments})")
+        units.append("model")
         if settings.register_encode:
             names.append("register_fsdp_forward_method")
-            lines.append('    register_fsdp_forward_method(model, "encode")')
+            wrap.append('register_fsdp_forward_method(model, "encode")')
         if settings.reduce_scatter_unused_params:
-            lines.append("    model.set_reduce_scatter_unused_params(True)")
+            wrap.append("model.set_reduce_scatter_unused_params(True)")
         if not settings.reshard_after_backward:
-            lines.append("    model.set_reshard_after_backward(False)")
-        units = ["model", *(f"model.{paths[u.name]}" for u in order)]
+            wrap.append("model.set_reshard_after_backward(False)")
+        wrap += [f"model.{paths[name]}.set_unshard_in_backward(False)" for name in settings.no_unshard_in_backward]
         per_unit = []
         if settings.force_sum_reduction:
             per_unit.append("unit.set_force_sum_reduction_for_comms(True)")
         if settings.gradient_divide_factor is not None:
             per_unit.append(f"unit.set_gradient_divide_factor({settings.gradient_divide_factor!r})")
         if per_unit:
-            lines.append(f"    for unit in [{', '.join(units)}]:  # these setters do not recurse")
-            lines += [f"        {line}" for line in per_unit]
-        spec_order = spec_order(spec)
-        for earlier, later in zip(spec_order, spec_order[1:], strict=False):
+            wrap.append(f"for unit in [{', '.join(units)}]:  # these setters do not recurse")
+            wrap += [f"    {line}" for line in per_unit]
+        prefetched = spec_order(spec)
+        for earlier, later in zip(prefetched, prefetched[1:], strict=False):
             if settings.forward_prefetch:
-                lines.append(f"    model.{paths[earlier]}.set_modules_to_forward_prefetch([model.{paths[later]}])")
+                wrap.append(f"model.{paths[earlier]}.set_modules_to_forward_prefetch([model.{paths[later]}])")
             if settings.backward_prefetch:
-                lines.append(f"    model.{paths[later]}.set_modules_to_backward_prefetch([model.{paths[earlier]}])")
-        lines.append("    return model")
-        imports = [f"from torch.distributed.fsdp import {', '.join(sorted(names))}", *extra_imports]
-        stepping = self._stepping_source(scenario)
-        if stepping is not None:
-            imports.append("from contextlib import contextmanager")
+                wrap.append(f"model.{paths[later]}.set_modules_to_backward_prefetch([model.{paths[earlier]}])")
+        imports.append(f"from torch.distributed.fsdp import {', '.join(sorted(names))}")
         if scenario.hybrid:
             imports.append("from torch.distributed.device_mesh import DeviceMesh")
-            layout = f"torch.arange({scenario.world_size}).reshape(-1, {HYBRID_NODE_SIZE})"
-            groups = hybrid_groups(scenario) + [
-                "    mesh = DeviceMesh.from_group(",
-                f'        [inter, intra], device.type, mesh={layout}, mesh_dim_names=("replicate", "shard")',
-                "    )",
+            groups = [
+                *hybrid_groups(scenario),
+                "mesh = DeviceMesh.from_group(  # replicated across the nodes, sharded within",
+                f'    [{INTER}, {INTRA}], "{device}", mesh=torch.arange(WORLD_SIZE).reshape(-1, {HYBRID_NODE_SIZE}),',
+                '    mesh_dim_names=("replicate", "shard"),',
+                ")",
             ]
         else:
-            imports.append("from torch.distributed.device_mesh import DeviceMesh")
-            groups = ["    group = new_group()", "    mesh = DeviceMesh.from_group(group, device.type)"]
-        call = "    model = wrap(build().to(device), mesh)"
-        controls = ()
-        if stepping is not None:
-            head = stepping.split("def stepping(model, ", 1)[1].split("):", 1)[0]
-            controls = tuple(parameter.split("=")[0] for parameter in head.split(", "))
-        return EngineSource(tuple(imports), "\n".join(lines), stepping, "\n".join(groups), call, controls)
-
-    @staticmethod
-    def _stepping_source(scenario: Scenario) -> str | None:
-        steps = [step for steps in scenario.ranks for step in steps]
-        from fsdp_fuzz.data import Step
-
-        default = Step()
-        used = [name for name in STEPPING_CONTROLS if any(getattr(s, name) != getattr(default, name) for s in steps)]
-        resets = any(s.reset_iter_state for s in steps)
-        reshards = any(s.reshard_after_forward is not None for s in steps)
-        unshard = any(s.unshard for s in steps)
-        reshard = any(s.reshard for s in steps)
-        if not (used or resets or reshards or unshard or reshard):
-            return None
-        parameters = [f"{name}=True" for name in used]
-        parameters += ["reset_iter_state=False"] * resets + ["reshard_after_forward=None"] * reshards
-        parameters += ["unshard=False"] * unshard + ["reshard=False"] * reshard
-        lines = [
-            "@contextmanager",
-            f"def stepping(model, {', '.join(parameters)}):",
-            '    """FSDP2\'s per-step controls, as a training loop calls them around one step."""',
-        ]
-        if resets:
-            lines += ["    if reset_iter_state:", "        model.reset_iter_state()"]
-        if reshards:
-            lines += [
-                "    if reshard_after_forward is not None:",
-                "        model.set_reshard_after_forward(reshard_after_forward)",
-            ]
-        setters = {
-            "gradient_sync": "set_requires_gradient_sync",
-            "all_reduce": "set_requires_all_reduce",
-            "last_backward": "set_is_last_backward",
-        }
-        lines += [f"    model.{setters[name]}({name})" for name in used]
-        units = "[m for m in model.modules() if hasattr(m, 'unshard')]"
-        if unshard:
-            lines += ["    if unshard:", f"        for unit in {units}:", "            unit.unshard()"]
-        lines.append("    yield")
-        if reshard:
-            lines += ["    if reshard:", f"        for unit in {units}:", "            unit.reshard()"]
-        return "\n".join(lines)
+            imports.append("from torch.distributed.device_mesh import init_device_mesh")
+            groups = [f'mesh = init_device_mesh("{device}", (WORLD_SIZE,))']
+        before = []
+        if any(step.reset_iter_state for steps in scenario.ranks for step in steps):
+            before += guarded(schedule.when(lambda step: step.reset_iter_state), ["model.reset_iter_state()"])
+        if any(step.reshard_after_forward is not None for steps in scenario.ranks for step in steps):
+            before += guarded(
+                schedule.when(lambda step: step.reshard_after_forward is not None),
+                [f"model.set_reshard_after_forward({schedule.of(lambda step: bool(step.reshard_after_forward))})"],
+            )
+        before += controls(
+            schedule,
+            {
+                "gradient_sync": "set_requires_gradient_sync",
+                "all_reduce": "set_requires_all_reduce",
+                "last_backward": "set_is_last_backward",
+            },
+        )
+        everyone = f"for unit in [{', '.join(units)}]:"
+        if any(step.unshard for steps in scenario.ranks for step in steps):
+            before += guarded(schedule.when(lambda step: step.unshard), [everyone, "    unit.unshard()"])
+        after = []
+        if any(step.reshard for steps in scenario.ranks for step in steps):
+            after += guarded(schedule.when(lambda step: step.reshard), [everyone, "    unit.reshard()"])
+        return EngineSource(
+            tuple(imports),
+            tuple(wrap),
+            groups=tuple(groups),
+            helpers=tuple(helpers),
+            before_step=tuple(before),
+            after_step=tuple(after),
+            gradients=_gradients_source(cuda),
+            replicas='mesh.get_group("replicate")' if scenario.hybrid else None,
+            local="({0}.to_local() if isinstance({0}, DTensor) else {0})",
+        )
 
     # On a rank --------------------------------------------------------------
 
@@ -599,3 +592,17 @@ class Fsdp2(Engine):
         if step.reshard:
             for unit in built.units.values():
                 unit.reshard()
+
+
+def _gradients_source(cuda: bool) -> str:
+    """``gradients(model)``: every parameter's whole gradient, ``DTensor.full_tensor`` gathering it from the
+    shards (zeros where a parameter has none; one FSDP2 left unsharded holds its whole gradient)."""
+    return "\n".join(
+        [
+            "def gradients(model):  # every parameter's whole gradient, zeros where none (FSDP2's are DTensors)",
+            "    grads = {name: torch.zeros_like(p) if p.grad is None else p.grad"
+            " for name, p in model.named_parameters()}",
+            "    return {name: grad.full_tensor() if isinstance(grad, DTensor) else grad"
+            " for name, grad in grads.items()}",
+        ]
+    )

@@ -1,22 +1,21 @@
-"""One-screen reproducers: a scenario as a script that reads like a hand-written test.
+"""Reproducers: a scenario as the short script a PyTorch maintainer would paste into a bug report.
 
-``python -m fsdp_fuzz repro FILE`` writes one. It needs only torch: the
-model as an ``nn.Module`` with named submodules (``model``), the engine's
-wrapping calls written out (``engines``), each rank's program as
-straight-line code (``schedule``), the inputs drawn exactly as the executor
-draws them, and the contract the fuzzer judged by as assertions on what the
-ranks saw (``contract``, from ``fsdp_fuzz.judge.oracles``), with the
-single-process reference computed in the script where the numbers matter
-(``harness``). It prints one sentence and exits 1 when FSDP breaks its
-promise, 0 when it keeps it, within its own timeout whatever FSDP does.
+``python -m fsdp_fuzz repro FILE`` writes one. It needs only torch: the model as a plain ``nn.Module``
+with named submodules (``model``), the engine's calls written out (``Engine.source``, with what the
+engines share in ``engines``), each rank's steps as one loop whose every field is an expression of the
+rank and the step (``schedule``), batches from ``torch.manual_seed`` per rank and step, and in each
+rank the promise the fuzzer's judge holds FSDP to for this scenario (``contract``, from
+``fsdp_fuzz.judge.oracles``): the error it must raise, the warning it must or must not give, and where
+the numbers matter each rank's outputs and the gradients against the same steps run in one process
+without FSDP (``harness``, which also starts the ranks). A rank that breaks the promise fails with its
+traceback; the script exits 1 exactly then (a hung rank included), 0 when FSDP keeps it.
 
-The script is a second implementation of the executor's semantics;
-``tests/test_repro_scripts.py`` keeps the two in step by running the script
-of every ``corpus/known/`` file and comparing its verdict with replay's.
+The script is a second implementation of the executor's semantics; ``tests/test_repro_scripts.py``
+keeps the two in step by running the script of every ``corpus/known/`` file and comparing its exit code
+with the judge's verdict on a replay.
 
-``style="unittest"`` writes the same case as a test in PyTorch's own
-``MultiProcessTestCase`` (``torch.testing._internal``, which needs the
-``expecttest`` package PyTorch's test suite uses), ready for a pull request.
+``style="unittest"`` writes the same rank code as a test in PyTorch's own ``MultiProcessTestCase``
+(``torch.testing._internal``, which needs the ``expecttest`` package PyTorch's test suite uses).
 """
 
 from __future__ import annotations
@@ -27,11 +26,10 @@ from fsdp_fuzz.corpus import CorpusEntry
 from fsdp_fuzz.data import Scenario
 from fsdp_fuzz.judge.known_issues import issue_named
 from fsdp_fuzz.repro import harness
-from fsdp_fuzz.repro.contract import contract_for, numbers_matter
-from fsdp_fuzz.repro.engines import engine_source
-from fsdp_fuzz.repro.model import block_paths, model_source
-from fsdp_fuzz.repro.schedule import schedule_source
-from fsdp_fuzz.repro.text import docstring, literal
+from fsdp_fuzz.repro.contract import Contract, contract_for, numbers_matter
+from fsdp_fuzz.repro.model import model_source
+from fsdp_fuzz.repro.schedule import Schedule, forward_lines, forward_source
+from fsdp_fuzz.repro.text import docstring
 
 __all__ = ["STYLES", "reproducer_script"]
 
@@ -51,83 +49,72 @@ def reproducer_script(
         raise ValueError(f"style {style!r} is not one of {STYLES}")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r} is not one of ('cpu', 'cuda')")
+    cuda = device == "cuda"
     entry = case if isinstance(case, CorpusEntry) else None
     scenario = case.scenario if isinstance(case, CorpusEntry) else case
-    model = model_source(scenario)
-    engine = engine_source(scenario)
-    numbers = numbers_matter(entry)
-    contract = contract_for(scenario, numbers)
-    needs = harness.Needs.of(scenario, contract)
-    local = scenario.runs_on.local_tensors
-    program = "    schedule(rank, step)" if contract.reference else schedule_source(scenario, inline=True)
-    imports = _imports(style, model.imports, engine.imports, needs)
-    constants = [
-        f"WORLD_SIZE, STEPS, SEED, BATCH, IN_FEATURES = {scenario.world_size}, {scenario.num_steps}, "
-        f"{scenario.seed}, {scenario.batch_size}, {scenario.model.in_features}",
-        f"TIMEOUT_S = {float(timeout_s)!r}  # FSDP's process groups fail a collective that waits longer: hangs end"
-        + ("; ranks on GPUs rank mod n" if device == "cuda" else ""),
-    ]
-    if contract.reference:
-        constants.insert(1, "RANKS = range(WORLD_SIZE)")
-    if scenario.model.choices():
-        constants.append("PATH = {}  # branch point -> the alternatives the forwards of the step under way run there")
-    constants += contract.constants
-    sections = [
-        _docstring(entry, scenario, style),
-        "\n".join(imports),
-        "\n".join(constants),
-        model.classes,
-        model.build,
-        engine.wrap,
-        *([engine.stepping] if engine.stepping else []),
-        *([schedule_source(scenario)] if contract.reference else []),  # the reference runs it too
-        harness.STEP_INPUT.strip("\n"),
-        *([harness.forwards_source(scenario, needs)] if needs.numbers else []),
-        harness.rank_source(scenario, engine, contract, needs, program, style, device),
-        *([harness.LOCAL.strip("\n")] if local and (needs.numbers or contract.digest) else []),
-        *([_digest(scenario)] if contract.digest else []),
-        *([harness.reference_source(scenario, needs)] if contract.reference else []),
-        contract.source(),
-        *(helper.strip("\n") for helper in contract.helpers),
-    ]
+    schedule = Schedule(scenario)
+    model = model_source(scenario, schedule)
+    engine = scenario.runs_on.source(scenario, model, schedule, cuda)
+    contract = contract_for(scenario, numbers_matter(entry))
+    numbers = contract.numbers
+    promise = contract.promise(scenario.runs_on.api)
+    cast = scenario.param_dtype if scenario.param_dtype != "float32" and numbers.reference else None
+    setter = f"{engine.module}.step = step" if model.steps_choose else None
+    options = dict(step_setter=setter, cast=bool(cast), cuda=cuda)
+    sections = [*model.classes, model.model, *engine.helpers]
+    inline = None
+    if numbers.reference:  # the reference runs the same model and forwards: functions of their own
+        lines = forward_lines(scenario, schedule, model.trainable, returned=True, **options)
+        sections += [
+            forward_source(lines, cast),
+            harness.CHECK.strip("\n"),
+            harness.reference_source(scenario, model, schedule, engine.flat_gradients, cuda),
+        ]
+    else:
+        used = any(step.backward for steps in scenario.ranks for step in steps)
+        loss = all(step.backward for steps in scenario.ranks for step in steps) and engine.step_context is None
+        inline = forward_lines(scenario, schedule, model.trainable, returned=False, used=used, loss=loss, **options)
+    if numbers.grad_steps:
+        sections.append(engine.gradients)
+    if numbers.replicas_until:
+        sections.append(harness.replicas_source(scenario, engine, model))
+    sections.append(harness.run_source(scenario, model, engine, contract, schedule, cuda, inline))
     if style == "script":
-        main = harness.SCRIPT_MAIN.strip("\n").replace("KEPT", literal(_kept(numbers)))
-        if device == "cuda":
-            main = main.replace("def main():\n", "def main():" + harness.CUDA_CHECK.rstrip(" "), 1)
-        sections.append(main)
+        sections.append(harness.main_source(scenario, cuda))
     else:
         name = entry.path.stem if entry is not None else "scenario"
-        sections.append(
-            harness.UNITTEST_MAIN.strip("\n").format(cls=_class_name(entry, scenario), test=_test_name(name))
-        )
-    head, rest = sections[:3], [_comment_docstrings(section) for section in sections[3:] if section]
-    return "\n\n".join(head) + "\n\n\n" + "\n\n\n".join(rest) + "\n"
+        sections.append(harness.unittest_source(scenario.runs_on.test_class, _test_name(name)))
+    head = [
+        _docstring(entry, scenario, contract, promise, style),
+        "\n".join(_imports(style, model.imports, engine.imports, sections)),
+        "\n".join(
+            harness.constants(scenario, contract, timeout_s, promise)
+            + harness.ignored_constant(scenario, model)
+            + model.constants
+        ),
+    ]
+    return "\n\n".join(head) + "\n\n\n" + "\n\n\n".join(sections) + "\n"
 
 
-def _comment_docstrings(section: str) -> str:
-    """A top-level function's one-line docstring as a comment on its ``def`` line, where that fits."""
-
-    def as_comment(match: re.Match) -> str:
-        line = f"{match[1]}  # {match[2].rstrip('.')}"
-        return line + "\n" if len(line) <= 120 else match[0]
-
-    return re.sub(r'^(def [^\n]*:)\n    """([^"\n]+)"""\n', as_comment, section, flags=re.M)
-
-
-def _imports(style: str, model: tuple[str, ...], engine: tuple[str, ...], needs: harness.Needs) -> list[str]:
-    standard = {"from datetime import timedelta", *(line for line in model if "torch" not in line)}
-    if needs.warnings:
+def _imports(style: str, model: set[str], engine: tuple[str, ...], sections: list[str]) -> list[str]:
+    text = "\n".join(sections)
+    standard = {"import faulthandler", "from datetime import timedelta"}
+    standard |= {line for line in (*model, *engine) if "torch" not in line}
+    if "warnings." in text:
         standard.add("import warnings")
+    third = {"import torch", "import torch.distributed as dist", "from torch import nn"}
+    third |= {line for line in (*model, *engine) if "torch" in line}
     if style == "script":
-        standard |= {"import json", "import os", "import sys", "import tempfile", "import time", "import traceback"}
-    standard |= {line for line in engine if not line.startswith("from torch")}
-    third = {"import torch", "import torch.distributed as dist", "from torch import nn", *engine, *model}
-    third = {line for line in third if line.startswith(("import torch", "from torch"))}
-    if style == "script":
+        standard |= {"import os", "import tempfile"} | ({"import sys"} if "sys." in text else set())
+
         third.add("import torch.multiprocessing as mp")
     else:
         third.add("from torch.testing._internal.common_distributed import MultiProcessTestCase")
         third.add("from torch.testing._internal.common_utils import run_tests")
+    if not re.search(r"\bDTensor\)", text):  # isinstance(..., DTensor), not the word in a message
+        third.discard("from torch.distributed.tensor import DTensor")
+    if "nn." not in text:
+        third.discard("from torch import nn")
     return [*_sorted(standard), "", *_sorted(third)]
 
 
@@ -140,36 +127,16 @@ def _sorted(lines: set[str]) -> list[str]:
     return plain + froms
 
 
-def _digest(scenario: Scenario) -> str:
-    source = harness.DIGEST.strip("\n").format(
-        local="local(parameter)" if scenario.runs_on.local_tensors else "parameter"
-    )
-    if not scenario.ignored_blocks:
-        return source
-    paths = [block_paths(scenario.model)[name] for name in scenario.ignored_blocks]
-    skip = f"    skip = {{id(p) for name in {literal(paths)} for p in model.get_submodule(name).parameters()}}\n"
-    source = source.replace("    total = 0.0\n", "    total = 0.0\n" + skip)
-    return source.replace(
-        "for parameter in model.parameters():",
-        "for parameter in model.parameters():\n        if id(parameter) in skip:\n            continue",
-    )
-
-
-def _kept(numbers: bool) -> str:
-    return "FSDP kept its promise" + ("" if numbers else " (its numbers not compared: this issue is not about them)")
-
-
-SUMMARY_CHARS = 330
+SUMMARY_CHARS = 200
 """About three lines of the docstring for the issue's (or the scenario's) summary."""
 
 
-def _docstring(entry: CorpusEntry | None, scenario: Scenario, style: str) -> str:
-    """The issue (or the scenario) summarised in about three lines, its upstream threads, and how to run it."""
-    setting = f"{scenario.world_size} ranks, {scenario.runs_on.api}, debug level {scenario.debug_level}"
+def _docstring(entry: CorpusEntry | None, scenario: Scenario, contract: Contract, promise: str, style: str) -> str:
+    """What the finding is, its upstream threads, FSDP's promise here, and how to run the script."""
     lines = []
     if entry is not None and entry.known_issue:
         issue = issue_named(entry.known_issue)
-        lines.append(_summary(f"FSDP known issue {entry.known_issue} ({setting}):", issue.description))
+        lines.append(_summary(f"FSDP known issue {entry.known_issue}:", issue.description))
         if issue.upstream:
             lines.append("Upstream: " + ", ".join(reference.url for reference in issue.upstream))
     else:
@@ -179,15 +146,17 @@ def _docstring(entry: CorpusEntry | None, scenario: Scenario, style: str) -> str
             title = f"FSDP scenario {entry.path.stem}, from the fuzzer's corpus"
         else:
             title = "FSDP scenario, generated by fsdp_fuzz"
-        lines.append(_summary(f"{title} ({setting}).", scenario.description or ""))
+        lines.append(_summary(f"{title}:", scenario.description or ""))
         if entry is not None and entry.finding is not None:
             lines.append(f"The fuzzer saw (torch {entry.finding.torch_version}): {entry.finding.violations[0]}")
+    reasons = "; ".join(contract.reasons())
     if style == "script":
-        lines.append(
-            "Run `python repro.py` (torch only): one sentence; exit 1 while FSDP breaks its promise, 0 if not."
-        )
+        run = f"Run: python repro.py (or torchrun --nproc-per-node {scenario.world_size} repro.py); it exits 1 while"
     else:
-        lines.append("Run with pytest or python; PyTorch's test harness needs expecttest.")
+        run = "Run with pytest (PyTorch's test harness needs expecttest); the test fails while"
+    because = f" ({reasons})" if reasons else ""
+    lines.append(f"{run} FSDP breaks PROMISE{because}.")
+
     return docstring("\n".join(lines))
 
 
@@ -203,10 +172,6 @@ def _summary(head: str, description: str) -> str:
     if len(text) > SUMMARY_CHARS:
         text = text[: SUMMARY_CHARS - 4].rsplit(" ", 1)[0] + " ..."
     return text
-
-
-def _class_name(entry: CorpusEntry | None, scenario: Scenario) -> str:
-    return scenario.runs_on.test_class
 
 
 def _test_name(stem: str) -> str:

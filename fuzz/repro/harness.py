@@ -1,394 +1,61 @@
-"""The script around the scenario: how a rank runs its steps and reports
-them, the single-process reference where the numbers are checked, and the
-two ways of starting the ranks (a plain script that exits 1 when the
-finding reproduces, or a test in PyTorch's ``MultiProcessTestCase``).
+"""The script around the model: one rank's ``run`` (its process group, the engine's wrapping, the loop
+over its steps and what it asserts), the single-process reference where the numbers are checked, and
+the two ways of starting the ranks: a script (``torch.multiprocessing`` spawn, or ``torchrun``) that
+exits 1 exactly when a rank fails or hangs, or a test in PyTorch's ``MultiProcessTestCase``.
 
-Each piece is written for the scenario at hand: a step takes only the
-fields its schedule sets, and the forwards, the gradients, the optimizer,
-the warnings and the numbers appear only where a step or a check uses them.
+A rank asserts its own promise (``fsdp_fuzz.repro.contract``): an error it must raise is caught and
+checked, anything else propagates with its traceback; an order warning it must not see is an error
+(``warnings.filterwarnings``), one it must see is recorded and checked; numbers are compared with
+``torch.testing.assert_close``. Hangs end: FSDP's collectives run on groups with ``TIMEOUT``, and the
+launcher kills a rank still running at its deadline.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import ast
 
-from fsdp_fuzz.data import Scenario, Step
+from fsdp_fuzz.data import UNIT_ROUNDOFF, Scenario
 from fsdp_fuzz.engines.base import EngineSource
-from fsdp_fuzz.execute.reference import LEARNING_RATE
-from fsdp_fuzz.repro.contract import Contract
-from fsdp_fuzz.repro.model import block_paths
-from fsdp_fuzz.repro.text import call_lines, literal
+from fsdp_fuzz.execute.model import LEARNING_RATE
+from fsdp_fuzz.repro.contract import ORDER_WARNING, Contract, Raise, later_warning
+from fsdp_fuzz.repro.model import ModelSource
+from fsdp_fuzz.repro.schedule import Grid, Schedule, _member, expression, guarded
+from fsdp_fuzz.repro.text import literal, split_literal
 
 DEFAULT_TIMEOUT_S = 10.0
-FORWARD_FIELDS = ("mode", "forwards", "grad_enabled", "method", "frozen")
-"""The step fields the forwards read; the rest are the step's backward, optimizer and the engine's controls."""
 
-STEP_INPUT = """
-def step_input(rank, step, forward):  # the fuzzer's inputs: a batch that depends only on where it is used
-    generator = torch.Generator().manual_seed(((SEED * 1009 + rank) * 1009 + step) * 1009 + forward)
-    return torch.randn((BATCH, IN_FEATURES), generator=generator)
+CHECK = """
+def check(what, actual, expected, tolerance):  # assert_close within the tolerance of the fuzzer's judge
+
+    torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance, msg=lambda m: f"{what}: {m}")
+
 """
 
+REPLICAS = """
+def check_replicas(model, group, step):  # ranks that hold the same shards hold the same values
+    {parameters}mine = torch.cat([p.detach().reshape(-1).float() for p in {listed}])
 
-@dataclass(frozen=True)
-class Needs:
-    """What the scenario's steps and checks use, so the script writes nothing else."""
+    theirs = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(theirs, mine, group=group)
+    assert all(torch.equal(mine, other) for other in theirs), f"replicas hold other parameters after step {{step}}"
+"""
 
-    fields: tuple[str, ...]
-    """Step fields some step sets (``Step``'s names, ``mode`` where a step evaluates), in ``Step``'s order."""
-    cast: bool
-    """Mixed precision: the reference casts inputs and outputs as the engine does."""
-    numbers: bool
-    """The checks compare outputs or gradients with the unsharded reference."""
-    warnings: bool
-    """The checks read FSDP1's order warnings."""
-    zero_forwards: bool
-
-    @classmethod
-    def of(cls, scenario: Scenario, contract: Contract) -> Needs:
-        default, steps = Step(), [step for steps in scenario.ranks for step in steps]
-        used = tuple(
-            f.name
-            for f in fields(Step)
-            if f.name != "path" and any(getattr(step, f.name) != getattr(default, f.name) for step in steps)
-        )
-        cast = scenario.param_dtype != "float32" or getattr(scenario.mixed_precision, "output_dtype", None) is not None
-        return cls(
-            used, cast, contract.reference, scenario.runs_on.order_warnings, any(step.forwards == 0 for step in steps)
-        )
-
-
-def _default(name: str) -> str:
-    return "()" if name == "frozen" else literal(getattr(Step(), name))
-
-
-def _forward_lines(scenario: Scenario, needs: Needs, magnitude: bool) -> list[str]:
-    """The step's forwards as the user's program runs them: mode, path, freezing, grad mode, entry point;
-    ``total`` their outputs' sum (and ``size``, the sum of its absolute values, for the reference)."""
-    used = set(needs.fields)
-    lines = ['model.train(mode == "train")'] if "mode" in used else []
-    if scenario.model.choices():
-        lines.append("PATH.update(path)")
-    if scenario.freeze_untaken:
-        lines.append("freeze_untaken(model)")
-    scheduled = scenario.scheduled_frozen()
-    if scheduled:
-        paths = block_paths(scenario.model)
-        lines += [
-            f"for name, block in {literal({name: paths[name] for name in scheduled})}.items():",
-            "    for parameter in model.get_submodule(block).parameters():",
-            "        parameter.requires_grad = name not in frozen",
-        ]
-    entry = "model"
-    if "method" in used:
-        lines.append('entry = model if method == "forward" else getattr(model, method)')
-        entry = "entry"
-    cast = needs.cast and magnitude  # the reference's casts; the ranks' engine casts for itself
-    count = "forwards" if "forwards" in used else "1"
-    k = "k" if count != "1" or magnitude or needs.zero_forwards else "0"
-    batch = f"step_input(rank, index, {k}).to(device" + (", cast[0])" if cast else ")")
-    output = f"{entry}({batch})" + (".to(cast[1]).float()" if cast else "")
-    inner = []
-    if magnitude or needs.zero_forwards:
-        inner.append(f"outputs = [{output} for k in range({count})]")
-        inner.append(
-            "total = sum((output.sum() for output in outputs), torch.zeros((), device=device))"
-            if needs.zero_forwards
-            else "total = sum(output.sum() for output in outputs)"
-        )
-    elif count == "1":
-        inner.append(f"total = {output}.sum()")
-    else:
-        inner.append(f"total = sum({output}.sum() for k in range({count}))")
-    if "grad_enabled" in used:
-        lines += ["with torch.set_grad_enabled(grad_enabled):", *(f"    {line}" for line in inner)]
-    else:
-        lines += inner
-    if magnitude:
-        lines.append("size = sum(float(output.detach().abs().sum()) for output in outputs)")
-    return lines
-
-
-def forwards_source(scenario: Scenario, needs: Needs) -> str:
-    """``run_forwards``, which the ranks and the reference share where the numbers are checked."""
-    keywords = [f"{name}={_default(name)}" for name in FORWARD_FIELDS if name in needs.fields]
-    keywords += ["cast=(None, None)"] * needs.cast + ["**_"]
-    head = f"def run_forwards(model, rank, index, path, device, {', '.join(keywords)}):"
-    if len(head) > 120:
-        head = f"def run_forwards(\n    model, rank, index, path, device, {', '.join(keywords)}\n):"
-    return "\n".join(
-        [
-            head,
-            '    """The step\'s forwards: their outputs\' sum (float32) and the sum of its absolute values."""',
-            *(f"    {line}" for line in _forward_lines(scenario, needs, magnitude=True)),
-            "    return total, size",
-        ]
-    )
-
-
-def rank_source(
-    scenario: Scenario, engine: EngineSource, contract: Contract, needs: Needs, program: str, style: str, device: str
-) -> str:
-    """``run_rank``: one rank's setup and steps, each reported as it ends; after a failed step (or wrapping)
-    the rank runs nothing more (FSDP's state is undefined then), as the executor does. In a script, the rank
-    is a process of its own that writes each outcome as a JSON line; in a test, it calls ``report``."""
-    used = set(needs.fields)
-    optimizer = "optimizer_step" in used
-    parameters = [f"{name}={_default(name)}" for name in needs.fields]
-    if needs.numbers:
-        forwards = [name for name in FORWARD_FIELDS if name in used]
-        arguments = ["model", "rank", "index", "path", "device", *(f"{name}={name}" for name in forwards)]
-        body = [line[16:] for line in call_lines(" " * 16, "run_forwards", arguments, lead="total, _ = ")]
-    else:
-        body = _forward_lines(scenario, needs, magnitude=False)
-    backward = ["total.backward()"]
-    if needs.numbers:
-        grad = "local(g)" if scenario.runs_on.local_tensors else "g"
-        backward += [
-            "grads = [p.grad for p in model.parameters() if p.grad is not None]",
-            f'outcome["grad"] = float(sum({grad}.float().sum() for g in grads))',
-        ]
-    body += ["if backward:", *(f"    {line}" for line in backward)] if "backward" in used else backward
-    if optimizer:
-        body += ["if optimizer_step:", "    optimizer.step()", "    optimizer.zero_grad()"]
-    if needs.numbers:
-        body.append('outcome["output"] = float(total.detach().cpu())')
-    if contract.digest:
-        body.append('outcome["digest"] = digest(model)')
-    if engine.stepping is not None:
-        controls = ", ".join(f"{name}={name}" for name in engine.controls)
-        body = [f"with stepping(model, {controls}):", *(f"    {line}" for line in body)]
-    outcome = '{"mode": mode}' if "mode" in used and needs.warnings else "{}"
-    if needs.numbers:
-        outcome = outcome[:-1] + (", " if outcome != "{}" else "") + '"grad": None}'
-    guarded = [
-        "try:",
-        *(f"    {line}" for line in body),
-        "except Exception as exc:",
-        '    failed.append(outcome.setdefault("error", f"{type(exc).__name__}: {exc}"))',
-    ]
-    if needs.warnings:
-        guarded = [
-            "with warnings.catch_warnings(record=True) as caught:",
-            '    warnings.simplefilter("always")',
-            *(f"    {line}" for line in guarded),
-            'outcome["warnings"] = [str(w.message) for w in caught if str(w.message).startswith("Forward order differs")]',  # noqa: E501
-        ]
-    signature = call_lines("    ", "def step", ["index", "path", *parameters])
-    signature[-1] += ":"
-    if style == "script":
-        report = "print(json.dumps([{}, {}]), file=log)".format
-        lines = [
-            "def run_rank(rank, tmp):",
-            '    """One rank, in a process of its own: build, wrap and run its program, each step\'s outcome a JSON',
-            '    line in tmp/rank (-1: wrapping), kept if the rank hangs or dies."""',
-            "    for fd in (1, 2):  # FSDP's own prints (an assert prints the module) stay out of the verdict",
-            "        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)",
-            '    log = open(f"{tmp}/{rank}", "a", buffering=1)',
-        ]
-        store = 'f"file://{tmp}/store"'
-    else:
-        report = "report({}, {})".format
-        lines = [
-            "def run_rank(rank, store, report):",
-            '    """Join the ranks at store, build, wrap and run this rank\'s program; report(step, outcome) as each',
-            '    step ends (-1: wrapping)."""',
-        ]
-        store = "store"
-    if device == "cuda":
-        lines += [
-            "    gpus = torch.cuda.device_count()",
-            '    device = torch.device("cuda", rank % gpus)',
-            "    torch.cuda.set_device(device)",
-            '    backend = "nccl" if gpus >= WORLD_SIZE else "gloo"  # NCCL where every rank has a GPU of its own',
-        ]
-    else:
-        lines.append('    device, backend = torch.device("cpu"), "gloo"')
-    lines.append(f"    dist.init_process_group(backend, init_method={store}, rank=rank, world_size=WORLD_SIZE)")
-    if scenario.hybrid:
-        lines += [
-            "    def new_group(ranks=None):  # FSDP's own: a collective waiting past TIMEOUT_S fails, so hangs end",
-            "        return dist.new_group(ranks, timeout=timedelta(seconds=TIMEOUT_S))",
-            "",
-        ]
-        groups = engine.groups
-    else:
-        own = "dist.new_group(timeout=timedelta(seconds=TIMEOUT_S))  # FSDP's own: a collective waiting past it fails"
-        groups = engine.groups.replace("new_group()", own)
-    if scenario.collective_checker:
-        lines.append(
-            "    dist.set_debug_level(dist.DebugLevel.DETAIL)  # groups created now get the collective checker"
-        )
-    lines += [
-        groups,
-        f"    dist.set_debug_level(dist.DebugLevel.{scenario.debug_level})",
-        "    failed = []",
-        "    try:",
-        "    " + engine.wrap_call,
-        *([f"        optimizer = torch.optim.SGD(model.parameters(), lr={LEARNING_RATE})"] if optimizer else []),
-        "    except Exception as exc:",
-        '        failed.append(f"{type(exc).__name__}: {exc}")',
-        "    " + report("-1", '{"error": failed[0]} if failed else {}'),
-        "",
-        *signature,
-        "        if failed:  # after a failed step a rank runs nothing more: FSDP's state is undefined",
-        "            return",
-        f"        outcome = {outcome}",
-        *(f"        {line}" for line in guarded),
-        "        " + report("index", "outcome"),
-        "",
-        program,
-    ]
-    if style == "script":
-        lines += [
-            "    dist.barrier()  # done: wait for peers still in a collective, which end by their own timeout",
-            "    os._exit(0)",
-        ]
-    return "\n".join(lines)
-
-
-LOCAL = '''
-def local(tensor):
-    """This rank's part of a tensor (FSDP2's are DTensors, whose own sum would be a collective)."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-'''
-
-DIGEST = '''
-def digest(model):
-    """A fingerprint of this rank's local parameters: equal values, equal digests."""
-    total = 0.0
-    for parameter in model.parameters():
-        values = {local}.detach().reshape(-1).double().cpu()
-        total += float((values * torch.arange(1, values.numel() + 1, dtype=torch.float64) / values.numel()).sum())
-    return total
-'''
-
-
-def reference_source(scenario: Scenario, needs: Needs) -> str:
-    """``reference()``: the unsharded run of every rank's program in one process (``fsdp_fuzz.execute.reference``)."""
-    policy = scenario.mixed_precision
-    param = scenario.param_dtype
-    output = getattr(policy, "output_dtype", None)
-    buffer = getattr(policy, "buffer_dtype", None)
-    divisor = scenario.runs_on.gradient_divisor(scenario)
-    ignored = scenario.ignored_blocks
-    lines = [
-        "def reference():",
-        '    """What data parallelism promises, computed in one process without FSDP: per step, each rank\'s',
-        "    outputs on its own batches, and the gradient averaged over the ranks, accumulated until SGD",
-        '    updates the one set of parameters."""',
-        "    models = [build() for _ in RANKS]  # one per rank: each keeps its own running statistics",
-    ]
-    if buffer is not None:
-        lines += [
-            "    for buffer in (b for model in models for b in model.buffers() if b.is_floating_point()):",
-            f"        buffer.data = buffer.data.to(torch.{buffer})",
-        ]
-    lines += [
-        "    parameters = [list(model.parameters()) for model in models]",
-        "    masters = [parameter.detach().clone() for parameter in parameters[0]]",
-        f"    optimizer = torch.optim.SGD(masters, lr={LEARNING_RATE})",
-    ]
-    if ignored:
-        paths = block_paths(scenario.model)
-        names = " ".join(f"*models[0].get_submodule({literal(paths[name])}).parameters()," for name in ignored)
-        lines.append("    # ignored: each rank's own, updated by its own gradient")
-        lines.append(f"    own = {{id(p) for p in [{names}]}}")
-        lines.append("    own = {i for i, parameter in enumerate(parameters[0]) if id(parameter) in own}")
-    lines += [
-        '    calls, cpu = [[] for _ in RANKS], torch.device("cpu")',
-        "    for rank in RANKS:",
-        "        schedule(rank, lambda index, path, rank=rank, **kwargs: calls[rank].append((path, kwargs)))",
-        "    expected = []",
-        "    for index in range(STEPS):",
-        "        outputs, summed = [], {}",
-        "        for rank in RANKS:",
-        "            path, kwargs = calls[rank][index]",
-        "            for i, parameter in enumerate(parameters[rank]):",
-    ]
-    load = f"masters[i].to(torch.{param}, copy=True)"
-    if ignored:
-        lines.append(f"                parameter.data = parameter.data if i in own else {load}")
-    else:
-        lines.append(f"                parameter.data = {load}")
-    dtypes = [f"cast=(torch.{param}, {'None' if output is None else 'torch.' + output})"] if needs.cast else []
-    lines += [
-        *call_lines(
-            " " * 12,
-            "run_forwards",
-            ["models[rank]", "rank", "index", "path", "cpu", *dtypes, "**kwargs"],
-            "total, size = ",
-        ),
-        "            outputs.append((float(total.detach()), size))",
-        '            if kwargs.get("backward", True) and total.requires_grad:',
-        "                total.backward()",
-        "                for i, parameter in enumerate(parameters[rank]):",
-        f"                    if parameter.grad is not None{' and i not in own' if ignored else ''}:",
-        "                        summed[i] = summed.get(i, 0) + parameter.grad.float()",
-        "                        parameter.grad = None",
-        "        grad = size = None",
-        '        if calls[0][index][1].get("backward", True):',
-        "            for i, gradient in summed.items():",
-        f"                average = gradient / {divisor!r}",
-        "                masters[i].grad = average if masters[i].grad is None else masters[i].grad + average",
-        "            grads = [master.grad for master in masters if master.grad is not None]",
-        "            grad = float(sum((g.sum() for g in grads), torch.zeros(())))",
-        "            size = float(sum((g.abs().sum() for g in grads), torch.zeros(())))",
-        '        if calls[0][index][1].get("optimizer_step"):',
-        "            optimizer.step()",
-        "            optimizer.zero_grad()",
-    ]
-    if ignored:
-        lines += [
-            "            for rank, i in ((rank, i) for rank in RANKS for i in own):",
-            "                mine = parameters[rank][i]",
-            "                if mine.grad is not None:",
-            f"                    mine.data, mine.grad = mine.data - {LEARNING_RATE} * mine.grad, None",
-        ]
-    lines += [
-        "        expected.append((outputs, grad, size))",
-        "    return expected",
-    ]
-    return "\n".join(lines)
-
-
-SCRIPT_MAIN = """
-def main():
-    with tempfile.TemporaryDirectory() as tmp:
-        ranks = [mp.get_context("spawn").Process(target=run_rank, args=(rank, tmp)) for rank in range(WORLD_SIZE)]
-        for rank, process in enumerate(ranks):
-            open(f"{tmp}/{rank}", "w").close()
-            process.start()
-        deadline, seen = time.monotonic() + 120 + 3 * TIMEOUT_S, []  # the script ends, whatever FSDP does
-        for rank, process in enumerate(ranks):
-            process.join(max(0.0, deadline - time.monotonic()))
-            process.kill()
-            with open(f"{tmp}/{rank}") as log:
-                seen.append(dict(json.loads(line) for line in log))
-            last, code = max(seen[rank], default=-2), process.exitcode  # None, -9: killed at the deadline
-            if last + 1 < STEPS and "error" not in seen[rank].get(last, {}):  # stopped early, not after an error
-                died = code not in (None, 0, -9)
-                seen[rank][last + 1] = {"error": f"the rank died (exit code {code})" if died else "the rank hung"}
-    broken = check(seen)
-    print(f"FSDP broke its promise (torch {torch.__version__}): {broken.splitlines()[0]}" if broken else
-          KEPT)
-    return 1 if broken else 0
-
-
+MAIN = """
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Exception:  # the script itself failed: neither verdict
-        traceback.print_exc()
-        sys.exit(3)
+    if "RANK" in os.environ:  # torchrun --nproc-per-node {world} repro.py: this process is one rank
+        run(int(os.environ["RANK"]))
+    else:  # every rank a process of its own: mp.spawn raises if one fails or hangs{cuda}
+        mp.spawn(run, args=(f"file://{{tempfile.mkdtemp()}}/store",), nprocs=WORLD_SIZE)
+        print(f"FSDP kept its promise on torch {{torch.__version__}}: {{PROMISE}}")
 """
 
 CUDA_CHECK = """
-    if not torch.cuda.is_available():
-        raise RuntimeError("the script was written for CUDA, but torch sees no GPU here: write it with --device cpu")
-"""
+        if not torch.cuda.is_available():  # neither verdict: exit 3
+            print("written for CUDA, but torch sees no GPU here: write the script with --device cpu", file=sys.stderr)
+            sys.exit(3)"""
 
-UNITTEST_MAIN = """
+
+UNITTEST = """
 class {cls}(MultiProcessTestCase):
     @property
     def world_size(self):
@@ -399,15 +66,419 @@ class {cls}(MultiProcessTestCase):
         self._spawn_processes()
 
     def {test}(self):
-        seen = {{}}
-        run_rank(self.rank, f"file://{{self.file_name}}", seen.__setitem__)
-        everything = [None] * WORLD_SIZE
-        dist.all_gather_object(everything, seen)
-        broken = check(everything)
-        if broken is not None:
-            self.fail(f"FSDP broke its promise: {{broken}}")
+        run(self.rank, f"file://{{self.file_name}}")
 
 
 if __name__ == "__main__":
     run_tests()
 """
+
+
+def constants(scenario: Scenario, contract: Contract, timeout_s: float, promise: str) -> list[str]:
+    lines = [
+        f"WORLD_SIZE, STEPS, TIMEOUT = {scenario.world_size}, {scenario.num_steps}, "
+        f"timedelta(seconds={float(timeout_s)!r})  # a collective waiting longer fails",
+        *split_literal("PROMISE", promise),
+    ]
+    numbers = contract.numbers
+    if numbers.reference:
+        coarsest = max(scenario.dtypes, key=lambda name: UNIT_ROUNDOFF[name])
+        why = "1e-4" if coarsest == "float32" else f"{coarsest}'s rounding over {numbers.operations} additions"
+        lines.append(
+            f"TOLERANCE = {numbers.output_tolerance!r}, {numbers.grad_tolerance!r}  # outputs, gradients: the judge's"
+            f" ({why})"
+        )
+    if any(promised.warned_in for promised in contract.ranks):
+        lines += split_literal("WARNING", later_warning("{}"))
+    documented = {p.may_raise.words for p in contract.ranks if p.may_raise is not None and len(p.may_raise.words) > 1}
+    for words in documented:
+        lines += [
+            "DOCUMENTED = (  # how FSDP2 documents refusing a method it was not told of",
+            *(f"    {literal(phrase)}," for phrase in words),
+            ")",
+        ]
+    return lines
+
+
+# A rank ---------------------------------------------------------------------
+
+
+def run_source(
+    scenario: Scenario,
+    model: ModelSource,
+    engine: EngineSource,
+    contract: Contract,
+    schedule: Schedule,
+    cuda: bool,
+    forwards: list[str] | None,
+) -> str:
+    """``run(rank, init_method)``: the rank's group, wrapping and steps, asserting its promise. ``forwards``:
+    the step's forwards written inline (``None``: ``forward()`` computes them, as for the reference)."""
+    head: list[str] = [
+        "faulthandler.dump_traceback_later(120 + 3 * TIMEOUT.seconds, exit=True)  # still running then: hung, see where"
+    ]
+    if cuda:
+        head += [
+            'device = torch.device("cuda", rank % torch.cuda.device_count())',
+            "torch.cuda.set_device(device)",
+            'backend = "nccl" if torch.cuda.device_count() >= WORLD_SIZE else "gloo"  # NCCL: a GPU per rank',
+        ]
+    checked = scenario.collective_checker
+    if checked and not scenario.hybrid:
+        head.append("dist.set_debug_level(dist.DebugLevel.DETAIL)  # before the group: FSDP's collectives checked")
+    backend = "backend" if cuda else '"gloo"'
+    head.append(
+        f"dist.init_process_group({backend}, init_method=init_method, rank=rank, world_size=WORLD_SIZE, "
+        "timeout=TIMEOUT)"
+    )
+    if checked and scenario.hybrid:
+        head.append("dist.set_debug_level(dist.DebugLevel.DETAIL)  # before the groups: FSDP's collectives checked")
+    head += engine.groups
+    head.append("finished = dist.new_group(timeout=2 * TIMEOUT)  # where a rank waits for the others at the end")
+    later_groups = scenario.runs_on.name == "fsdp1" or isinstance(scenario.fsdp2.reshard_after_forward, int)
+    if scenario.debug_level != "OFF" and not (checked and scenario.debug_level == "DETAIL") and later_groups:
+        head.append(f"dist.set_debug_level(dist.DebugLevel.{scenario.debug_level})")
+    if contract.numbers.reference:
+        head.append("expected = list(reference(rank))")
+    moved = ".to(device)" if scenario.runs_on.name == "fsdp2" and cuda and not scenario.cpu_offload else ""
+    built = f"{model.constructor}({'rank' if model.takes_rank else ''}){moved}"
+    setup = [f"model = {built}", *engine.wrap]
+    if len(setup) == 2 and setup[1].startswith("model = FSDP(model, "):  # the root the only unit
+        one = setup[1].replace("FSDP(model, ", f"FSDP({built}, ", 1)
+        setup = [one] if len(one) <= 116 else setup
+
+    if any(step.optimizer_step for steps in scenario.ranks for step in steps):
+        setup.append(f"optimizer = torch.optim.SGD(model.parameters(), lr={LEARNING_RATE})")
+    grid = Grid(scenario.world_size, 1)
+    due = _due(contract, grid)
+    step = _step(scenario, engine, contract, schedule, due is not None, forwards)
+    single = scenario.num_steps == 1 and forwards is not None  # one step: no loop
+    loop = step if single else ["for step in range(STEPS):", *_indent(step)]
+    promised = _promised_errors(contract, grid, single)
+    unwarned = [rank for rank, p in enumerate(contract.ranks) if p.unwarned and not p.warned_in and p.raises is None]
+    if due is None and unwarned:
+        warns = f'warnings.filterwarnings("error", "{ORDER_WARNING}")  # an order warning fails the step'
+        head += guarded(_member("rank", unwarned, scenario.world_size)[0], [warns])
+    if due is not None:
+        head += [f"due = {due}  # the steps FSDP warns in", "warned = False"]
+    body: list[str] = []
+    if promised is None:
+        body = [*setup, *loop]
+    else:
+        test, required = promised
+        setup_fails = not single and any(-1 in (p.raises or p.may_raise or _NONE).steps for p in contract.ranks)
+        before = (
+            ["step = -1  # the wrapping", "try:", *_indent(setup), *_indent(loop)]
+            if setup_fails
+            else [
+                *setup,
+                "try:",
+                *_indent(loop),
+            ]
+        )
+        exception, accepted = test
+        body = [
+            *before,
+            f"except {exception} as error:",
+            f"    if {_negated(accepted)}:",
+            "        raise",
+        ]
+        if required != "False":
+            missing = 'raise AssertionError(f"rank {rank} ran every step, though FSDP promises: {PROMISE}")'
+            body += ["else:", *_indent(guarded(required, [missing]))]
+    if due is not None:
+        body.append('assert warned or not due, f"rank {rank} was never warned in step(s) {due}: {PROMISE}"')
+    lines = [
+        'def run(rank, init_method="env://"):  # one rank\'s steps, asserting what FSDP promises for them',
+        *_indent(head + body),
+        "    dist.barrier(group=finished)  # a peer still in one of FSDP's collectives then times out, as a hang does",
+        *(["    dist.destroy_process_group()"] if cuda else []),
+    ]
+    return "\n".join(lines)
+
+
+def _indent(lines: list[str], by: str = "    ") -> list[str]:
+    return [f"{by}{line}" if line else line for line in lines]
+
+
+def _step(
+    scenario: Scenario,
+    engine: EngineSource,
+    contract: Contract,
+    schedule: Schedule,
+    record: bool,
+    forwards: list[str] | None,
+) -> list[str]:
+    """One step's body: the engine's controls, the forwards, backward, optimizer step, and the checks."""
+    numbers = contract.numbers
+    inner = ["outputs = forward(model, rank, step)"] if forwards is None else list(forwards)
+    if numbers.outputs_until:
+        compare = ['check(f"rank {rank}\'s outputs in step {step}", outputs, expected[step][0], TOLERANCE[0])']
+        inner += guarded(_below("step", numbers.outputs_until, scenario.num_steps), compare)
+    if not inner[-1].endswith(".backward()"):  # the forwards are not the backward already
+        backward = ["sum(output.sum() for output in outputs).backward()"]
+        inner += guarded(schedule.when(lambda step: step.backward), backward)
+    if numbers.grad_steps:
+        compare = [f'check(f"gradients after step {{step}}", {engine.gradients_call}, expected[step][1], TOLERANCE[1])']
+        inner += guarded(_member("step", numbers.grad_steps, scenario.num_steps)[0], compare)
+    inner += guarded(schedule.when(lambda step: step.optimizer_step), ["optimizer.step()", "optimizer.zero_grad()"])
+    if engine.step_context is not None:
+        inner = [f"with {engine.step_context}:", *_indent(inner)]
+    lines = [*engine.before_step, *_merged(inner), *engine.after_step]
+    if numbers.replicas_until:
+        table = {(rank, 0): until for rank, until in enumerate(numbers.replicas_until)}
+        until = expression(table, Grid(scenario.world_size, 1))
+        group = engine.replicas or "None"
+        lines += guarded(
+            _below("step", until, scenario.num_steps) if until.isdigit() else f"step < {until}",
+            [f"check_replicas(model, {group}, step)"],
+        )
+    if record:
+        eval_steps = any(step.mode == "eval" for steps in scenario.ranks for step in steps)
+        due = "step in due" + (" and model.training" if eval_steps else "")
+        lines = [
+            "with warnings.catch_warnings(record=True) as caught:",
+            '    warnings.simplefilter("always")',
+            *_indent(lines),
+            "for warning in caught:",
+            f'    if str(warning.message).startswith("{ORDER_WARNING}"):',
+            f"        assert {due} and str(warning.message).startswith(WARNING.format(rank)), (",
+            '            f"rank {rank}, step {step}: {warning.message}"',
+            "        )",
+            "        warned = True",
+        ]
+    return lines
+
+
+def _negated(test: str) -> str:
+    """``not (test)``, as ruff would write it: ``a not in b`` for ``a in b``."""
+    tree = ast.parse(test, mode="eval").body
+    if isinstance(tree, ast.Compare) and len(tree.ops) == 1 and isinstance(tree.ops[0], ast.In):
+        return f"{ast.unparse(tree.left)} not in {ast.unparse(tree.comparators[0])}"
+    return f"not ({test})" if isinstance(tree, ast.BoolOp) else f"not {test}"
+
+
+def _merged(lines: list[str]) -> list[str]:
+    """Consecutive ``if`` blocks of one condition as one block."""
+    merged: list[str] = []
+    for line in lines:
+        if line.startswith("if ") and merged and line in merged:
+            start = len(merged) - 1 - merged[::-1].index(line)
+            if all(other.startswith("    ") for other in merged[start + 1 :]):
+                continue
+        merged.append(line)
+    return merged
+
+
+def _below(name: str, until: int | str, size: int) -> str | None:
+    return None if int(until) >= size else f"{name} < {until}"
+
+
+def _due(contract: Contract, grid: Grid) -> str | None:
+    """``due``: per rank, the steps FSDP1 must warn in; ``None`` where no rank records warnings."""
+    if not any(promised.warned_in for promised in contract.ranks):
+        return None
+    table = {(rank, 0): tuple(promised.warned_in) for rank, promised in enumerate(contract.ranks)}
+    return expression(table, grid)
+
+
+_NONE = Raise("", (), ())
+
+
+def _promised_errors(contract: Contract, grid: Grid, single: bool) -> tuple[tuple[str, str], str | None] | None:
+    """((exception class, the test an error must pass), the condition of the ranks that must raise) for the
+    errors some rank is promised or may give, or ``None``."""
+    kinds: dict[tuple, dict[int, tuple[int, ...]]] = {}
+    for rank, promised in enumerate(contract.ranks):
+        for error in (promised.raises, promised.may_raise):
+            if error is not None:
+                kinds.setdefault(error.kind, {})[rank] = error.steps
+    if not kinds:
+        return None
+    types = {kind[0] for kind in kinds}
+    tests = []
+    for (error_type, words, starts), steps in kinds.items():
+        table = {(rank, 0): tuple(steps.get(rank, ())) for rank in range(grid.world)}
+        values = set(table.values())
+        if single and all(0 in value for value in values):  # the only step, or the wrapping before it
+            step_test = ""
+        elif single:
+            step_test = _member("rank", [rank for (rank, _), value in table.items() if 0 in value], grid.world)[0]
+        elif len(values) == 1:
+            (only,) = values
+            step_test = (
+                f"step == {only[0]}"
+                if len(only) == 1
+                else f"step in {literal(only)}".replace("[", "(").replace("]", ")")
+            )
+        else:
+            where = expression(table, grid)
+            step_test = f"step in ({where})" if " if " in where else f"step in {where}"
+        if starts:
+            text = f"str(error).startswith({literal(words[0])})"
+        elif len(words) == 1:
+            text = f"{literal(words[0])} in str(error)"
+        else:
+            text = "any(words in str(error) for words in DOCUMENTED)"
+        kind = [f"isinstance(error, {error_type})"] if len(types) > 1 else []
+        tests.append(" and ".join(part for part in [step_test, *kind, text] if part))
+    test = tests[0] if len(tests) == 1 else " or ".join(f"({test})" for test in tests)
+    required = [rank for rank, promised in enumerate(contract.ranks) if promised.raises is not None]
+    condition = _member("rank", required, grid.world)[0]
+    exception = types.pop() if len(types) == 1 else "Exception"
+    return (exception, test), None if condition == "True" else condition
+
+
+# The numbers ----------------------------------------------------------------
+
+
+def reference_source(scenario: Scenario, model: ModelSource, schedule: Schedule, flat: bool, cuda: bool) -> str:
+    """``reference(rank)``: every rank's steps in one process without FSDP (``fsdp_fuzz.execute.reference``):
+    this rank's outputs and the gradients averaged over the ranks, after each step. One model runs every
+    rank's forwards (``model.rank`` switching its path) unless the ranks need copies of their own: norm
+    statistics that an eval step reads, ignored parameters, or low precision (float32 weights apart)."""
+    copies = (
+        scenario.param_dtype != "float32"
+        or scenario.ignored_blocks
+        or (scenario.model.has_norms() and any(step.mode == "eval" for steps in scenario.ranks for step in steps))
+    )
+    if copies:
+        return _reference_copies(scenario, model, schedule, flat, cuda)
+    divisor = scenario.runs_on.gradient_divisor(scenario)
+    divide = "WORLD_SIZE" if divisor == scenario.world_size else repr(divisor)
+    grads = "{name: torch.zeros_like(p) if p.grad is None else p.grad for name, p in model.named_parameters()}"
+    whole = "grad.reshape(-1).clone()" if flat else "grad.clone()"
+    backward = [f"(sum(output.sum() for output in outputs[r]) / {divide}).backward()"]
+    lines = [
+        "def reference(rank):  # what FSDP must compute: every rank's steps in one process, gradients averaged",
+        f"    model = {model.constructor}({'rank' if model.takes_rank else ''})" + (".cuda()" if cuda else ""),
+    ]
+    updates = any(step.optimizer_step for steps in scenario.ranks for step in steps)
+    if updates:
+        lines.append(f"    optimizer = torch.optim.SGD(model.parameters(), lr={LEARNING_RATE})")
+    lines += [
+        "    for step in range(STEPS):",
+        "        outputs = []",
+        "        for r in range(WORLD_SIZE):",
+        *(["            model.rank = r"] if model.takes_rank else []),
+        "            outputs.append(forward(model, r, step))",
+        *_indent(guarded(schedule.when(lambda step: step.backward, rank="r"), backward), " " * 12),
+        f"        grads = {grads}",
+        f"        yield outputs[rank], {{name: {whole} for name, grad in grads.items()}}",
+    ]
+    if updates:
+        update = schedule.when(lambda step: step.optimizer_step, rank="0")
+        lines += _indent(guarded(update, ["optimizer.step()", "optimizer.zero_grad()"]), " " * 8)
+    return "\n".join(lines)
+
+
+def _reference_copies(scenario: Scenario, model: ModelSource, schedule: Schedule, flat: bool, cuda: bool) -> str:
+    """The reference with a copy of the model per rank, in the scenario's dtypes (the executor's own)."""
+    param = scenario.param_dtype
+    output = getattr(scenario.mixed_precision, "output_dtype", None)
+    divisor = scenario.runs_on.gradient_divisor(scenario)
+    divide = "WORLD_SIZE" if divisor == scenario.world_size else repr(divisor)
+    ignored = bool(scenario.ignored_blocks)
+    build = f"{model.constructor}({'r' if model.takes_rank else ''})" + (".cuda()" if cuda else "")
+    cast = param != "float32"
+    update = schedule.when(lambda step: step.optimizer_step, rank="0")
+    updates = update != "False" and any(step.optimizer_step for steps in scenario.ranks for step in steps)
+    lines = [
+        "def reference(rank):",
+        '    """What FSDP must compute: every rank\'s steps in one process, on a copy of the model each (its own',
+        '    path and norm statistics), in FSDP\'s dtypes, the gradients averaged over the ranks."""',
+        f"    models = [{build} for r in range(WORLD_SIZE)]",
+    ]
+    if cast and updates:
+        lines.append("    weights = {name: p.detach().clone() for name, p in models[0].named_parameters()}  # float32")
+    if cast:
+        lines += ["    for model in models:", f"        model.to(torch.{param})  # computing in {param}"]
+    lines.append("    grads = {name: torch.zeros_like(p).float() for name, p in models[0].named_parameters()}")
+    call = f"forward(model, r, step{f', torch.{param}' if cast else ''})"
+    backward = schedule.when(lambda step: step.backward, rank="r")
+    keep = " and not name.startswith(IGNORED)" if ignored else ""
+    lines += [
+        "    for step in range(STEPS):",
+        f"        outputs = [{call} for r, model in enumerate(models)]",
+        "        for r, model in enumerate(models):",
+        *_indent(guarded(backward, ["sum(output.sum() for output in outputs[r]).backward()"]), " " * 12),
+        "            for name, p in model.named_parameters():",
+        f"                if p.grad is not None{keep}:",
+        f"                    grads[name] = grads[name] + p.grad.float() / {divide}",
+        "                    p.grad = None",
+    ]
+    mine = "outputs[rank]" if output is None else f"[output.to(torch.{output}) for output in outputs[rank]]"
+    shaped = "{name: grad.reshape(-1) for name, grad in grads.items()}" if flat else "dict(grads)"
+    lines.append(f"        yield {mine}, {shaped}")
+    if updates:
+        sgd = [f"with torch.no_grad():  # SGD, lr {LEARNING_RATE}, on the averaged gradients"]
+        if cast:
+            sgd += [
+                "    for name, weight in weights.items():",
+                f"        weight -= {LEARNING_RATE} * grads[name]",
+                "    for model in models:",
+                "        for name, p in model.named_parameters():",
+                "            p.copy_(weights[name])",
+            ]
+        else:
+            sgd += [
+                "    for model in models:",
+                "        for name, p in model.named_parameters():",
+                f"            p -= {LEARNING_RATE} * grads[name]",
+            ]
+        if ignored:
+            sgd += [
+                "    for model in models:  # the ignored parameters: each rank's own, by its own gradient",
+                "        for name, p in model.named_parameters():",
+                "            if name.startswith(IGNORED) and p.grad is not None:",
+                f"                p -= {LEARNING_RATE} * p.grad",
+                "                p.grad = None",
+            ]
+        sgd.append("grads = {name: torch.zeros_like(grad) for name, grad in grads.items()}")
+        lines += _indent(guarded(update, sgd), "        ")
+    return "\n".join(lines)
+
+
+def replicas_source(scenario: Scenario, engine: EngineSource, model: ModelSource) -> str:
+    if scenario.ignored_blocks:
+        params = (
+            'name, p in model.named_parameters() if not name.replace("_fsdp_wrapped_module.", "").startswith(IGNORED)'
+        )
+        params = params.replace(" if ", "\n        if ", 1) if len(params) > 80 else params
+    else:
+        params = "p in model.parameters()"
+    local = engine.local.format("p")
+    if local == "p" and not scenario.ignored_blocks:  # the parameters themselves: no list of their own
+        return REPLICAS.strip("\n").format(parameters="", listed="model.parameters()")
+    return REPLICAS.strip("\n").format(parameters=f"parameters = [{local} for {params}]\n    ", listed="parameters")
+
+
+def ignored_constant(scenario: Scenario, model: ModelSource) -> list[str]:
+    if not scenario.ignored_blocks:
+        return []
+    prefixes = tuple(model.paths[name] + "." for name in scenario.ignored_blocks)
+    return [
+        f"IGNORED = {literal(prefixes).replace('[', '(').replace(']', ',)' if len(prefixes) == 1 else ')')}"
+        "  # the engine ignores them: each rank's own"
+    ]
+
+
+def main_source(scenario: Scenario, cuda: bool) -> str:
+    return MAIN.strip("\n").format(cuda=CUDA_CHECK if cuda else "", world=scenario.world_size)
+
+
+def unittest_source(cls: str, test: str) -> str:
+    return UNITTEST.strip("\n").format(cls=cls, test=test)
+
+
+__all__ = [
+    "CHECK",
+    "DEFAULT_TIMEOUT_S",
+    "constants",
+    "ignored_constant",
+    "main_source",
+    "reference_source",
+    "replicas_source",
+    "run_source",
+    "unittest_source",
+]

@@ -1,4 +1,4 @@
-"""Small helpers for writing Python source: literals, wrapped comments, blocks."""
+"""Small helpers for writing Python source: literals, docstrings, long strings split into pieces."""
 
 from __future__ import annotations
 
@@ -23,11 +23,6 @@ def literal(value: Any) -> str:
     return repr(value)
 
 
-def comment(text: str, indent: str = "") -> list[str]:
-    """``text`` as ``#`` lines wrapped at ``WIDTH``."""
-    return [f"{indent}# {line}" for line in textwrap.wrap(text, WIDTH - len(indent) - 2, break_on_hyphens=False)]
-
-
 def wrap(text: str, width: int = WIDTH) -> str:
     """Wrap each paragraph of ``text``; lines that start with spaces are kept as they are."""
     out = []
@@ -46,29 +41,11 @@ def docstring(text: str, indent: str = "") -> str:
     return f'{indent}"""{body}\n{indent}"""' if "\n" in body else f'{indent}"""{body}"""'
 
 
-def call(function: str, *arguments: str, **keywords: str) -> str:
-    """``function(a, b, k=v)`` from already-rendered argument text."""
-    return f"{function}({', '.join([*arguments, *(f'{key}={value}' for key, value in keywords.items())])})"
-
-
-def call_lines(indent: str, function: str, arguments: list[str], lead: str = "", limit: int = 120) -> list[str]:
-    """``lead function(arguments)`` on one line where it fits in ``limit``, else one argument a line,
-    long string literals split into adjacent pieces."""
-    inline = f"{indent}{lead}{function}({', '.join(arguments)})"
-    if len(inline) <= limit:
-        return [inline]
+def split_literal(name: str, text: str, indent: str = "") -> list[str]:
+    """``name = "text"``, as adjacent literals in parentheses where one line would be too long."""
+    line = f"{indent}{name} = {literal(text)}"
+    if len(line) <= 120:
+        return [line]
     inner = indent + "    "
-    hugged = f"{inner}{', '.join(arguments)}"
-    if len(hugged) <= limit:
-        return [f"{indent}{lead}{function}(", hugged, f"{indent})"]
-    lines = [f"{indent}{lead}{function}("]
-    for argument in arguments:
-        if len(inner) + len(argument) + 1 > limit and argument.startswith('"') and argument.endswith('"'):
-            text = json.loads(argument)
-            pieces = textwrap.wrap(text, limit - len(inner) - 4, drop_whitespace=False, break_on_hyphens=False)
-            lines += [f"{inner}{json.dumps(piece)}" for piece in pieces]
-            lines[-1] += ","
-        else:
-            lines.append(f"{inner}{argument},")
-    lines.append(f"{indent})")
-    return lines
+    pieces = textwrap.wrap(text, 120 - len(inner) - 2, drop_whitespace=False, break_on_hyphens=False)
+    return [f"{indent}{name} = (", *(f"{inner}{literal(piece)}" for piece in pieces), f"{indent})"]
