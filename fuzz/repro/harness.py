@@ -26,9 +26,7 @@ DEFAULT_TIMEOUT_S = 10.0
 
 CHECK = """
 def check(what, actual, expected, tolerance):  # assert_close within the tolerance of the fuzzer's judge
-
     torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance, msg=lambda m: f"{what}: {m}")
-
 """
 
 REPLICAS = """
@@ -135,7 +133,9 @@ def run_source(
         head.append("dist.set_debug_level(dist.DebugLevel.DETAIL)  # before the groups: FSDP's collectives checked")
     head += engine.groups
     head.append("finished = dist.new_group(timeout=2 * TIMEOUT)  # where a rank waits for the others at the end")
-    later_groups = scenario.runs_on.name == "fsdp1" or isinstance(scenario.fsdp2.reshard_after_forward, int)
+    reshard = scenario.fsdp2.reshard_after_forward  # an int: FSDP2 makes groups of its own, after this
+    later_groups = scenario.runs_on.name == "fsdp1" or (isinstance(reshard, int) and not isinstance(reshard, bool))
+
     if scenario.debug_level != "OFF" and not (checked and scenario.debug_level == "DETAIL") and later_groups:
         head.append(f"dist.set_debug_level(dist.DebugLevel.{scenario.debug_level})")
     if contract.numbers.reference:

@@ -49,7 +49,7 @@ def _member(name: str, values: Iterable[int], size: int) -> list[str]:
     if len(chosen) == size:
         return ["True"]
     rest = sorted(set(range(size)) - set(chosen))
-    found = [f"{name} in {literal(tuple(chosen))}" if len(chosen) > 1 else f"{name} == {chosen[0]}"]
+    found = [f"{name} in ({', '.join(map(str, chosen))})" if len(chosen) > 1 else f"{name} == {chosen[0]}"]
     if len(rest) == 1:
         found.append(f"{name} != {rest[0]}")
     if chosen == list(range(len(chosen))):
@@ -59,7 +59,8 @@ def _member(name: str, values: Iterable[int], size: int) -> list[str]:
     if len(chosen) > 1 and size > 2 and all(value % 2 == chosen[0] % 2 for value in chosen):
         if len(chosen) == len(range(chosen[0] % 2, size, 2)):
             found.append(f"{name} % 2 == {chosen[0] % 2}")
-    return sorted(found, key=len)
+    order = ("==", "<", ">=", "!=", "%", "in")  # of two as short, the plainer
+    return sorted(found, key=lambda text: (len(text), next(i for i, op in enumerate(order) if f" {op} " in text)))
 
 
 def condition(cells: set[Cell], grid: Grid, dont_care: set[Cell] = frozenset()) -> str:
