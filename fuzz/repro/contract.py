@@ -33,7 +33,6 @@ from fsdp_fuzz.judge.oracles import (
     consistent,
     documented_unregistered_failures,
     expectations,
-    gradient_replicas,
     keeps_replicas,
     replica_groups,
     unregistered_calls,
@@ -144,10 +143,10 @@ class Numbers:
 
 @dataclass
 class Contract:
+    """Each rank's promise, and the numbers the ranks compare."""
+
     ranks: tuple[RankPromise, ...]
     numbers: Numbers = field(default_factory=Numbers)
-    numbers_left_out: bool = False
-    """The issue is not about numbers: the script compares none (and says so when FSDP keeps its promise)."""
 
     def promise(self, engine: str) -> str:
         """The promise in one sentence, as the script prints it."""
@@ -228,7 +227,7 @@ def contract_for(scenario: Scenario, numbers: bool = True) -> Contract:
                 may = Raise(failures[0][0], tuple(words for _, words in failures), steps)
             warned_in = tuple(sorted(expectation.warning_steps))
             promises.append(RankPromise(None, may, warned_in, engine.order_warnings, expectation.reason))
-    contract = Contract(tuple(promises), numbers_left_out=not numbers)
+    contract = Contract(tuple(promises))
     if numbers:
         contract.numbers = _numbers(scenario, contract.ranks)
     return contract
@@ -299,7 +298,6 @@ __all__ = [
     "RankPromise",
     "Raise",
     "contract_for",
-    "gradient_replicas",
     "later_warning",
     "numbers_matter",
 ]
