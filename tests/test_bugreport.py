@@ -158,8 +158,7 @@ def test_what_avoids_it_comes_from_the_reduction_and_only_from_it():
 
 
 def test_without_a_reduction_nothing_is_said_to_avoid_it():
-    entry = entry_of(FSDP1_FILE)
-    assert entry.reduction is None
+    entry = replace(entry_of(FSDP1_FILE), reduction=None)
     section = render(entry, evidence(FSDP1_FILE)).split("#### What avoids it")[1].split("####")[0]
     assert section.strip().startswith("No reduction was measured for this case")
     assert "Avoids it" not in section and "Does not need" not in section

@@ -66,7 +66,7 @@ def test_validation_accepts_what_the_reducer_leaves_and_rejects_duplicate_names(
     validate(ModelSpec(4, Sequential("root", (unequal,))))
     validate(ModelSpec(4, Sequential("root", (Choice("c", (Sequential("a", (Linear(4, 4),)),)),))))
     with pytest.raises(SpecError, match="1 to 4 alternatives"):
-        validate(ModelSpec(4, Sequential("root", (Choice("c", ()),))))
+        validate(ModelSpec(4, Sequential("root", (Linear(4, 4), Choice("c", ())))))
     twice = Sequential("root", (Sequential("x", (Linear(4, 4),)), Sequential("x", (Linear(4, 4),))))
     with pytest.raises(SpecError, match="unique"):
         validate(ModelSpec(4, twice))

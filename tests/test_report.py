@@ -167,6 +167,6 @@ def test_the_pytest_summary_is_the_cores_and_names_the_saved_finding(monkeypatch
     ((end, lines),) = calls
     assert written == ["== fsdp fuzz summary", *lines]
     assert end.report is check.report and list(end.findings) == [saved]
-    assert f"  finding [eval-order-unchecked] saved to {saved.path}" in lines
+    assert any(line.startswith(f"  finding [eval-order-unchecked] saved to {saved.path} (shrink ") for line in lines)
     assert f"  report written to {tmp_path / 'report.json'}" in lines
     assert json.loads((tmp_path / "report.json").read_text())["targets"][check.target]["saved"]
