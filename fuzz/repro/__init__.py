@@ -57,7 +57,7 @@ def reproducer_script(
     engine = scenario.runs_on.source(scenario, model, schedule, cuda)
     contract = contract_for(scenario, numbers_matter(entry))
     numbers = contract.numbers
-    promise = contract.promise(scenario.runs_on.api)
+    promise = contract.promise("FSDP")
     cast = scenario.param_dtype if scenario.param_dtype != "float32" and numbers.reference else None
     setter = f"{engine.module}.step = step" if model.steps_choose else None
     options = dict(step_setter=setter, cast=bool(cast), cuda=cuda)
@@ -73,7 +73,17 @@ def reproducer_script(
     else:
         used = any(step.backward for steps in scenario.ranks for step in steps)
         loss = all(step.backward for steps in scenario.ranks for step in steps) and engine.step_context is None
-        inline = forward_lines(scenario, schedule, model.trainable, returned=False, used=used, loss=loss, **options)
+        nested = [  # what the step's body sits in, inside run(): the loop, a try, a record of warnings, no_sync
+            scenario.num_steps > 1,
+            any(p.raises or p.may_raise for p in contract.ranks),
+            any(p.warned_in for p in contract.ranks),
+            engine.step_context is not None,
+        ]
+        indent = 4 + 4 * sum(nested)
+        inline = forward_lines(
+            scenario, schedule, model.trainable, returned=False, used=used, loss=loss, indent=indent, **options
+        )
+
     if numbers.grad_steps:
         sections.append(engine.gradients)
     if numbers.replicas_until:
@@ -127,8 +137,8 @@ def _sorted(lines: set[str]) -> list[str]:
     return plain + froms
 
 
-SUMMARY_CHARS = 200
-"""About three lines of the docstring for the issue's (or the scenario's) summary."""
+SUMMARY_CHARS = 110
+"""About a line of the docstring for the issue's (or the scenario's) summary."""
 
 
 def _docstring(entry: CorpusEntry | None, scenario: Scenario, contract: Contract, promise: str, style: str) -> str:

@@ -173,13 +173,14 @@ class Contract:
                 text += f" (or refuses it with {may_raise.describe()}, as documented)"
             if warned_in:
                 steps = " or ".join(map(str, warned_in))
-                text += f", warned '{ORDER_WARNING} from that of the first iteration' once, in step {steps}"
+                text += f", warned (WARNING) in step {steps} only"
             elif unwarned:
-                text += f" without a '{ORDER_WARNING}' warning"
+                text += " without an order warning"
+
             parts.append(text)
         numbers = self.numbers
         if numbers.silent and numbers.outputs_until:
-            parts.append(f"each rank's outputs match a run without {engine} until it is due to warn or raise")
+            parts.append(f"each rank's outputs match a run without {engine} until FSDP is due to warn or raise")
         elif numbers.reference:
             parts.append(f"outputs and gradients match a run without {engine}")
         if numbers.replicas_until:

@@ -76,7 +76,7 @@ def policy(settings: object, drop: tuple[str, ...] = ()) -> list[str]:
 def assignment(variable: str, function: str, arguments: list[str]) -> list[str]:
     """``variable = function(arguments)`` within the line length in ``run``'s body, the arguments packed into
     lines where one would be too long."""
-    return packed(f"{variable} = {function}(", arguments, ")", indent="    ", width=112)
+    return packed(f"{variable} = {function}(", arguments, ")", indent="    ", width=116)
 
 
 def hybrid_groups(scenario: Scenario) -> list[str]:

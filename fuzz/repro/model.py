@@ -271,9 +271,11 @@ class _Writer:
             elif len(stage) == 1:
                 lines += self._chained(stage[0][1], pad)
 
-            elif len(stage) == 2 and all(len(calls) == 1 for _, calls in stage):
-                (test, (yes,)), (_, (no,)) = stage
-                lines.append(f"{pad}x = {yes.format('x')} if {test} else {no.format('x')}")
+            elif len(stage) == 2 and all(len(calls) <= 1 for _, calls in stage) and stage[0][1]:
+                (test, yes), (_, no) = stage  # the one call, or none (x as it is)
+                otherwise = no[0].format("x") if no else "x"
+                lines.append(f"{pad}x = {yes[0].format('x')} if {test} else {otherwise}")
+
             else:
                 for index, (test, calls) in enumerate(stage):
                     if test is None and not calls:

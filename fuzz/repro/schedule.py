@@ -236,9 +236,11 @@ def forward_lines(
     returned: bool,
     used: bool = True,
     loss: bool = False,
+    indent: int = 4,
 ) -> list[str]:
     """The step's forwards, as the user's program runs them: mode, path, freezing, this rank's batches
-    (seeded by rank and step), grad mode, entry point; ``outputs`` assigned, or ``returned``."""
+    (seeded by rank and step), grad mode, entry point; ``outputs`` assigned, or ``returned``; written to be
+    indented by ``indent``."""
     lines = []
     if any(step.mode == "eval" for steps in scenario.ranks for step in steps):
         lines.append(f"model.train({schedule.of(lambda step: step.mode == 'train')})")
@@ -247,7 +249,7 @@ def forward_lines(
     if trainable:
         pairs = [f"(model.{path}, {expression(table, schedule.grid)})" for path, table in trainable]
         lines += [
-            *packed("for block, trainable in [", pairs, "]:", indent="    ", width=104 if returned else 108),
+            *packed("for block, trainable in [", pairs, "]:", indent="    ", width=120 - indent),
             "    for parameter in block.parameters():  # set each step, as a fine-tuning loop does",
             "        parameter.requires_grad = trainable",
         ]
