@@ -81,9 +81,8 @@ def test_repro_writes_a_script_where_asked(tmp_path, capsys):
     assert main(["repro", str(FIRST_ITERATION), "-o", str(output)]) == 0
     assert f"wrote {output}" in capsys.readouterr().out
     tree = ast.parse(output.read_text())
-    scenario = load_entry(FIRST_ITERATION).scenario
     docstring = " ".join(ast.get_docstring(tree).split()).lower()
-    assert scenario.description.split(":")[0].lower() in docstring, "the description opens the docstring"
+    assert FIRST_ITERATION.stem.lower() in docstring, "the docstring names the case"
     functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
     assert "run" in functions and "PROMISE" in output.read_text()
 
