@@ -11,7 +11,6 @@ import pytest
 
 from fsdp_fuzz import cli
 from fsdp_fuzz.cli import _duration, main
-from fsdp_fuzz.corpus import load_entry
 from tests.test_report import spy_on_summary
 
 CORPUS = Path(__file__).resolve().parent.parent / "corpus"

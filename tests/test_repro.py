@@ -31,7 +31,6 @@ MEDIAN_LINES_AT_MOST, LINES_AT_MOST = 60, 100
 script's, the targets (60 on 2026-12-07, on the corpus whose reductions kept each symptom)."""
 
 
-
 def script_for(stem: str, **options) -> str:
     return reproducer_script(load_entry(next(CORPUS.rglob(f"{stem}.json"))), **options)
 
