@@ -88,7 +88,7 @@ def deadline(started: float, seconds: float) -> float:
     return started + seconds + allowance - min(allowance, max(allowance / 2, TEARDOWN_S))
 
 
-SHRINK_S = 10.0
+SHRINK_S = 5.0
 """The most a Hypothesis run may spend shrinking what it found before the
 campaign takes each class's best case as it stands and hands it to the
 reducer (``fsdp_fuzz.reduce``), which knows scenarios and makes them smaller
@@ -181,6 +181,7 @@ def run_campaign(
     result = CampaignResult(0, 0.0, [], 0)
     found_by = fuzzed.command
 
+    replayed_once = None if database is None else ReplayedOnce(database)
     saved_scenarios: frozenset[str] = frozenset()
     stored: frozenset[bytes] = frozenset()
     """What the database held for this target when the run began."""
@@ -273,7 +274,7 @@ def run_campaign(
         hypothesis_run = settings(
             max_examples=max(1, min(remaining, RUN_EXAMPLES)),
             deadline=None,
-            database=database,
+            database=replayed_once,
             phases=(Phase.reuse, Phase.generate, Phase.target, Phase.shrink),
             suppress_health_check=list(HealthCheck),
             print_blob=False,
@@ -331,6 +332,40 @@ def run_campaign(
     charged = sum(tally.seconds.values()) - charged_before
     tally.seconds[Activity.OTHER.value] += max(0.0, result.wall_s - charged)
     return result
+
+
+class ReplayedOnce(ExampleDatabase):
+    """The campaign's database as one worker's Hypothesis runs see it: each
+    stored case is fetched once, by the first run that looks for it.
+
+    Every run begins by replaying its database (the primary corpus, then a
+    sample of the secondary one). In a campaign the primary corpus holds the
+    classes already settled, and a case replayed once says all it will:
+    replayed by each of the dozens of runs, they took a quarter of a
+    campaign's time. What another worker saves since is still replayed, by
+    the next run that fetches it; saves, moves and deletions pass through.
+    """
+
+    def __init__(self, shared: ExampleDatabase) -> None:
+        super().__init__()
+        self.shared = shared
+        self.fetched: set[tuple[bytes, bytes]] = set()
+
+    def fetch(self, key: bytes):
+        for value in self.shared.fetch(key):
+            base = key.removesuffix(b".secondary").removesuffix(b".pareto")
+            if (base, value) not in self.fetched:
+                self.fetched.add((base, value))
+                yield value
+
+    def save(self, key: bytes, value: bytes) -> None:
+        self.shared.save(key, value)
+
+    def delete(self, key: bytes, value: bytes) -> None:
+        self.shared.delete(key, value)
+
+    def move(self, src: bytes, dest: bytes, value: bytes) -> None:
+        self.shared.move(src, dest, value)
 
 
 def _stored(database: ExampleDatabase | None, key: bytes) -> frozenset[bytes]:

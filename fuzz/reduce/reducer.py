@@ -8,14 +8,16 @@ and settings that change nothing. The reducer applies the simplifications of
 and keeps it when the run's ``FailureClass`` (the known issue, or for an
 unknown class its clauses and violation kinds) is the one it reduces;
 a candidate it keeps is run twice, and dropped if the two verdicts differ.
-Each pass is repeated until it keeps nothing, the passes until a round keeps
-nothing: that last round, every one-step simplification of the result run
-live, is what the finding needs (``Reduction.flips``). Deterministic for a
+Each pass goes through its candidates once, going on from where it kept
+one, and the passes repeat until a round keeps nothing: that last round,
+every one-step simplification of the result run live, is what the finding
+needs (``Reduction.flips``). Deterministic for a
 deterministic executor, and bounded by a deadline.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,28 +98,36 @@ def reduce(
         kept_in_round = False
         flips = []
         for reduction_pass in PASSES:
-            kept_in_pass = True
-            while kept_in_pass and complete:
-                kept_in_pass = False
+            # After a kept candidate the pass goes on from the same position
+            # of the new scenario's candidates, not from its first: those
+            # before were tried already (a round that keeps nothing tries
+            # them all again, so the result is still a fixpoint).
+            position = 0
+            while complete:
                 bound = size(scenario)
-                for candidate in reduction_pass(scenario, Hint(current.first_failing_step())):
+                kept_at = None
+                listed = reduction_pass(scenario, Hint(current.first_failing_step()))
+                for index, candidate in enumerate(itertools.islice(listed, position, None), position):
                     if size(candidate.scenario) >= bound or not valid(candidate.scenario):
                         continue
                     if deadline is not None and time.monotonic() >= deadline:
                         complete = False
                         break
-                    judged = run(candidate.scenario)
-                    outcome = judged.outcome
+                    outcome = run(candidate.scenario).outcome
                     if outcome == target:
                         again = run(candidate.scenario, fresh=True)
                         if again.outcome == target:
                             scenario, current = candidate.scenario, again
                             removed.append(candidate.change)
                             progress(f"kept: {candidate.change}")
-                            kept_in_pass = kept_in_round = True
+                            kept_at = index
                             break
                         outcome = NOT_REPEATABLE
                     flips.append(Flip(candidate.change, outcome))
+                if kept_at is None:
+                    break
+                kept_in_round = True
+                position = kept_at
             if not complete:
                 break
     reduction = Reduction(target, tuple(removed), tuple(flips), complete, runs, time.monotonic() - started)
