@@ -94,7 +94,7 @@ class JudgedRun:
         if self.known is None:
             return failure_class.name
         kinds = ", ".join(sorted({violation.kind.value for violation in self.violations}))
-        whole = self.known.matches(self.scenario, self.observations, self.violations)
+        whole = self.known.explains(self.scenario, self.observations, self.violations)
         return f"{failure_class.name} ({kinds})" + ("" if whole else BY_ELIMINATION)
 
     def first_failing_step(self) -> int | None:

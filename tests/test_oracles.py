@@ -358,7 +358,7 @@ def test_a_case_with_two_known_issues_is_triaged_violation_by_violation(recorded
     scenario, observations = recorded("two-known-issues-in-one-case")
     violations = judge(scenario, observations)
     assert {v.clause for v in violations} == {Clause.REFERENCE, Clause.LATER_ITERATION}
-    assert not [issue for issue in KNOWN_ISSUES.values() if issue.matches(scenario, observations, violations)]
+    assert not [issue for issue in KNOWN_ISSUES.values() if issue.explains(scenario, observations, violations)]
     assert triage(scenario, observations, violations).name == "refreeze-after-forward-without-backward"
     unexplained = Violation(Clause.CLEAN_RUN, ViolationKind.STEP_FAILED, 0, 3, "a failure no known issue explains")
     assert triage(scenario, observations, violations + (unexplained,)) is None

@@ -635,7 +635,7 @@ def test_a_reproducer_triages_to_its_known_issue(recorded, name, stem):
     violations = judge(scenario, observations)
     assert violations, "a reproducer breaks the contract"
     assert triage(scenario, observations, violations).name == name
-    explains_all = KNOWN_ISSUES[name].matches(scenario, observations, violations)
+    explains_all = KNOWN_ISSUES[name].explains(scenario, observations, violations)
     if stem in TWO_ISSUE_CASES:
         assert not explains_all, "in a two-issue case the other record explains some violations"
     else:
@@ -661,6 +661,6 @@ def assert_near_miss(recorded, name, stem, near_miss):
     scenario, observations, violations = near_miss(scenario, observations)
     assert (scenario, observations, violations) != original, "a near miss changes a fact"
     assert violations, "a near miss still breaks the contract"
-    assert not KNOWN_ISSUES[name].matches(scenario, observations, violations)
+    assert not KNOWN_ISSUES[name].explains(scenario, observations, violations)
     triaged = triage(scenario, observations, violations)
     assert triaged is None or triaged.name != name

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from fsdp_fuzz.data import Observations, Scenario, Violation
+from fsdp_fuzz.features import NOTHING, Trigger, features_of
 
 Predicate = Callable[[Scenario, Observations, tuple[Violation, ...]], bool]
 
@@ -67,6 +68,14 @@ class KnownIssue:
     record stays open and ``versions_note`` says what changed."""
     versions_note: str = ""
     """What a replay on another release showed that the two fields cannot."""
+    trigger: Trigger = NOTHING
+    """The scenario features ``matches`` requires before it reads any
+    observation: triage asks it first, and a campaign that has settled the
+    record draws fewer swarms that meet it (``fsdp_fuzz.generate.swarm``)."""
+
+    def explains(self, scenario: Scenario, observations: Observations, violations: tuple[Violation, ...]) -> bool:
+        """Whether the record explains the case: its trigger, then its predicate."""
+        return self.trigger.met_by(features_of(scenario)) and self.matches(scenario, observations, violations)
 
     @property
     def upstream_summary(self) -> str:
@@ -95,6 +104,7 @@ def known_issue(
     seen_on: tuple[str, ...] = (),
     fixed_in: str | None = None,
     versions_note: str = "",
+    trigger: Trigger = NOTHING,
 ) -> Callable[[Predicate], Predicate]:
     """Register the decorated predicate as the record ``name``."""
 
@@ -112,6 +122,7 @@ def known_issue(
             seen_on,
             fixed_in,
             " ".join(versions_note.split()),
+            trigger,
         )
         return predicate
 
@@ -138,10 +149,10 @@ def triage(scenario: Scenario, observations: Observations, violations: tuple[Vio
         return None
     issues = [issue for issue in by_priority() if scenario.engine in issue.engines]
     for issue in issues:
-        if issue.matches(scenario, observations, violations):
+        if issue.explains(scenario, observations, violations):
             return issue
     explaining = [
-        next((issue for issue in issues if issue.matches(scenario, observations, (violation,))), None)
+        next((issue for issue in issues if issue.explains(scenario, observations, (violation,))), None)
         for violation in violations
     ]
     return explaining[0] if explaining and all(explaining) else None
