@@ -171,7 +171,6 @@ def run_campaign(
     ``budget.deadline`` comes first; ``note`` receives a line per saved
     finding, ``after_each`` is called after every scenario."""
     fuzzed = fuzz_target(target, engine)
-    strategy = fuzzed.strategy()
     name = fuzzed.name
     check.target = name
     tally = check.report.tally(name)
@@ -279,7 +278,7 @@ def run_campaign(
             suppress_health_check=list(HealthCheck),
             print_blob=False,
             verbosity=Verbosity.quiet,  # the campaign reports its findings itself
-        )(seed(rng.getrandbits(64))(given(strategy)(one_scenario)))
+        )(seed(rng.getrandbits(64))(given(fuzzed.strategy(check.avoided(claims)))(one_scenario)))
         mark = time.monotonic()
         try:
             hypothesis_run()
@@ -336,26 +335,36 @@ def run_campaign(
 
 class ReplayedOnce(ExampleDatabase):
     """The campaign's database as one worker's Hypothesis runs see it: each
-    stored case is fetched once, by the first run that looks for it.
+    primary case is fetched once, by the first run that looks for it, and
+    the secondary and Pareto corpora by the worker's first run only.
 
-    Every run begins by replaying its database (the primary corpus, then a
-    sample of the secondary one). In a campaign the primary corpus holds the
-    classes already settled, and a case replayed once says all it will:
-    replayed by each of the dozens of runs, they took a quarter of a
-    campaign's time. What another worker saves since is still replayed, by
-    the next run that fetches it; saves, moves and deletions pass through.
+    Every run begins by replaying its database: the primary corpus, then a
+    sample of the secondary one. In a campaign the primary corpus holds the
+    classes already settled, and a case replayed once says all it will; the
+    secondary corpus fills with the cases each shrink passed through, of
+    classes settled since. Replayed by each of the dozens of runs, they took
+    a quarter of a campaign's time. The first run still resumes what an
+    earlier campaign left, and what another worker saves since is replayed
+    by the next run; saves, moves and deletions pass through.
     """
 
     def __init__(self, shared: ExampleDatabase) -> None:
         super().__init__()
         self.shared = shared
         self.fetched: set[tuple[bytes, bytes]] = set()
+        self.sampled: set[bytes] = set()
+        """The secondary and Pareto keys fetched already."""
 
     def fetch(self, key: bytes):
+        if key.endswith((b".secondary", b".pareto")):
+            if key in self.sampled:
+                return
+            self.sampled.add(key)
+            yield from self.shared.fetch(key)
+            return
         for value in self.shared.fetch(key):
-            base = key.removesuffix(b".secondary").removesuffix(b".pareto")
-            if (base, value) not in self.fetched:
-                self.fetched.add((base, value))
+            if (key, value) not in self.fetched:
+                self.fetched.add((key, value))
                 yield value
 
     def save(self, key: bytes, value: bytes) -> None:

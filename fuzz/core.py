@@ -34,19 +34,22 @@ from fsdp_fuzz.data import ENGINES, Scenario
 from fsdp_fuzz.execute.devices import WORLD_SIZES, DeviceError, DeviceRequest
 from fsdp_fuzz.execute.protocol import HarnessError
 from fsdp_fuzz.execute.trace import check_trace
+from fsdp_fuzz.features import Trigger
 from fsdp_fuzz.generate.seed_family import seed_family_scenarios
 from fsdp_fuzz.generate.strategies import scenarios
 from fsdp_fuzz.judge.known_issues import issue_named
 from fsdp_fuzz.reduce.reducer import Runner, reduce
-from fsdp_fuzz.report import Activity, CampaignReport, counts, time_spent
+from fsdp_fuzz.report import Activity, CampaignReport, Ending, counts, time_spent
 from fsdp_fuzz.verdict import Failure, judged_run
 
 # The targets --------------------------------------------------------------------------------------
 
-_FAMILIES: dict[str, Callable[[str], st.SearchStrategy[Scenario]]] = {
-    "generated": lambda engine: scenarios(engine=engine),
-    "seed": lambda engine: seed_family_scenarios(engine=engine),
+_FAMILIES: dict[str, Callable[[str, tuple[Trigger, ...]], st.SearchStrategy[Scenario]]] = {
+    "generated": lambda engine, avoid: scenarios(engine=engine, avoid=avoid),
+    "seed": lambda engine, avoid: seed_family_scenarios(engine=engine),
 }
+"""Each family's strategy for an engine, steered away from the triggers of
+what a campaign has settled where the family draws swarms."""
 
 
 @dataclass(frozen=True, order=True)
@@ -67,8 +70,8 @@ class Target:
         """The command that fuzzes it: what findings it saves record as ``found_by``."""
         return f"python -m fsdp_fuzz run --target {self.family} --engine {self.engine}"
 
-    def strategy(self) -> st.SearchStrategy[Scenario]:
-        return _FAMILIES[self.family](self.engine)
+    def strategy(self, avoid: tuple[Trigger, ...] = ()) -> st.SearchStrategy[Scenario]:
+        return _FAMILIES[self.family](self.engine, avoid)
 
 
 TARGETS: dict[tuple[str, str], Target] = {
@@ -308,6 +311,16 @@ def _campaign_lines(end: CampaignEnd, report: CampaignReport) -> list[str]:
             f"steps: {counts(tally.outcomes) or 'none'}"
         )
         lines.append("    violated clauses (known issues included): " + (counts(tally.clauses) or "none"))
+        if tally.endings:
+            ended = sum(tally.endings.values())
+            lines.append(
+                "    scenarios ending: "
+                + ", ".join(
+                    f"{ending.value} {tally.endings[ending.value] / ended:.0%}"
+                    for ending in Ending
+                )
+                + " (settled: in a class the campaign had settled before)"
+            )
         if tally.seconds:
             spent = ", ".join(f"{activity.value} {tally.seconds[activity.value]:.1f} s" for activity in Activity)
             lines.append(f"    time: {spent}")

@@ -88,13 +88,19 @@ SHARED_STEP_FIELDS = ("mode", "forwards", "grad_enabled", "optimizer_step", "gra
 schedule itself, ``frozen`` is ``FREEZING``."""
 
 
+def step_fields(engine: Engine) -> tuple[str, ...]:
+    """The ``Step`` fields that are features of ``engine``'s scenarios."""
+    method = ("method",) if len(engine.methods) > 1 else ()
+    return SHARED_STEP_FIELDS + method + engine.step_controls
+
+
 def features_for(engine: Engine) -> tuple[Feature, ...]:
     """Every feature a scenario of ``engine`` may exercise, in a fixed order:
     what a swarm draws over."""
     return (
-        *(setting(field.name) for field in fields(engine.settings_type)),
+        *(setting(field.name) for field in fields(engine.settings_type) if field.name not in engine.settings_depending),
         *(Feature(Scope.SCENARIO, name) for name in SCENARIO_FIELDS),
-        *(step(name) for name in SHARED_STEP_FIELDS + engine.step_controls),
+        *(step(name) for name in step_fields(engine)),
         NORMS,
         TIES,
         FROZEN_BLOCKS,
@@ -120,7 +126,7 @@ def features_of(scenario: Scenario) -> frozenset[Feature]:
     every_step = [one for rank_steps in scenario.ranks for one in rank_steps]
     found |= {
         step(name)
-        for name in SHARED_STEP_FIELDS + engine.step_controls
+        for name in step_fields(engine)
         if any(getattr(one, name) != getattr(_STEP_DEFAULTS, name) for one in every_step)
     }
     blocks = [node for node in named_in(scenario.model.root) if isinstance(node, Sequential)]

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fsdp_fuzz.data import Observations, Scenario, Violation, observations_to_json, scenario_to_json
+from fsdp_fuzz.features import features_of
 from fsdp_fuzz.judge.known_issues import KnownIssue
 
 if TYPE_CHECKING:
@@ -38,6 +39,20 @@ class Activity(str, Enum):
     summary also starting workers and ending them."""
 
 
+class Ending(str, Enum):
+    """How a scenario ended, for the share of a campaign that looked
+    somewhere new (a stable id)."""
+
+    CLEAN = "clean"
+    REFUSAL = "refusal"
+    """A documented refusal came, as due (clause 7)."""
+    SETTLED = "settled"
+    """A class this campaign had settled before: saved already, or a known
+    issue it had met already where known issues do not fail."""
+    UNSETTLED = "unsettled"
+    """A class met for the first time, or one being shrunk."""
+
+
 @dataclass
 class TargetTally:
     examples: int = 0
@@ -49,6 +64,10 @@ class TargetTally:
     known_issues: Counter = field(default_factory=Counter)
     classes: Counter = field(default_factory=Counter)
     """Runs per failure class (``FailureClass.name``), failing or not."""
+    endings: Counter = field(default_factory=Counter)
+    """Scenarios by ``Ending``."""
+    features: Counter = field(default_factory=Counter)
+    """Scenarios by each feature they exercise (``fsdp_fuzz.features``)."""
     first_seen: dict[str, dict[str, float]] = field(default_factory=dict)
     """Per class, when the campaign first ran into it: seconds and scenarios."""
     saved: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -71,6 +90,8 @@ class TargetTally:
             mine.update(theirs)
         self.known_issues.update(other.known_issues)
         self.classes.update(other.classes)
+        self.endings.update(other.endings)
+        self.features.update(other.features)
         for mine, theirs in ((self.first_seen, other.first_seen), (self.saved, other.saved)):
             for name, when in theirs.items():
                 if name not in mine or when["seconds"] < mine[name]["seconds"]:
@@ -116,9 +137,13 @@ class CampaignReport:
         known: KnownIssue | None,
         failed: bool,
         failure_class: FailureClass | None = None,
+        ending: Ending | None = None,
     ) -> None:
         tally = self.tally(target)
         tally.examples += 1
+        if ending is not None:
+            tally.endings[ending.value] += 1
+        tally.features.update(str(feature) for feature in features_of(scenario))
         if failure_class is not None:
             tally.classes[failure_class.name] += 1
             tally.first_seen.setdefault(
@@ -154,6 +179,8 @@ class CampaignReport:
                     "clauses": dict(tally.clauses),
                     "known_issues": dict(tally.known_issues),
                     "classes": dict(tally.classes),
+                    "endings": dict(tally.endings),
+                    "features": dict(sorted(tally.features.items())),
                     "first_seen": tally.first_seen,
                     "saved": tally.saved,
                     "replayed_findings": tally.replayed_findings,

@@ -12,16 +12,17 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import hypothesis
 
 from fsdp_fuzz.data import Observations, Scenario, Violation, dumps
-from fsdp_fuzz.judge.known_issues import KnownIssue, triage
-from fsdp_fuzz.judge.oracles import describe, judge, order_warnings
+from fsdp_fuzz.features import NOTHING, Trigger
+from fsdp_fuzz.judge.known_issues import KNOWN_ISSUES, KnownIssue, triage
+from fsdp_fuzz.judge.oracles import describe, judge, order_warnings, refusal
 from fsdp_fuzz.reduce.record import CLEAN
-from fsdp_fuzz.report import CampaignReport
+from fsdp_fuzz.report import CampaignReport, Ending
 
 
 @dataclass(frozen=True, order=True)
@@ -162,15 +163,37 @@ class ContractCheck:
     """Whether a run failed since this was last reset (Hypothesis is shrinking)."""
     seen: Counter = field(default_factory=Counter)
     """Runs per class, clean runs under None: what ``target`` steers by."""
+    refusals_met: set[Trigger] = field(default_factory=set)
+    """The triggers of the documented refusals that came."""
+
+    def avoided(self, claimed: Iterable[str] = ()) -> tuple[Trigger, ...]:
+        """What a campaign steers its swarms away from: the triggers of the
+        records it has settled (``claimed``, and where known issues do not
+        fail, every one met), and of the refusals that came."""
+        names = set(claimed)
+        if not self.strict:
+            names |= {failure_class.known_issue for failure_class in self.seen if failure_class is not None}
+        triggers = {KNOWN_ISSUES[name].trigger for name in names if name in KNOWN_ISSUES} | self.refusals_met
+        return tuple(sorted((trigger for trigger in triggers if trigger != NOTHING), key=str))
 
     def __call__(self, scenario: Scenario, observations: Observations) -> KnownIssue | None:
         run = judged_run(scenario, observations)
         violations, known, failure_class = run.violations, run.known, run.failure_class
+        met_before = self.seen[failure_class] > 0
         self.seen[failure_class] += 1
         if hypothesis.currently_in_test_context():
             hypothesis.target(-math.log(self.seen[failure_class]), label="rarity of the run's class")
-        failed = bool(violations) and (known is None or self.strict) and not self.settled(failure_class.name)
-        self.report.record(self.target, scenario, observations, violations, known, failed, failure_class)
+        settled = bool(violations) and self.settled(failure_class.name)
+        failed = bool(violations) and (known is None or self.strict) and not settled
+        refused = [found for rank in range(scenario.world_size) if (found := refusal(scenario, rank)) is not None]
+        if not violations:
+            ending = Ending.REFUSAL if refused else Ending.CLEAN
+            self.refusals_met.update(found.trigger for found in refused)
+        elif settled or (known is not None and not self.strict and met_before):
+            ending = Ending.SETTLED
+        else:
+            ending = Ending.UNSETTLED
+        self.report.record(self.target, scenario, observations, violations, known, failed, failure_class, ending)
         if failed:
             self.failed = True
             error = violation_type(failure_class)(explain(scenario, observations, violations, known))

@@ -74,12 +74,14 @@ class UnitRules:
 @dataclass(frozen=True)
 class Features:
     """Which of the training features a model may use: norm layers (batch
-    norm, with running statistics), checkpoint modes for blocks, and blocks
-    tied to an earlier block's parameters."""
+    norm, with running statistics), checkpoint modes for blocks, blocks
+    tied to an earlier block's parameters, and frozen blocks."""
 
     norms: bool = False
     checkpoint_modes: tuple[str, ...] = ()
     ties: bool = False
+    frozen_blocks: bool = True
+    """Blocks frozen by the model (``requires_grad`` off before wrapping)."""
 
 
 def width_preserving_stacks(width: int, min_hidden: int = MIN_WIDTH, max_hidden: int = MAX_WIDTH) -> Iterator[Stack]:
@@ -298,7 +300,7 @@ def _block(
     draw: st.DrawFn, name: str, children: tuple[Node, ...], bounds: _Bounds, alternative: bool = False
 ) -> Sequential:
     rules = bounds.rules
-    frozen = draw(chance(1, 4))
+    frozen = draw(chance(1, 4)) and bounds.features.frozen_blocks
     unit = draw(st.booleans())
     checkpoint = _checkpoint(draw, bounds)
     forced = (frozen and rules.frozen_are_units) or (alternative and rules.alternatives_are_units)

@@ -118,6 +118,9 @@ class Engine(ABC):
     promise: ClassVar[Promise]
     methods: ClassVar[tuple[str, ...]]
     """Entry points a step may call (``Step.method``)."""
+    settings_depending: ClassVar[dict[str, str]] = {}
+    """A settings field that is valid only beside another one set, to that
+    other field: a swarm holds them off together (``fsdp_fuzz.generate.swarm``)."""
     step_controls: ClassVar[tuple[str, ...]]
     """``Step`` fields only this engine acts on: the other engine refuses them set."""
     checkpoint_wrapper: ClassVar[str]

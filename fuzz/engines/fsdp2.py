@@ -207,6 +207,7 @@ class Fsdp2(Engine):
     settings_type = Fsdp2Settings
     promise = Promise.SAME_PROGRAM
     methods = ("forward", "encode")
+    settings_depending = {"gradient_divide_factor": "force_sum_reduction"}
     step_controls = ("unshard", "reshard", "all_reduce", "last_backward", "reshard_after_forward", "reset_iter_state")
     checkpoint_wrapper = "composable"
     test_class = "TestFullyShardRepro"

@@ -41,7 +41,9 @@ from fsdp_fuzz.engines import Engine, Promise
 from fsdp_fuzz.engines.base import hybrid_allowed
 from fsdp_fuzz.engines.fsdp1 import HYBRID_STRATEGIES, PLAIN_STRATEGIES, fsdp_settings, mixed_precisions
 from fsdp_fuzz.engines.fsdp2 import fsdp2_settings, mp_policies
+from fsdp_fuzz.features import Trigger
 from fsdp_fuzz.generate.choices import LOW_PRECISION, chance, sometimes
+from fsdp_fuzz.generate.swarm import Swarm, swarms
 from fsdp_fuzz.models.seed import seed_model
 from fsdp_fuzz.models.spec import Choice, ModelSpec, Node, Sequential, named_in, taken, unit_numel
 from fsdp_fuzz.models.strategies import Features, UnitRules, model_specs
@@ -244,6 +246,7 @@ def schedules(
     engine: str = "fsdp1",
     freezable: tuple[str, ...] = (),
     hsdp: bool = False,
+    swarm: Swarm | None = None,
 ) -> tuple[tuple[Step, ...], ...]:
     """Every rank's steps, equally many; shrinks to one shared step, no deviations.
 
@@ -258,15 +261,21 @@ def schedules(
     A freezing schedule, as fine-tuning recipes have, freezes one of
     ``freezable`` in the shared steps before or from a switch step.
     """
+    runs_on = ENGINE_REGISTRY[engine]
+    swarm = Swarm.everything(runs_on) if swarm is None else swarm
     shared = tuple(draw(steps(model, engine, hsdp)) for _ in range(draw(st.sampled_from(range(1, max_steps + 1)))))
     shared = draw(_freezing(shared, freezable))
     deviating = draw(st.sampled_from(range(2**world_size)))
-    if ENGINE_REGISTRY[engine].promise is Promise.SAME_PROGRAM and not draw(chance(1, 4)):
+    if runs_on.promise is Promise.SAME_PROGRAM and not draw(chance(1, 4)):
         deviating = 0  # no promise for most divergence: spend most of the budget where there is one
+    if not swarm.divergence:
+        deviating = 0
+
+    def held(steps: tuple[Step, ...]) -> tuple[Step, ...]:
+        return _steps_on_reduced_gradients(tuple(_valid(swarm.held_step(runs_on, step)) for step in steps))
+
     return tuple(
-        _steps_on_reduced_gradients(draw(_deviating_steps(model, shared, engine, freezable)))
-        if deviating >> rank & 1
-        else _steps_on_reduced_gradients(shared)
+        held(draw(_deviating_steps(model, shared, engine, freezable))) if deviating >> rank & 1 else held(shared)
         for rank in range(world_size)
     )
 
@@ -311,10 +320,16 @@ def scenarios(
     max_stages: int = 3,
     max_depth: int = 2,
     engine: str = "fsdp1",
+    avoid: tuple[Trigger, ...] = (),
+    swarm: Swarm | None = None,
 ) -> Scenario:
     """Valid scenarios over the whole space of ``engine``; shrinks toward two
     ranks, one step, identical paths, small branch points, default settings,
     DETAIL.
+
+    Each scenario first draws its swarm (``fsdp_fuzz.generate.swarm``),
+    steered away from the triggers in ``avoid``; ``swarm`` fixes it instead
+    (``Swarm.everything``: the whole space at once).
 
     Records each scenario's ``scenario_features`` as Hypothesis events, so
     ``--hypothesis-show-statistics`` shows which dimensions a run exercised.
@@ -325,9 +340,13 @@ def scenarios(
         raise ValueError(f"engine {engine!r} is not one of {ENGINES}")
     world_size = draw(st.sampled_from(range(2, max_world_size + 1)))
     runs_on = ENGINE_REGISTRY[engine]
-    settings = runs_on.draw_settings(draw, world_size, device, hybrid)
-    collective_checker = draw(st.booleans())
-    freeze_untaken = draw(st.booleans())
+    swarm = draw(swarms(runs_on, avoid)) if swarm is None else swarm
+    settings = swarm.scenario_fields(runs_on.draw_settings(draw, world_size, device, hybrid))
+    settings[runs_on.settings_field] = swarm.settings(runs_on, settings[runs_on.settings_field])
+    drawn_fields = swarm.scenario_fields(
+        {"collective_checker": draw(st.booleans()), "freeze_untaken": draw(st.booleans())}
+    )
+    collective_checker, freeze_untaken = drawn_fields["collective_checker"], drawn_fields["freeze_untaken"]
     # The engine is asked of the drawn settings before the model is drawn.
     # Flat parameters share one requires_grad: frozen blocks, and alternatives
     # frozen when untaken, must then be units of their own; norm layers
@@ -335,16 +354,23 @@ def scenarios(
     drawn = Scenario(model=seed_model(), ranks=(), **settings)
     uniform = runs_on.flat_parameters(drawn)
     rules = UnitRules(frozen_are_units=uniform, alternatives_are_units=uniform and freeze_untaken)
-    norms = runs_on.buffer_dtype(drawn) == drawn.param_dtype
-    features = Features(norms=norms, checkpoint_modes=checkpoint_modes(runs_on), ties=True)
+    norms = runs_on.buffer_dtype(drawn) == drawn.param_dtype and swarm.norms
+    features = Features(
+        norms=norms,
+        checkpoint_modes=swarm.checkpoint_modes(checkpoint_modes(runs_on)),
+        ties=swarm.ties,
+        frozen_blocks=swarm.frozen_blocks,
+    )
     model = draw(model_specs(max_stages=max_stages, max_depth=max_depth, rules=rules, features=features))
     unscheduled = Scenario(model=model, ranks=(), freeze_untaken=freeze_untaken, **settings)
     unscheduled = runs_on.draw_model_settings(draw, unscheduled, draw(ignored_blocks(unscheduled)))
+    unscheduled = replace(
+        unscheduled, **{runs_on.settings_field: swarm.settings(runs_on, runs_on.settings(unscheduled))}
+    )
+    freezable = _freezable_below_the_stem(unscheduled)
     scenario = replace(
         unscheduled,
-        ranks=draw(
-            schedules(model, world_size, max_steps, engine, _freezable_below_the_stem(unscheduled), unscheduled.hybrid)
-        ),
+        ranks=draw(schedules(model, world_size, max_steps, engine, freezable, unscheduled.hybrid, swarm)),
         collective_checker=collective_checker,
         seed=draw(st.integers(0, 2**16)),
         description=DESCRIPTION,

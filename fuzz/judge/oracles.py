@@ -26,6 +26,7 @@ from fsdp_fuzz.data import (
     first_step_on_unreduced_gradients,
 )
 from fsdp_fuzz.engines import Promise
+from fsdp_fuzz.features import NOTHING, TIES, Feature, Scope, Trigger, needs
 from fsdp_fuzz.judge.orders import (
     deviates,
     first_iteration_divergence,
@@ -64,6 +65,9 @@ class Refusal:
     words: str
     """A phrase the error message contains."""
     reason: str
+    trigger: Trigger = NOTHING
+    """The features without which it cannot come: what a campaign that has
+    met it steers away from, as from a settled class."""
 
     def seen_in(self, outcome: StepOutcome) -> bool:
         return outcome.error_type == self.error_type and self.words in (outcome.error_message or "")
@@ -110,6 +114,7 @@ def refusal(scenario: Scenario, rank: int) -> Refusal | None:
                 *SHARDED_CALL,
                 f"{call.method!r}, the rank's first call, is not registered with register_fsdp_forward_method and "
                 "runs root parameters that are still sharded",
+                needs(Feature(Scope.STEP, "method")),
             )
         return None
     if not engine.refuses_ties_across_units(scenario):
@@ -128,6 +133,7 @@ def refusal(scenario: Scenario, rank: int) -> Refusal | None:
             "ValueError",
             "is shared with a parameter already managed by another FSDP group",
             f"{tied!r} (unit {owners[tied]!r}) is tied to {source!r} (unit {owners[source]!r})",
+            needs(TIES),
         )
     return None
 
