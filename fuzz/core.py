@@ -315,10 +315,7 @@ def _campaign_lines(end: CampaignEnd, report: CampaignReport) -> list[str]:
             ended = sum(tally.endings.values())
             lines.append(
                 "    scenarios ending: "
-                + ", ".join(
-                    f"{ending.value} {tally.endings[ending.value] / ended:.0%}"
-                    for ending in Ending
-                )
+                + ", ".join(f"{ending.value} {tally.endings[ending.value] / ended:.0%}" for ending in Ending)
                 + " (settled: in a class the campaign had settled before)"
             )
         if tally.seconds:
