@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import hypothesis
 
-from fsdp_fuzz.data import Observations, Scenario, Violation, dumps
+from fsdp_fuzz.data import Observations, Scenario, Status, Violation, dumps
 from fsdp_fuzz.features import NOTHING, Trigger
 from fsdp_fuzz.judge.known_issues import KNOWN_ISSUES, KnownIssue, triage
 from fsdp_fuzz.judge.oracles import describe, judge, order_warnings, refusal
@@ -87,13 +87,23 @@ class JudgedRun:
         issue with its symptom (the violation kinds, as an unknown class's
         name has them): a record's predicate covers more than one symptom,
         and a reduced case that crashes where the finding computed silently
-        wrong numbers is another report. A known issue named by elimination
-        says so."""
+        wrong numbers is another report. An unknown class's outcome names
+        how its failed steps ended (``error RuntimeError``, ``hang``), which
+        its name does not. A known issue named by elimination says so."""
         failure_class = self.failure_class
         if failure_class is None:
             return CLEAN
         if self.known is None:
-            return failure_class.name
+            symptoms = sorted(
+                {
+                    f"{outcome.status.value} {outcome.error_type}" if outcome.error_type else outcome.status.value
+                    for violation in self.violations
+                    if violation.step is not None
+                    and (outcome := self.observations.ranks[violation.rank].steps[violation.step]).status
+                    is not Status.OK
+                }
+            )
+            return failure_class.name + (f" [{', '.join(symptoms)}]" if symptoms else "")
         kinds = ", ".join(sorted({violation.kind.value for violation in self.violations}))
         whole = self.known.explains(self.scenario, self.observations, self.violations)
         return f"{failure_class.name} ({kinds})" + ("" if whole else BY_ELIMINATION)

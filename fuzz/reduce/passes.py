@@ -55,13 +55,37 @@ Pass = Callable[[Scenario, Hint], Iterator[Candidate]]
 
 
 def valid(scenario: Scenario) -> bool:
-    """Whether the executor would run it: the model well-typed, the scenario's rules kept."""
+    """Whether the executor would run it: the model well-typed, the scenario's
+    rules kept, and every backward on a loss that can require grad (what the
+    generator's trainable stem guarantees: a user's loop never calls
+    backward on a loss without a ``grad_fn``, which fails without FSDP too)."""
     try:
         validate(scenario.model)
         validate_scenario(scenario)
     except (SpecError, ScenarioError):
         return False
-    return True
+    return all(
+        _runs_a_trainable_parameter(scenario.model.root, step, frozen=False)
+        for steps in scenario.ranks
+        for step in steps
+        if step.backward
+    )
+
+
+def _runs_a_trainable_parameter(node: Node, step: Step, frozen: bool) -> bool:
+    """Whether ``step``'s forward through ``node`` runs a parameter that requires grad."""
+    if isinstance(node, Linear):
+        return not frozen
+    if isinstance(node, Norm):
+        return not frozen and node.numel() > 0
+    if isinstance(node, Sequential):
+        frozen = frozen or node.frozen or node.name in step.frozen or node.tied_to in step.frozen
+        return any(_runs_a_trainable_parameter(child, step, frozen) for child in node.children)
+    if isinstance(node, Choice):
+        return any(
+            _runs_a_trainable_parameter(node.alternatives[index], step, frozen) for index in taken(step.path, node.name)
+        )
+    return False
 
 
 def size(scenario: Scenario) -> int:
