@@ -9,6 +9,19 @@ from fsdp_fuzz.data import Clause, Observations, Scenario, Status, Violation
 from fsdp_fuzz.data import ViolationKind as Kind
 from fsdp_fuzz.engines import HYBRID_NODE_SIZE
 from fsdp_fuzz.engines.fsdp1 import HYBRID_STRATEGIES
+from fsdp_fuzz.features import (
+    DIVERGENCE,
+    FREEZES_AFTER_WRAPPING,
+    FROZEN_BLOCKS,
+    TIES,
+    Feature,
+    Scope,
+    checkpoint,
+    either,
+    needs,
+    setting,
+)
+from fsdp_fuzz.features import step as step_feature
 from fsdp_fuzz.judge.known_issues.facts import (
     MONITORED_BARRIER,
     all_failed_with,
@@ -46,6 +59,7 @@ from fsdp_fuzz.models.spec import (
 @known_issue(
     "eval-order-unchecked",
     priority=10,
+    trigger=needs(step_feature("mode"), DIVERGENCE),
     seen_on=("2.13.0", "2.14.1"),
     description="""
         FSDP does not check the forward order in eval mode, so ranks whose eval forwards use different units pair
@@ -146,6 +160,7 @@ def _refrozen_after_forward_without_backward(scenario: Scenario, step: int) -> b
 @known_issue(
     "refreeze-after-forward-without-backward",
     priority=30,
+    trigger=needs(FREEZES_AFTER_WRAPPING),
     seen_on=("2.13.0", "2.14.1"),
     description="""
         A forward with grad enabled registers a post-backward hook on each trainable unit. If no backward follows
@@ -200,6 +215,7 @@ def _refreeze_after_forward_without_backward(
 @known_issue(
     "hybrid-order-check-intra-node-only",
     priority=40,
+    trigger=needs(setting("sharding_strategy"), DIVERGENCE),
     seen_on=("2.13.0", "2.14.1"),
     description="""
         With HYBRID_SHARD or _HYBRID_SHARD_ZERO2, FSDP validates the first-iteration forward order over the
@@ -330,6 +346,7 @@ def _later_check_misses_dropped_units(
 @known_issue(
     "first-iteration-order-ends-early",
     priority=70,
+    trigger=needs(DIVERGENCE),
     seen_on=("2.13.0", "2.14.1"),
     description="""
         The first-iteration check is a pair of all-gathers per unit a rank uses; a rank whose order has ended
@@ -409,6 +426,7 @@ NON_LEAF_REQUIRES_GRAD = "you can only change requires_grad flags of leaf variab
 @known_issue(
     "refreeze-hits-unsharded-views",
     priority=80,
+    trigger=needs(setting("use_orig_params"), FREEZES_AFTER_WRAPPING),
     seen_on=("2.13.0", "2.14.1"),
     description="""
         With use_orig_params=True and a strategy that keeps parameters unsharded after an eval forward
@@ -466,6 +484,7 @@ def _refreeze_hits_unsharded_views(
 @known_issue(
     "order-unchecked-below-detail",
     priority=90,
+    trigger=needs(Feature(Scope.SCENARIO, "debug_level"), DIVERGENCE),
     seen_on=("2.13.0", "2.14.1"),
     description="""
         Below debug level DETAIL FSDP checks no forward order at all: ranks whose forwards diverge pair the
@@ -498,6 +517,7 @@ def _unchecked_below_detail(scenario: Scenario, observations: Observations, viol
 @known_issue(
     "order-error-key-error-with-orig-params",
     priority=100,
+    trigger=needs(setting("use_orig_params")),
     seen_on=("2.13.0", "2.14.1"),
     description="""
         With use_orig_params=True, a first-iteration divergence raises KeyError(<the FlatParameter>) instead of
@@ -519,6 +539,7 @@ def _order_error_raises_key_error(
 @known_issue(
     "hybrid-warning-names-intra-node-rank",
     priority=110,
+    trigger=needs(setting("sharding_strategy")),
     seen_on=("2.13.0", "2.14.1"),
     description="""
         With HYBRID_SHARD or _HYBRID_SHARD_ZERO2, the later-iteration warning names the rank within its node
@@ -565,6 +586,7 @@ def backward_steps_differ(scenario: Scenario) -> int | None:
 @known_issue(
     "backward-on-some-ranks-only",
     priority=120,
+    trigger=needs(DIVERGENCE),
     seen_on=("2.13.0", "2.14.1"),
     description="""
         FSDP checks the order of forwards only. Ranks whose forwards agree but that disagree on whether a step
@@ -609,6 +631,7 @@ def forward_steps_differ(scenario: Scenario) -> int | None:
 @known_issue(
     "forward-on-some-ranks-only",
     priority=125,
+    trigger=needs(step_feature("forwards"), DIVERGENCE),
     seen_on=("2.13.0", "2.14.1"),
     description="""
         After the first iteration FSDP checks each rank's order against its own first one, on that rank alone. A
@@ -658,6 +681,7 @@ def _thawed_or_frozen_since_accumulating(scenario: Scenario, step: int) -> bool:
 @known_issue(
     "refreeze-drops-accumulated-grads-with-orig-params",
     priority=130,
+    trigger=needs(setting("use_orig_params"), FREEZES_AFTER_WRAPPING),
     seen_on=("2.13.0", "2.14.1"),
     description="""
         With use_orig_params=True, freezing a parameter (requires_grad=False, as the seed's flip_path does)
@@ -699,6 +723,7 @@ TRAINING_STATE_ERROR = "expected to be in states [<TrainingState.IDLE"
 @known_issue(
     "frozen-unit-backward-state-error-with-orig-params",
     priority=140,
+    trigger=needs(either(setting("use_orig_params"), FROZEN_BLOCKS), FREEZES_AFTER_WRAPPING | {FROZEN_BLOCKS}),
     seen_on=("2.13.0", "2.14.1"),
     description="""
         With use_orig_params=True, freezing every parameter of an FSDP unit after wrapping (here: a branch point
@@ -798,6 +823,7 @@ def _stepped_while_unsharded(scenario: Scenario, step: int) -> bool:
 @known_issue(
     "optimizer-step-before-backward-uses-stale-params",
     priority=150,
+    trigger=needs(step_feature("optimizer_step")),
     seen_on=("2.13.0", "2.14.1"),
     description="""
         A forward that no backward follows leaves the root unit's parameters unsharded (FSDP keeps the root
@@ -867,6 +893,7 @@ def _eval_units_recorded(scenario: Scenario, rank: int) -> bool:
 @known_issue(
     "eval-forwards-recorded-in-first-iteration-order",
     priority=190,
+    trigger=needs(step_feature("mode")),
     seen_on=("2.13.0", "2.14.1"),
     description="""
         FSDP records the order that later iterations are compared with during its whole first iteration, up to
@@ -929,6 +956,7 @@ def _backward_ended_fsdp_first_iteration_in_eval(scenario: Scenario) -> bool:
 @known_issue(
     "eval-backward-ends-first-iteration",
     priority=200,
+    trigger=needs(step_feature("mode"), DIVERGENCE),
     seen_on=("2.13.0", "2.14.1"),
     description="""
         FSDP ends an iteration in its post-backward callback, which runs after a backward in eval mode too
@@ -1015,6 +1043,7 @@ def gradient_units_differ(scenario: Scenario) -> int | None:
 @known_issue(
     "unit-without-gradient-skips-reduce-scatter",
     priority=210,
+    trigger=needs(DIVERGENCE),
     seen_on=("2.13.0", "2.14.1"),
     description="""
         FSDP1 reduce-scatters a unit's gradient from the post-backward hook on its flat parameter, which fires
@@ -1102,6 +1131,7 @@ def _ranks_froze_differently(scenario: Scenario, step: int) -> bool:
 @known_issue(
     "rank-dependent-freeze-drops-grads-with-orig-params",
     priority=220,
+    trigger=needs(setting("use_orig_params"), FREEZES_AFTER_WRAPPING, DIVERGENCE),
     seen_on=("2.13.0", "2.14.1"),
     description="""
         With use_orig_params=True, FSDP1 hands a parameter its reduced gradient only where the parameter requires
@@ -1153,6 +1183,7 @@ the wrong length)."""
 @known_issue(
     "reentrant-checkpoint-recompute-after-reshard",
     priority=230,
+    trigger=needs(checkpoint("reentrant")),
     seen_on=("2.13.0", "2.14.1"),
     description="""
         With a sharding strategy that frees parameters (FULL_SHARD, SHARD_GRAD_OP, hybrid), a block inside an
@@ -1248,6 +1279,7 @@ def _unit_needed_before_its_region(scenario: Scenario, rank: int, step: int) -> 
 @known_issue(
     "mixed-precision-reentrant-checkpoint-around-a-unit-loses-gradients",
     priority=235,
+    trigger=needs(setting("mixed_precision"), checkpoint("reentrant")),
     seen_on=("2.13.0", "2.14.1"),
     description="""
         With a MixedPrecision policy (float16 or bfloat16 parameters, whatever the reduce dtype), a sharding
@@ -1294,6 +1326,7 @@ def _mixed_precision_reentrant_checkpoint_around_a_unit(
 @known_issue(
     "fsdp1-tie-across-units",
     priority=240,
+    trigger=needs(TIES),
     seen_on=("2.13.0", "2.14.1"),
     description="""
         FSDP1 supports shared parameters only inside one unit. Tied across units, nothing is refused: with
@@ -1352,6 +1385,7 @@ SHARD_SIZE_MISMATCH = "The size of tensor a"
 @known_issue(
     "mixed-precision-eval-forward-first-skips-gradient-reduction",
     priority=260,
+    trigger=needs(setting("mixed_precision")),
     seen_on=("2.13.0", "2.14.1"),
     description="""
         With FSDP1 MixedPrecision (any param_dtype, reduce_dtype or keep_low_precision_grads), an eval-mode
@@ -1420,6 +1454,7 @@ def _unit_left_out_of_the_synced_backward(scenario: Scenario, rank: int, step: i
 @known_issue(
     "no-sync-unit-unused-by-the-synced-backward",
     priority=320,
+    trigger=needs(step_feature("gradient_sync")),
     seen_on=("2.13.0", "2.14.1"),
     description="""
         Gradient accumulation with no_sync(): a backward inside no_sync() runs through a unit (its gradient is
@@ -1453,6 +1488,7 @@ def _no_sync_unit_unused_by_the_synced_backward(
 @known_issue(
     "checkpoint-recompute-recorded-in-first-iteration-order",
     priority=340,
+    trigger=needs(either(*map(checkpoint, CHECKPOINT_MODES))),
     seen_on=("2.13.0", "2.14.1"),
     description="""
         A checkpointed block (torch.utils.checkpoint, reentrant or not, or checkpoint_wrapper) that holds a
@@ -1518,6 +1554,7 @@ def _unit_ran_without_its_parameters(scenario: Scenario, before: int) -> bool:
 @known_issue(
     "no-shard-unit-without-gradient-keeps-tensor-views-with-orig-params",
     priority=350,
+    trigger=needs(setting("sharding_strategy"), setting("use_orig_params")),
     seen_on=("2.13.0", "2.14.1"),
     description="""
         With NO_SHARD and use_orig_params=True, a backward after a forward that enters a unit without using

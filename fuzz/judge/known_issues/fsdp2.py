@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from fsdp_fuzz.data import Clause, Observations, Scenario, Violation
 from fsdp_fuzz.data import ViolationKind as Kind
+from fsdp_fuzz.features import DIVERGENCE, FREEZES_AFTER_WRAPPING, FREEZING, checkpoint, either, needs, setting
+from fsdp_fuzz.features import step as step_feature
 from fsdp_fuzz.judge.known_issues.facts import (
     all_failed_with,
     checkpointed_region_holds_a_unit,
@@ -13,12 +15,13 @@ from fsdp_fuzz.judge.known_issues.facts import (
 )
 from fsdp_fuzz.judge.known_issues.registry import Relation, Upstream, known_issue
 from fsdp_fuzz.judge.orders import fsdp2_promises
-from fsdp_fuzz.models.spec import Sequential, taken
+from fsdp_fuzz.models.spec import CHECKPOINT_MODES, Sequential, taken
 
 
 @known_issue(
     "fsdp2-assumes-the-same-program",
     priority=5,
+    trigger=needs(DIVERGENCE),
     seen_on=("2.13.0", "2.14.1"),
     engines=("fsdp2",),
     description="""
@@ -79,6 +82,7 @@ def _fsdp2_divergence_outside_its_promise(
 @known_issue(
     "fsdp2-reshard-after-backward-off-loses-the-optimizer-step",
     priority=160,
+    trigger=needs(setting("reshard_after_backward")),
     seen_on=("2.13.0", "2.14.1"),
     engines=("fsdp2",),
     description="""
@@ -139,6 +143,7 @@ def _stepped_after_a_forward_without_backward(scenario: Scenario, step: int) -> 
 @known_issue(
     "fsdp2-optimizer-step-after-forward-uses-stale-params",
     priority=170,
+    trigger=needs(step_feature("optimizer_step")),
     seen_on=("2.13.0", "2.14.1"),
     engines=("fsdp2",),
     description="""
@@ -218,6 +223,7 @@ def _thawed_while_unsharded(scenario: Scenario, step: int) -> bool:
 @known_issue(
     "fsdp2-requires-grad-change-while-unsharded-loses-gradients",
     priority=180,
+    trigger=needs(FREEZES_AFTER_WRAPPING),
     seen_on=("2.13.0", "2.14.1"),
     engines=("fsdp2",),
     description="""
@@ -267,6 +273,7 @@ def _method_ran_before_the_root(scenario: Scenario) -> bool:
 @known_issue(
     "fsdp2-method-before-forward-makes-a-unit-root",
     priority=250,
+    trigger=needs(step_feature("method")),
     seen_on=("2.13.0", "2.14.1"),
     engines=("fsdp2",),
     description="""
@@ -300,6 +307,7 @@ def _fsdp2_method_before_forward_makes_a_unit_root(
 @known_issue(
     "fsdp2-reentrant-checkpoint-around-a-unit-loses-gradients",
     priority=270,
+    trigger=needs(checkpoint("reentrant")),
     seen_on=("2.13.0", "2.14.1"),
     engines=("fsdp2",),
     description="""
@@ -351,6 +359,7 @@ CHECKPOINT_MISMATCH = "torch.utils.checkpoint: A different number of tensors was
 @known_issue(
     "fsdp2-explicit-unshard-breaks-checkpoint-recompute",
     priority=280,
+    trigger=needs(step_feature("unshard"), either(*map(checkpoint, CHECKPOINT_MODES))),
     seen_on=("2.13.0", "2.14.1"),
     engines=("fsdp2",),
     description="""
@@ -384,6 +393,7 @@ GRAD_DTYPE_ERROR = "attempting to assign a gradient with dtype"
 @known_issue(
     "fsdp2-mixed-precision-unit-frozen-at-first-forward",
     priority=290,
+    trigger=needs(setting("mp_policy"), FREEZES_AFTER_WRAPPING),
     seen_on=("2.13.0",),
     fixed_in="2.14.1",
     engines=("fsdp2",),
@@ -426,6 +436,7 @@ def _resets_before_initialisation(scenario: Scenario, rank: int, step: int) -> b
 @known_issue(
     "fsdp2-reset-iter-state-before-first-forward",
     priority=300,
+    trigger=needs(step_feature("reset_iter_state")),
     seen_on=("2.13.0", "2.14.1"),
     engines=("fsdp2",),
     description="""
@@ -463,6 +474,7 @@ def _partial_reduction_then_freeze(scenario: Scenario, step: int) -> bool:
 @known_issue(
     "fsdp2-hsdp-partial-reduction-dropped-by-freezing",
     priority=310,
+    trigger=needs(setting("hsdp"), step_feature("all_reduce"), FREEZING),
     seen_on=("2.13.0", "2.14.1"),
     engines=("fsdp2",),
     description="""
@@ -518,6 +530,7 @@ def _partial_reduction_pending(scenario: Scenario, rank: int, step: int) -> bool
 @known_issue(
     "fsdp2-hsdp-partial-reduction-split-by-reentrant-checkpoint",
     priority=330,
+    trigger=needs(setting("hsdp"), step_feature("all_reduce"), checkpoint("reentrant")),
     seen_on=("2.13.0", "2.14.1"),
     engines=("fsdp2",),
     description="""
