@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from hypothesis.database import InMemoryExampleDatabase
 
 from fsdp_fuzz.campaign import ReplayedOnce
-from fsdp_fuzz.corpus import load_entry
 from fsdp_fuzz.data import validate_scenario
 from fsdp_fuzz.engines import ENGINES
 from fsdp_fuzz.features import (
@@ -32,7 +31,7 @@ from fsdp_fuzz.generate.swarm import TRIES, Swarm, swarms
 from fsdp_fuzz.judge.known_issues import KNOWN_ISSUES
 from fsdp_fuzz.report import Ending
 from fsdp_fuzz.verdict import ContractCheck
-from tests.conftest import RECORDED
+from tests.conftest import RECORDED, load_recorded
 
 DRAWING = settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
@@ -119,19 +118,18 @@ def test_a_trigger_needs_each_of_its_features_and_one_of_each_group():
 
 
 def _recorded_with_trigger():
-    for path in sorted(RECORDED.glob("*.json")):
-        entry = load_entry(path)
-        record = KNOWN_ISSUES.get(entry.known_issue or "")
-        if record is not None and record.trigger != NOTHING and entry.observations is not None:
-            return entry, record
-    pytest.skip("no recorded case of a record with a trigger")
+    """A recorded run named after a record whose trigger is not empty."""
+    for name, record in sorted(KNOWN_ISSUES.items()):
+        if record.trigger != NOTHING and (RECORDED / f"{name}.json").exists():
+            return load_recorded(name), record
+    raise AssertionError("no recorded run of a record with a trigger")
 
 
 def test_a_known_issue_met_twice_is_settled_and_steered_away_from_where_known_issues_do_not_fail():
-    entry, record = _recorded_with_trigger()
+    (scenario, observations), record = _recorded_with_trigger()
     check = ContractCheck(strict=False)
-    check(entry.scenario, entry.observations)
-    check(entry.scenario, entry.observations)
+    check(scenario, observations)
+    check(scenario, observations)
     (tally,) = check.report.targets.values()
     assert tally.endings == {Ending.UNSETTLED.value: 1, Ending.SETTLED.value: 1}
     assert record.trigger in check.avoided()

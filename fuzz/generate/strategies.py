@@ -206,6 +206,19 @@ def deviations(draw: st.DrawFn, model: ModelSpec, engine: str = "fsdp1", freezab
     return replace(deviation, **ENGINE_REGISTRY[engine].draw_deviation_controls(draw))
 
 
+def _world_sizes(most: int) -> tuple[int, ...]:
+    """Two ranks half the time: most findings need no more, and every rank
+    more costs each scenario a process on a 2-core machine."""
+    return (2,) * max(1, most - 2) + tuple(range(2, most + 1))
+
+
+def _step_counts(most: int) -> tuple[int, ...]:
+    """One to three steps mostly (a first iteration, a later one, and one
+    more); longer schedules less often, their later steps seldom running
+    once an early one fails."""
+    return tuple(range(1, most + 1)) + tuple(range(2, min(3, most) + 1))
+
+
 MAX_CHANGES = 2
 """Changes a deviating rank makes after its first deviation, at most."""
 
@@ -263,7 +276,8 @@ def schedules(
     """
     runs_on = ENGINE_REGISTRY[engine]
     swarm = Swarm.everything(runs_on) if swarm is None else swarm
-    shared = tuple(draw(steps(model, engine, hsdp)) for _ in range(draw(st.sampled_from(range(1, max_steps + 1)))))
+    count = draw(st.sampled_from(_step_counts(max_steps)))
+    shared = tuple(draw(steps(model, engine, hsdp)) for _ in range(count))
     shared = draw(_freezing(shared, freezable))
     deviating = draw(st.sampled_from(range(2**world_size)))
     if runs_on.promise is Promise.SAME_PROGRAM and not draw(chance(1, 4)):
@@ -338,7 +352,7 @@ def scenarios(
         raise ValueError("need max_world_size >= 2 and max_steps >= 1")
     if engine not in ENGINES:
         raise ValueError(f"engine {engine!r} is not one of {ENGINES}")
-    world_size = draw(st.sampled_from(range(2, max_world_size + 1)))
+    world_size = draw(st.sampled_from(_world_sizes(max_world_size)))
     runs_on = ENGINE_REGISTRY[engine]
     swarm = draw(swarms(runs_on, avoid)) if swarm is None else swarm
     settings = swarm.scenario_fields(runs_on.draw_settings(draw, world_size, device, hybrid))
