@@ -16,7 +16,7 @@ from fsdp_fuzz.corpus import corpus_files, load_entry, write_document
 from fsdp_fuzz.data import Scenario, Step, scenario_to_json
 from fsdp_fuzz.execute.pool import PoolSet
 from fsdp_fuzz.models.seed import SEED_CHOICE, seed_model
-from fsdp_fuzz.models.spec import Linear, numel
+from fsdp_fuzz.models.spec import Linear, ModelSpec, Norm, ReLU, Sequential, numel
 from fsdp_fuzz.reduce.passes import Hint, candidates, collapse_branch_points, narrow_widths, size, truncate_steps, valid
 from fsdp_fuzz.reduce.record import CLEAN, Flip, Reduction
 from fsdp_fuzz.reduce.reducer import ReductionError, reduce
@@ -85,6 +85,17 @@ def test_the_steps_after_the_first_failing_one_go_first():
     (truncated,) = truncate_steps(scenario, Hint(first_failing_step=0))
     assert truncated.change == "drop the steps after step 0" and truncated.scenario.num_steps == 1
     assert list(truncate_steps(scenario, Hint(first_failing_step=None))) == []
+
+
+def test_no_candidate_backs_a_loss_that_cannot_require_grad():
+    model = ModelSpec(2, Sequential("model", (Sequential("stem", (Norm(2),)), Sequential("head", (Linear(2, 2),)))))
+    backward = Scenario(model=model, ranks=((Step(),), (Step(),)))
+    assert valid(backward), "a norm's affine parameters require grad"
+    frozen = dataclasses.replace(backward, ranks=((Step(frozen=("stem", "head")),), (Step(),)))
+    assert not valid(frozen), "rank 0's loss has no grad_fn"
+    assert valid(dataclasses.replace(backward, ranks=((Step(frozen=("head",)),), (Step(),))))
+    relu_only = ModelSpec(2, Sequential("model", (ReLU(),)))
+    assert not valid(Scenario(model=relu_only, ranks=((Step(),), (Step(),))))
 
 
 def test_a_reduction_record_round_trips_and_says_what_the_finding_needs():

@@ -77,7 +77,7 @@ def _runs_a_trainable_parameter(node: Node, step: Step, frozen: bool) -> bool:
     if isinstance(node, Linear):
         return not frozen
     if isinstance(node, Norm):
-        return not frozen and node.numel() > 0
+        return not frozen and node.numel > 0
     if isinstance(node, Sequential):
         frozen = frozen or node.frozen or node.name in step.frozen or node.tied_to in step.frozen
         return any(_runs_a_trainable_parameter(child, step, frozen) for child in node.children)
