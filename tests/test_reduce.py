@@ -88,7 +88,8 @@ def test_the_steps_after_the_first_failing_one_go_first():
 
 
 def test_no_candidate_backs_a_loss_that_cannot_require_grad():
-    model = ModelSpec(2, Sequential("model", (Sequential("stem", (Norm(2),)), Sequential("head", (Linear(2, 2),)))))
+    stem, head = Sequential("stem", (Norm(2),), fsdp_unit=True), Sequential("head", (Linear(2, 2),), fsdp_unit=True)
+    model = ModelSpec(2, Sequential("model", (stem, head)))
     backward = Scenario(model=model, ranks=((Step(),), (Step(),)))
     assert valid(backward), "a norm's affine parameters require grad"
     frozen = dataclasses.replace(backward, ranks=((Step(frozen=("stem", "head")),), (Step(),)))
