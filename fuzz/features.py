@@ -110,8 +110,9 @@ def features_for(engine: Engine) -> tuple[Feature, ...]:
     )
 
 
-_STEP_DEFAULTS = Step()
-_SCENARIO_DEFAULTS = {field.name: field.default for field in fields(Scenario)}
+STEP_DEFAULTS = Step()
+SCENARIO_DEFAULTS = {name: field.default for field in fields(Scenario) if (name := field.name) in SCENARIO_FIELDS}
+"""What a feature held off keeps: the defaults a scenario is compared with."""
 
 
 def features_of(scenario: Scenario) -> frozenset[Feature]:
@@ -121,13 +122,13 @@ def features_of(scenario: Scenario) -> frozenset[Feature]:
     default = engine.settings_type()
     found = {setting(f.name) for f in fields(settings) if getattr(settings, f.name) != getattr(default, f.name)}
     found |= {
-        Feature(Scope.SCENARIO, name) for name in SCENARIO_FIELDS if getattr(scenario, name) != _SCENARIO_DEFAULTS[name]
+        Feature(Scope.SCENARIO, name) for name in SCENARIO_FIELDS if getattr(scenario, name) != SCENARIO_DEFAULTS[name]
     }
     every_step = [one for rank_steps in scenario.ranks for one in rank_steps]
     found |= {
         step(name)
         for name in step_fields(engine)
-        if any(getattr(one, name) != getattr(_STEP_DEFAULTS, name) for one in every_step)
+        if any(getattr(one, name) != getattr(STEP_DEFAULTS, name) for one in every_step)
     }
     blocks = [node for node in named_in(scenario.model.root) if isinstance(node, Sequential)]
     if any(isinstance(layer, Norm) for block in blocks for layer in block.children):

@@ -195,8 +195,8 @@ class ContractCheck:
             hypothesis.target(-math.log(self.seen[failure_class]), label="rarity of the run's class")
         settled = bool(violations) and self.settled(failure_class.name)
         failed = bool(violations) and (known is None or self.strict) and not settled
-        refused = [found for rank in range(scenario.world_size) if (found := refusal(scenario, rank)) is not None]
         if not violations:
+            refused = [found for rank in range(scenario.world_size) if (found := refusal(scenario, rank)) is not None]
             ending = Ending.REFUSAL if refused else Ending.CLEAN
             self.refusals_met.update(found.trigger for found in refused)
         elif settled or (known is not None and not self.strict and met_before):

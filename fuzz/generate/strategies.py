@@ -41,7 +41,7 @@ from fsdp_fuzz.engines import Engine, Promise
 from fsdp_fuzz.engines.base import hybrid_allowed
 from fsdp_fuzz.engines.fsdp1 import HYBRID_STRATEGIES, PLAIN_STRATEGIES, fsdp_settings, mixed_precisions
 from fsdp_fuzz.engines.fsdp2 import fsdp2_settings, mp_policies
-from fsdp_fuzz.features import Trigger
+from fsdp_fuzz.features import DIVERGENCE, FROZEN_BLOCKS, NORMS, TIES, Trigger
 from fsdp_fuzz.generate.choices import LOW_PRECISION, chance, sometimes
 from fsdp_fuzz.generate.swarm import Swarm, swarms
 from fsdp_fuzz.models.seed import seed_model
@@ -282,7 +282,7 @@ def schedules(
     deviating = draw(st.sampled_from(range(2**world_size)))
     if runs_on.promise is Promise.SAME_PROGRAM and not draw(chance(1, 4)):
         deviating = 0  # no promise for most divergence: spend most of the budget where there is one
-    if not swarm.divergence:
+    if not swarm.allows(DIVERGENCE):
         deviating = 0
 
     def held(steps: tuple[Step, ...]) -> tuple[Step, ...]:
@@ -368,12 +368,12 @@ def scenarios(
     drawn = Scenario(model=seed_model(), ranks=(), **settings)
     uniform = runs_on.flat_parameters(drawn)
     rules = UnitRules(frozen_are_units=uniform, alternatives_are_units=uniform and freeze_untaken)
-    norms = runs_on.buffer_dtype(drawn) == drawn.param_dtype and swarm.norms
+    norms = runs_on.buffer_dtype(drawn) == drawn.param_dtype and swarm.allows(NORMS)
     features = Features(
         norms=norms,
         checkpoint_modes=swarm.checkpoint_modes(checkpoint_modes(runs_on)),
-        ties=swarm.ties,
-        frozen_blocks=swarm.frozen_blocks,
+        ties=swarm.allows(TIES),
+        frozen_blocks=swarm.allows(FROZEN_BLOCKS),
     )
     model = draw(model_specs(max_stages=max_stages, max_depth=max_depth, rules=rules, features=features))
     unscheduled = Scenario(model=model, ranks=(), freeze_untaken=freeze_untaken, **settings)

@@ -26,15 +26,13 @@ from typing import Any
 from hypothesis import event
 from hypothesis import strategies as st
 
-from fsdp_fuzz.data import Scenario, Step
+from fsdp_fuzz.data import Step
 from fsdp_fuzz.engines import Engine
 from fsdp_fuzz.features import (
-    DIVERGENCE,
     FREEZING,
-    FROZEN_BLOCKS,
-    NORMS,
+    SCENARIO_DEFAULTS,
     SCENARIO_FIELDS,
-    TIES,
+    STEP_DEFAULTS,
     Feature,
     Scope,
     Trigger,
@@ -49,9 +47,6 @@ TRIES = 4
 """Swarms drawn per scenario when a campaign avoids triggers: a trigger of
 one feature then comes up in about one scenario in ``2**TRIES`` of those
 it would otherwise."""
-
-_STEP_DEFAULTS = Step()
-_SCENARIO_DEFAULTS = {field.name: field.default for field in fields(Scenario)}
 
 
 @dataclass(frozen=True)
@@ -90,35 +85,19 @@ class Swarm:
         return {
             name: value
             if name not in SCENARIO_FIELDS or self.allows(Feature(Scope.SCENARIO, name))
-            else _SCENARIO_DEFAULTS[name]
+            else SCENARIO_DEFAULTS[name]
             for name, value in drawn.items()
         }
 
     def held_step(self, engine: Engine, drawn: Step) -> Step:
         """A step with each step feature that is off back at its default, and nothing frozen without ``FREEZING``."""
-        held = {name: getattr(_STEP_DEFAULTS, name) for name in step_fields(engine) if not self.allows(step(name))}
+        held = {name: getattr(STEP_DEFAULTS, name) for name in step_fields(engine) if not self.allows(step(name))}
         if not self.allows(FREEZING):
             held["frozen"] = ()
         return replace(drawn, **held)
 
     def checkpoint_modes(self, modes: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(mode for mode in modes if self.allows(checkpoint(mode)))
-
-    @property
-    def norms(self) -> bool:
-        return self.allows(NORMS)
-
-    @property
-    def ties(self) -> bool:
-        return self.allows(TIES)
-
-    @property
-    def frozen_blocks(self) -> bool:
-        return self.allows(FROZEN_BLOCKS)
-
-    @property
-    def divergence(self) -> bool:
-        return self.allows(DIVERGENCE)
 
 
 @st.composite
