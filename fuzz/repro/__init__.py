@@ -148,7 +148,7 @@ def _docstring(entry: CorpusEntry | None, scenario: Scenario, contract: Contract
         issue = issue_named(entry.known_issue)
         lines.append(_summary(f"FSDP known issue {entry.known_issue}:", issue.description))
         if issue.upstream:
-            lines.append("Upstream: " + ", ".join(reference.url for reference in issue.upstream))
+            lines.append("Upstream: " + ", ".join(reference.thread for reference in issue.upstream))
     else:
         if entry is not None and entry.finding is not None:
             title = f"FSDP fuzz finding {entry.path.stem}"

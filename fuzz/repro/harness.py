@@ -193,7 +193,7 @@ def run_source(
         'def run(rank, init_method="env://"):  # one rank\'s steps, asserting what FSDP promises for them',
         *_indent(head + body),
         "    dist.barrier(group=finished)  # a peer still in one of FSDP's collectives then times out, as a hang does",
-        *(["    dist.destroy_process_group()"] if cuda else []),
+        "    dist.destroy_process_group()  # before exit: gloo's threads alive at exit abort the process",
     ]
     return "\n".join(lines)
 

@@ -6,8 +6,8 @@ import json
 import textwrap
 from typing import Any
 
-WIDTH = 116
-"""Within ruff's line length (120), which every generated script keeps."""
+LINE_LENGTH = 120
+"""ruff's line length, which every generated script keeps."""
 
 
 def literal(value: Any) -> str:
@@ -23,7 +23,7 @@ def literal(value: Any) -> str:
     return repr(value)
 
 
-def wrap(text: str, width: int = WIDTH) -> str:
+def wrap(text: str, width: int = LINE_LENGTH) -> str:
     """Wrap each paragraph of ``text``; lines that start with spaces are kept as they are."""
     out = []
     for line in text.splitlines():
@@ -37,15 +37,18 @@ def wrap(text: str, width: int = WIDTH) -> str:
 def docstring(text: str, indent: str = "") -> str:
     """A triple-quoted docstring for ``text``, escaped."""
     text = text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
-    body = textwrap.indent(wrap(text, WIDTH - len(indent)), indent).lstrip()
-    return f'{indent}"""{body}\n{indent}"""' if "\n" in body else f'{indent}"""{body}"""'
+    width = LINE_LENGTH - len(indent)
+    body = wrap('"""' + text, width)  # the opening quotes share the first line's width
+    if "\n" not in body and len(body) + 3 <= width:
+        return f'{indent}{body}"""'
+    return f'{textwrap.indent(body, indent)}\n{indent}"""'
 
 
 def split_literal(name: str, text: str, indent: str = "") -> list[str]:
     """``name = "text"``, as adjacent literals in parentheses where one line would be too long."""
     line = f"{indent}{name} = {literal(text)}"
-    if len(line) <= 120:
+    if len(line) <= LINE_LENGTH:
         return [line]
     inner = indent + "    "
-    pieces = textwrap.wrap(text, 120 - len(inner) - 2, drop_whitespace=False, break_on_hyphens=False)
+    pieces = textwrap.wrap(text, LINE_LENGTH - len(inner) - 2, drop_whitespace=False, break_on_hyphens=False)
     return [f"{indent}{name} = (", *(f"{inner}{literal(piece)}" for piece in pieces), f"{indent})"]
