@@ -138,7 +138,7 @@ def refusal_exit_code(exc: BaseException) -> int | None:
 # Saving a finding ---------------------------------------------------------------------------------
 
 
-REDUCE_S = 60.0
+REDUCE_S = 120.0
 """The most one finding's reduction may take in a campaign (and never past
 its deadline): the reducer's share, beside Hypothesis's shrink."""
 
