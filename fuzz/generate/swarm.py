@@ -14,8 +14,8 @@ shrinks toward every feature off.
 A campaign that has settled a class passes its trigger in ``avoid``: the
 strategy draws ``TRIES`` swarms and takes the first of those that can meet
 the fewest avoided triggers (with a dozen settled, hardly any swarm meets
-none), so a settled class still comes up now and then (never weight zero: a known issue that changes shape must
-still show as a new class).
+none), so a settled class still comes up now and then (never weight zero:
+a known issue that changes shape must still show as a new class).
 """
 
 from __future__ import annotations
