@@ -470,6 +470,10 @@ PASSES: tuple[Pass, ...] = (
 )
 """In the order the reducer applies them: the biggest cuts first."""
 
+AFTER_EACH_KEEP: tuple[Pass, ...] = (drop_untaken_alternatives,)
+"""Run again right after each kept candidate: cheap, and what they drop
+would cost the later passes a run per block, layer and mark inside it."""
+
 
 def candidates(scenario: Scenario, hint: Hint = Hint()) -> Iterator[Candidate]:
     """Every valid candidate of every pass, each strictly smaller than ``scenario``."""

@@ -9,7 +9,11 @@ and keeps it when the run's ``FailureClass`` (the known issue, or for an
 unknown class its clauses and violation kinds) is the one it reduces;
 a candidate it keeps is run twice, and dropped if the two verdicts differ.
 Each pass goes through its candidates once, going on from where it kept
-one, and the passes repeat until a round keeps nothing: that last round,
+one, and the passes repeat until a round keeps nothing. After each kept
+candidate the passes of ``AFTER_EACH_KEEP`` run at once: a kept step
+simplification often leaves alternatives no rank takes, and each later
+candidate would otherwise try the blocks, layers and marks inside them
+one run at a time. That last round,
 every one-step simplification of the result run live, is what the finding
 needs (``Reduction.flips``). Deterministic for a
 deterministic executor, and bounded by a deadline.
@@ -25,7 +29,7 @@ from typing import Protocol
 
 from fsdp_fuzz.corpus import scenario_id
 from fsdp_fuzz.data import Observations, Scenario
-from fsdp_fuzz.reduce.passes import PASSES, Hint, size, valid
+from fsdp_fuzz.reduce.passes import AFTER_EACH_KEEP, PASSES, Hint, size, valid
 from fsdp_fuzz.reduce.record import Flip, Reduction
 from fsdp_fuzz.verdict import JudgedRun, judged_run
 
@@ -93,6 +97,36 @@ def reduce(
     removed: list[str] = []
     flips: list[Flip] = []
     complete = True
+
+    def keeps(candidate: Scenario) -> JudgedRun | None:
+        """The candidate's run where it keeps the target twice running."""
+        if run(candidate).outcome != target:
+            return None
+        again = run(candidate, fresh=True)
+        return again if again.outcome == target else None
+
+    def tidy() -> bool:
+        """Apply ``AFTER_EACH_KEEP`` until it keeps nothing; False past the deadline."""
+        nonlocal scenario, current
+        kept_one = True
+        while kept_one:
+            kept_one = False
+            for tidy_pass in AFTER_EACH_KEEP:
+                bound = size(scenario)
+                for candidate in tidy_pass(scenario, Hint(current.first_failing_step())):
+                    if size(candidate.scenario) >= bound or not valid(candidate.scenario):
+                        continue
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return False
+                    kept = keeps(candidate.scenario)
+                    if kept is not None:
+                        scenario, current = candidate.scenario, kept
+                        removed.append(candidate.change)
+                        progress(f"kept: {candidate.change}")
+                        kept_one = True
+                        break
+        return True
+
     kept_in_round = True
     while kept_in_round and complete:
         kept_in_round = False
@@ -128,6 +162,7 @@ def reduce(
                     break
                 kept_in_round = True
                 position = kept_at
+                complete = tidy()
             if not complete:
                 break
     reduction = Reduction(target, tuple(removed), tuple(flips), complete, runs, time.monotonic() - started)
