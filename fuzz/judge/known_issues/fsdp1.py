@@ -103,6 +103,7 @@ def _eval_divergence_fails(scenario: Scenario, observations: Observations, viola
 @known_issue(
     "unchecked-after-deviation",
     priority=20,
+    trigger=needs(DIVERGENCE),
     seen_on=("2.13.0", "2.14.1"),
     description="""
         Once a rank's forward order deviates from its first iteration, FSDP warns that rank and checks nothing
@@ -517,7 +518,7 @@ def _unchecked_below_detail(scenario: Scenario, observations: Observations, viol
 @known_issue(
     "order-error-key-error-with-orig-params",
     priority=100,
-    trigger=needs(setting("use_orig_params")),
+    trigger=needs(setting("use_orig_params"), DIVERGENCE),
     seen_on=("2.13.0", "2.14.1"),
     description="""
         With use_orig_params=True, a first-iteration divergence raises KeyError(<the FlatParameter>) instead of
