@@ -14,9 +14,8 @@ shrinks toward every feature off.
 A campaign that has settled a class passes its trigger in ``avoid``: the
 strategy draws ``TRIES`` swarms and takes the first of those that can meet
 the fewest avoided triggers (with a dozen settled, hardly any swarm meets
-none). One scenario in ``WATCH`` takes its first swarm whatever is
-avoided, so a settled class still comes up now and then (never weight
-zero: a known issue that changes shape must still show as a new class).
+none), so a settled class still comes up now and then (never weight zero:
+a known issue that changes shape must still show as a new class).
 """
 
 from __future__ import annotations
@@ -43,16 +42,11 @@ from fsdp_fuzz.features import (
     step,
     step_fields,
 )
-from fsdp_fuzz.generate.choices import chance
 
-TRIES = 10
-"""Swarms drawn per scenario when a campaign avoids triggers: past the
-watch (``WATCH``), a trigger of one feature comes up in about one scenario
-in ``2**TRIES`` of those it would otherwise."""
-
-WATCH = 16
-"""One scenario in ``WATCH`` ignores what is avoided: the floor under a
-settled class's share of the scenarios that could meet it."""
+TRIES = 4
+"""Swarms drawn per scenario when a campaign avoids triggers: a trigger of
+one feature then comes up in about one scenario in ``2**TRIES`` of those
+it would otherwise."""
 
 
 @dataclass(frozen=True)
@@ -109,15 +103,13 @@ class Swarm:
 @st.composite
 def swarms(draw: st.DrawFn, engine: Engine, avoid: tuple[Trigger, ...] = ()) -> Swarm:
     """A swarm over ``engine``'s features, each on half the time; with
-    ``avoid``, the first of ``TRIES`` that meets the fewest of them, except
-    in one scenario of ``WATCH``. One choice per feature per try whatever is
-    avoided; shrinks to every feature off. Records each feature on as a
-    Hypothesis event."""
+    ``avoid``, the first of ``TRIES`` that meets the fewest of them. One
+    choice per feature per try whatever is avoided; shrinks to every
+    feature off. Records each feature on as a Hypothesis event."""
     offered = features_for(engine)
     tries = TRIES if avoid else 1
-    watching = bool(avoid) and draw(chance(1, WATCH))
     drawn = [Swarm(frozenset(f for f in offered if draw(st.booleans())), offered) for _ in range(tries)]
-    swarm = drawn[0] if watching else min(drawn, key=lambda one: sum(one.meets(trigger) for trigger in avoid))
+    swarm = min(drawn, key=lambda one: sum(one.meets(trigger) for trigger in avoid))
     for feature in sorted(swarm.on):
         event(f"swarm: {feature} on")
     return swarm
