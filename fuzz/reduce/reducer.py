@@ -13,9 +13,9 @@ one, and the passes repeat until a round keeps nothing. After each kept
 candidate the passes of ``AFTER_EACH_KEEP`` run at once: a kept step
 simplification often leaves alternatives no rank takes, and each later
 candidate would otherwise try the blocks, layers and marks inside them
-one run at a time. That last round,
-every one-step simplification of the result run live, is what the finding
-needs (``Reduction.flips``). Deterministic for a
+one run at a time. The last round, which keeps nothing, runs every
+one-step simplification of the result live: what the finding needs
+(``Reduction.flips``). Deterministic for a
 deterministic executor, and bounded by a deadline.
 """
 
@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 from fsdp_fuzz.corpus import scenario_id
 from fsdp_fuzz.data import Observations, Scenario
-from fsdp_fuzz.reduce.passes import AFTER_EACH_KEEP, PASSES, Hint, size, valid
+from fsdp_fuzz.reduce.passes import AFTER_EACH_KEEP, PASSES, Candidate, Hint, Pass, size, valid
 from fsdp_fuzz.reduce.record import Flip, Reduction
 from fsdp_fuzz.verdict import JudgedRun, judged_run
 
@@ -98,31 +98,42 @@ def reduce(
     flips: list[Flip] = []
     complete = True
 
-    def keeps(candidate: Scenario) -> JudgedRun | None:
-        """The candidate's run where it keeps the target twice running."""
-        if run(candidate).outcome != target:
-            return None
-        again = run(candidate, fresh=True)
-        return again if again.outcome == target else None
+    def eligible(reduction_pass: Pass, position: int = 0) -> Iterator[tuple[int, Candidate]]:
+        """The pass's candidates from ``position`` on that are valid and smaller."""
+        bound = size(scenario)
+        listed = reduction_pass(scenario, Hint(current.first_failing_step()))
+        for index, candidate in enumerate(itertools.islice(listed, position, None), position):
+            if size(candidate.scenario) < bound and valid(candidate.scenario):
+                yield index, candidate
+
+    def past_deadline() -> bool:
+        return deadline is not None and time.monotonic() >= deadline
+
+    def attempt(candidate: Candidate) -> str | None:
+        """Keep ``candidate`` where two runs keep the target: None then,
+        else the outcome that stopped it."""
+        nonlocal scenario, current
+        outcome = run(candidate.scenario).outcome
+        if outcome != target:
+            return outcome
+        again = run(candidate.scenario, fresh=True)
+        if again.outcome != target:
+            return NOT_REPEATABLE
+        scenario, current = candidate.scenario, again
+        removed.append(candidate.change)
+        progress(f"kept: {candidate.change}")
+        return None
 
     def tidy() -> bool:
         """Apply ``AFTER_EACH_KEEP`` until it keeps nothing; False past the deadline."""
-        nonlocal scenario, current
         kept_one = True
         while kept_one:
             kept_one = False
             for tidy_pass in AFTER_EACH_KEEP:
-                bound = size(scenario)
-                for candidate in tidy_pass(scenario, Hint(current.first_failing_step())):
-                    if size(candidate.scenario) >= bound or not valid(candidate.scenario):
-                        continue
-                    if deadline is not None and time.monotonic() >= deadline:
+                for _, candidate in eligible(tidy_pass):
+                    if past_deadline():
                         return False
-                    kept = keeps(candidate.scenario)
-                    if kept is not None:
-                        scenario, current = candidate.scenario, kept
-                        removed.append(candidate.change)
-                        progress(f"kept: {candidate.change}")
+                    if attempt(candidate) is None:
                         kept_one = True
                         break
         return True
@@ -138,25 +149,15 @@ def reduce(
             # them all again, so the result is still a fixpoint).
             position = 0
             while complete:
-                bound = size(scenario)
                 kept_at = None
-                listed = reduction_pass(scenario, Hint(current.first_failing_step()))
-                for index, candidate in enumerate(itertools.islice(listed, position, None), position):
-                    if size(candidate.scenario) >= bound or not valid(candidate.scenario):
-                        continue
-                    if deadline is not None and time.monotonic() >= deadline:
+                for index, candidate in eligible(reduction_pass, position):
+                    if past_deadline():
                         complete = False
                         break
-                    outcome = run(candidate.scenario).outcome
-                    if outcome == target:
-                        again = run(candidate.scenario, fresh=True)
-                        if again.outcome == target:
-                            scenario, current = candidate.scenario, again
-                            removed.append(candidate.change)
-                            progress(f"kept: {candidate.change}")
-                            kept_at = index
-                            break
-                        outcome = NOT_REPEATABLE
+                    outcome = attempt(candidate)
+                    if outcome is None:
+                        kept_at = index
+                        break
                     flips.append(Flip(candidate.change, outcome))
                 if kept_at is None:
                     break
